@@ -1,0 +1,5 @@
+import sys
+
+from picochat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Shared plumbing: paths, devices and dtypes, distributed init, clear user errors, atomic writes."""
+import os
+import sys
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; the CLI prints it as one line, no traceback."""
+
+
+def home_dir() -> Path:
+    """Everything picochat writes lives under PICOCHAT_HOME (default ~/.cache/picochat)."""
+    return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+def autodetect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    # bf16 only where the hardware has it: on an AVX2 CPU a bf16 matmul is ~100x slower than fp32.
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def dist_info():
+    """(is_distributed, rank, local_rank, world_size) from the torchrun environment."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def init_runtime(device_type: str = ""):
+    """Pick the device, join the process group under torchrun, seed nothing (callers seed).
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device()
+    ddp, rank, local_rank, world = dist_info()
+    if device_type == "cuda":
+        if ddp and local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                            f"lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if ddp and not torch.distributed.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+    return ddp, rank, local_rank, world, device
+
+
+def print0(*args, **kwargs):
+    if dist_info()[1] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_save(path, save_fn):
+    """Like atomic_write_bytes for writers that want a path (torch.save, safetensors.save_file, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fail(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)

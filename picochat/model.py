@@ -1,0 +1,351 @@
+"""The GPT: pre-norm decoder with rotary attention, QK-norm, ReLU^2 MLP, untied embeddings and a soft-capped head.
+
+Everything is derived from one dial, --depth (see GPTConfig.from_depth). A forward pass either trains
+(returns a scalar loss, computed chunk by chunk so the full logits never exist), scores (per-token losses)
+or generates (logits, reading and extending a KVCache).
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from picochat.common import UserError
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "L"     # per-layer S (window T/4) or L (full), tiled; the last layer is always L
+    value_embeds: bool = False    # value embeddings on alternating layers, mixed in by a learned gate
+    resid_scalars: bool = True    # learned per-layer mix of the residual stream and the first-layer input
+    rope_base: float = 100_000.0
+    softcap: float = 15.0
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128,
+                   n_kv_head=0, **kw):
+        if depth < 1:
+            raise UserError(f"--depth must be at least 1, got {depth}")
+        if head_dim < 2 or head_dim % 2:
+            raise UserError(f"--head-dim must be a positive even number (rotary pairs channels), got {head_dim}")
+        width = ((depth * aspect_ratio + head_dim - 1) // head_dim) * head_dim
+        n_head = width // head_dim
+        n_kv_head = n_kv_head or n_head
+        if n_head % n_kv_head:
+            raise UserError(f"--n-kv-head {n_kv_head} must divide the {n_head} query heads")
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                   n_kv_head=n_kv_head, n_embd=width, **kw)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def window_sizes(self):
+        """Attention window per layer (None = full causal)."""
+        pat = self.window_pattern.upper()
+        if not pat or set(pat) - {"S", "L"}:
+            raise UserError(f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
+        sizes = [None if pat[i % len(pat)] == "L" else max(1, self.sequence_len // 4) for i in range(self.n_layer)]
+        sizes[-1] = None
+        return sizes
+
+    def has_value_embed(self, layer):
+        # alternate layers, always including the last one
+        return self.value_embeds and (layer % 2 == (self.n_layer - 1) % 2)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, H, D); cos/sin broadcast to (B or 1, T, 1, D/2). Halves rotate as pairs (i, i + D/2).
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values per layer, (B, T_max, H_kv, D), with a separate length per row so rows can be at
+    different positions (the engine batches requests that started at different times)."""
+
+    def __init__(self, config: GPTConfig, batch_size, max_len, device, dtype):
+        shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self):
+        return self.lens.shape[0]
+
+    def expand(self, n):
+        """Replicate a one-row cache into n rows (prefill once, then sample n continuations)."""
+        assert self.batch_size == 1
+        self.k = [t.expand(n, *t.shape[1:]).contiguous() for t in self.k]
+        self.v = [t.expand(n, *t.shape[1:]).contiguous() for t in self.v]
+        self.lens = self.lens.expand(n).contiguous()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.ve_gate_channels = min(32, C)
+        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
+
+    def forward(self, x, cos, sin, window, ve=None, kv_cache=None, positions=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, H_kv), 1 at init
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if window is None or window >= T:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                i = torch.arange(T, device=x.device)
+                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            rows = torch.arange(B, device=x.device)[:, None]
+            kc, vc = kv_cache.k[self.layer], kv_cache.v[self.layer]
+            kc[rows, positions] = k.to(kc.dtype)
+            vc[rows, positions] = v.to(vc.dtype)
+            L = int(positions.max()) + 1  # only the filled prefix of the cache takes part
+            j = torch.arange(L, device=x.device)
+            mask = j[None, None, :] <= positions[:, :, None]  # (B, T, L)
+            if window is not None:
+                mask &= positions[:, :, None] - j[None, None, :] < window
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :L].transpose(1, 2).to(q.dtype),
+                                               vc[:, :L].transpose(1, 2).to(q.dtype), attn_mask=mask[:, None],
+                                               enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = Attention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, window, ve, kv_cache, positions):
+        x = x + self.attn(norm(x), cos, sin, window, ve, kv_cache, positions)
+        return x + self.mlp(norm(x))
+
+
+class LinearSoftcapCrossEntropy(torch.autograd.Function):
+    """sum_t w_t * CE(softcap(h_t @ W^T), y_t), computed in row chunks so the (N, V) logits never exist at
+    once. The gradients are produced during the forward pass (the loss is the last node of the graph, so
+    they are final up to the scalar grad_output): one matmul per chunk fewer than recomputing in backward,
+    and only one pass over each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, weights, softcap, chunk):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_W = torch.zeros(W.shape, device=W.device, dtype=torch.float32) if need_grad else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, wc = h[s:s + chunk], targets[s:s + chunk], weights[s:s + chunk]
+            t = torch.tanh((hc @ W.t()).float() / softcap)
+            logits = softcap * t
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = tc.clamp(min=0)
+            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * wc).sum()
+            if need_grad:
+                g = torch.exp_(logits.sub_(lse[:, None]))          # softmax, in place over the logits
+                g[torch.arange(len(tc), device=g.device), tgt] -= 1.0
+                g.mul_(wc[:, None]).mul_(1.0 - t * t)             # weights, then through the soft-cap
+                g = g.to(h.dtype)
+                grad_h[s:s + chunk] = g @ W.to(h.dtype)
+                if g.dtype == torch.float32:
+                    grad_W.addmm_(g.t(), hc)
+                else:
+                    grad_W.add_((g.t() @ hc).float())
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_W)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_W * grad_out).to(torch.float32), None, None, None, None
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.windows = config.window_sizes()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        if config.resid_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        cos, sin = self._rotary(config.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.loss_chunk = 0  # rows per loss chunk; 0 = pick from the vocab size
+
+    def _rotary(self, seq_len, device=None):
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos(), freqs.sin()
+
+    @torch.no_grad()
+    def init_weights(self, seed=None):
+        """Uniform fan-in init for the input projections, zeros for the output projections (each block starts
+        as the identity), unit-variance embeddings and a near-zero head."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        C = self.config.n_embd
+        bound = math.sqrt(3.0 / C)
+
+        def fill(p, fn):
+            tmp = torch.empty(p.shape, dtype=torch.float32)
+            fn(tmp)
+            p.copy_(tmp)
+
+        fill(self.wte.weight, lambda t: t.normal_(0.0, 1.0, generator=gen))
+        fill(self.lm_head.weight, lambda t: t.normal_(0.0, 0.001, generator=gen))
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                fill(lin.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.zero_()
+        for emb in self.value_embeds.values():
+            fill(emb.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
+        if self.config.resid_scalars:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
+        cos, sin = self._rotary(self.config.sequence_len, self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        return self
+
+    def param_groups(self):
+        """Parameters by optimizer role: block matrices (Muon), embeddings, lm_head, scalars (AdamW)."""
+        matrices = [p for p in self.blocks.parameters()]
+        embeds = [self.wte.weight] + [e.weight for e in self.value_embeds.values()]
+        scalars = [self.resid_lambdas, self.x0_lambdas] if self.config.resid_scalars else []
+        return {"matrix": matrices, "embedding": embeds, "lm_head": [self.lm_head.weight], "scalar": scalars}
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self):
+        """Parameters that set the compute budget: block matrices + lm_head (embedding lookups are free)."""
+        return sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per matmul parameter plus the attention scores and values."""
+        c = self.config
+        attn = sum(12 * c.n_head * c.head_dim * (w or c.sequence_len) for w in self.windows)
+        return 6 * self.num_scaling_params() + attn
+
+    def trunk(self, idx, kv_cache=None):
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.cos.shape[0]:
+                raise UserError(f"sequence of {T} tokens is longer than the model's context ({self.cos.shape[0]})")
+            positions = None
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
+        else:
+            positions = kv_cache.lens[:, None] + torch.arange(T, device=idx.device)[None, :]
+            if int(positions.max()) >= min(kv_cache.max_len, self.cos.shape[0]):
+                raise UserError(f"context full: {int(positions.max()) + 1} tokens exceed the limit of "
+                                f"{min(kv_cache.max_len, self.cos.shape[0])}")
+            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        dtype = self.compute_dtype(idx.device)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        x = norm(self.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if self.config.resid_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, self.windows[i], ve, kv_cache, positions)
+        if kv_cache is not None:
+            kv_cache.lens += T
+        return norm(x)
+
+    @staticmethod
+    def compute_dtype(device):
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_weights=None, reduction="mean"):
+        """No targets: logits (B, T, V) in fp32. With targets (negative = ignore):
+        reduction="mean" -> mean loss over valid targets; "sum" -> sum(loss_weights * loss) (weights
+        default to 1 on valid targets); "none" -> per-token losses (B, T), 0 where ignored."""
+        h = self.trunk(idx, kv_cache)
+        sc = self.config.softcap
+        if targets is None:
+            logits = self.lm_head(h).float()
+            return sc * torch.tanh(logits / sc)
+        B, T = targets.shape
+        if reduction == "none":
+            logits = self.lm_head(h).float()
+            logits = sc * torch.tanh(logits / sc)
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1).clamp(min=0), reduction="none")
+            return loss.view(B, T) * (targets >= 0)
+        valid = (targets >= 0).reshape(-1).float()
+        if loss_weights is None:
+            weights = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
+        else:
+            weights = loss_weights.reshape(-1).float() * valid
+        chunk = self.loss_chunk or max(16, (1 << 22) // self.config.vocab_size)
+        return fused_loss(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), weights, sc, chunk)
+
+
+@torch.compiler.disable
+def fused_loss(h, W, targets, weights, softcap, chunk):
+    return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk)
+
+
+def describe(model: GPT) -> str:
+    c = model.config
+    windows = "".join("L" if w is None else "S" for w in model.windows)
+    return (f"GPT depth {c.n_layer}, width {c.n_embd}, heads {c.n_head} (kv {c.n_kv_head}) x {c.head_dim}, "
+            f"vocab {c.vocab_size}, context {c.sequence_len}, windows {windows}, value embeds {c.value_embeds}, "
+            f"params {model.num_params():,} (scaling {model.num_scaling_params():,}), "
+            f"FLOPs/token {model.flops_per_token():.3e}")
+
+
+def config_to_dict(c: GPTConfig):
+    return asdict(c)
