@@ -106,3 +106,55 @@ def atomic_save(path, save_fn):
 def fail(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+# dense bf16 tensor-core peaks (FLOP/s) by device name, for MFU on GPUs
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "RTX 5090": 209e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
+    """Achievable matmul FLOP/s on this device and dtype, measured (the honest MFU denominator on CPUs)."""
+    import time
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        iters += 4
+        sync()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def peak_flops(device, dtype=torch.float32):
+    """Peak FLOP/s for MFU: a table for known GPUs, a measured matmul peak elsewhere (cached per machine)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype == torch.bfloat16 else flops / 2
+        return measure_matmul_flops(device, dtype, n=4096)
+    cache = home_dir() / f"matmul_peak_{device.type}_{str(dtype).split('.')[-1]}_{torch.get_num_threads()}t.json"
+    try:
+        return json.loads(cache.read_text())["flops"]
+    except (OSError, ValueError, KeyError):
+        flops = measure_matmul_flops(device, dtype)
+        try:
+            atomic_write_json(cache, {"flops": flops})
+        except OSError:
+            pass
+        return flops
+
+
+def format_duration(seconds):
+    seconds = int(max(0, seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -319,18 +319,45 @@ class GPT(nn.Module):
             logits = self.lm_head(h).float()
             return sc * torch.tanh(logits / sc)
         B, T = targets.shape
+        h, flat_targets = h.reshape(B * T, -1), targets.reshape(-1)
+        chunk = self.loss_chunk or max(16, (1 << 22) // self.config.vocab_size)
         if reduction == "none":
-            logits = self.lm_head(h).float()
-            logits = sc * torch.tanh(logits / sc)
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1).clamp(min=0), reduction="none")
-            return loss.view(B, T) * (targets >= 0)
-        valid = (targets >= 0).reshape(-1).float()
+            losses = []
+            for s in range(0, B * T, chunk):
+                logits = sc * torch.tanh((h[s:s + chunk] @ self.lm_head.weight.t()).float() / sc)
+                losses.append(F.cross_entropy(logits, flat_targets[s:s + chunk].clamp(min=0), reduction="none"))
+            return torch.cat(losses).view(B, T) * (targets >= 0)
+        valid = (flat_targets >= 0).float()
         if loss_weights is None:
             weights = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
         else:
             weights = loss_weights.reshape(-1).float() * valid
-        chunk = self.loss_chunk or max(16, (1 << 22) // self.config.vocab_size)
-        return fused_loss(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), weights, sc, chunk)
+        return fused_loss(h, self.lm_head.weight, flat_targets, weights, sc, chunk)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens, temperature=0.0, top_k=None, seed=0, stop=()):
+        """Naive single-sequence sampling with a KV cache, for quick looks during training.
+        The engine (engine.py) is the batched, tool-aware generator."""
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache(self.config, 1, min(self.config.sequence_len, len(ids) + max_new_tokens), device,
+                        self.lm_head.weight.dtype)
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        for _ in range(max_new_tokens):
+            if int(cache.lens[0]) + x.shape[1] > cache.max_len:
+                break
+            logits = self(x, kv_cache=cache)[0, -1]
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.numel()))
+                    logits[logits < v[-1]] = -float("inf")
+                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
+            yield nxt
+            if nxt in stop:
+                break
+            x = torch.tensor([[nxt]], dtype=torch.long, device=device)
 
 
 @torch.compiler.disable

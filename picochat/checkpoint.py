@@ -1,0 +1,149 @@
+"""Checkpoints: safetensors weights + JSON metadata, plus per-rank optimizer and training state for resume.
+
+A stage folder (e.g. runs/<run>/base) holds, per saved step:
+  model_<step>.safetensors          fp32 weights (loadable by any safetensors reader)
+  optim_<step>_rank<r>.pt           this rank's optimizer shard (tensors and numbers only)
+  state_<step>_rank<r>.pt           this rank's loader state and RNG states
+  meta_<step>.json                  config, step, tokenizer hash, world size, file sizes: written LAST,
+                                    so a checkpoint exists only once all of its files are complete
+and a copy of the tokenizer in tokenizer/, so a checkpoint folder is self-contained.
+"""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file, load_file
+
+from picochat.common import UserError, atomic_save, atomic_write_json, dist_info
+from picochat.model import GPT, GPTConfig, config_to_dict
+from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=None, tokenizer=None, keep=2):
+    """Every rank calls this. Rank 0 writes the weights and the meta; each rank writes its own shards."""
+    folder = Path(folder)
+    _, rank, _, world = dist_info()
+    folder.mkdir(parents=True, exist_ok=True)
+    if optimizer is not None:
+        atomic_save(folder / f"optim_{step:06d}_rank{rank}.pt", lambda p: torch.save(optimizer.shard_state(), p))
+    if rank_state is not None:
+        atomic_save(folder / f"state_{step:06d}_rank{rank}.pt", lambda p: torch.save(rank_state, p))
+    if rank == 0:
+        weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+        atomic_save(folder / f"model_{step:06d}.safetensors", lambda p: save_file(weights, p))
+        if tokenizer is not None:
+            tokenizer.save(folder / "tokenizer")
+    _barrier()  # all shards are on disk before the meta declares the checkpoint complete
+    if rank == 0:
+        files = [f"model_{step:06d}.safetensors"]
+        files += [f"optim_{step:06d}_rank{r}.pt" for r in range(world)] if optimizer is not None else []
+        files += [f"state_{step:06d}_rank{r}.pt" for r in range(world)] if rank_state is not None else []
+        full = dict(meta or {}, step=step, config=config_to_dict(model.config), world_size=world,
+                    tokenizer_hash=tokenizer.hash if tokenizer is not None else (meta or {}).get("tokenizer_hash"),
+                    files={f: (folder / f).stat().st_size for f in files})
+        atomic_write_json(folder / f"meta_{step:06d}.json", full)
+        for old in list_steps(folder)[:-keep] if keep else []:
+            for f in folder.glob(f"*_{old:06d}*"):
+                f.unlink()
+    _barrier()
+
+
+def list_steps(folder):
+    folder = Path(folder)
+    steps = [int(m.group(1)) for f in folder.glob("meta_*.json") if (m := re.fullmatch(r"meta_(\d+)\.json", f.name))]
+    return sorted(steps)
+
+
+def latest_step(folder):
+    steps = list_steps(folder)
+    return steps[-1] if steps else None
+
+
+def read_meta(folder, step=None):
+    """The meta of a complete checkpoint (latest by default), after checking every file it lists."""
+    folder = Path(folder)
+    step = latest_step(folder) if step is None else step
+    if step is None:
+        raise UserError(f"no checkpoint in {folder}: train this stage first")
+    path = folder / f"meta_{step:06d}.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint for step {step} in {folder} (have: {list_steps(folder)})") from None
+    except ValueError:
+        raise UserError(f"{path} is corrupt (not valid JSON): delete it to fall back to an earlier checkpoint") from None
+    for name, size in meta["files"].items():
+        f = folder / name
+        if not f.exists():
+            raise UserError(f"checkpoint step {step} in {folder} is incomplete: {name} is missing")
+        if f.stat().st_size != size:
+            raise UserError(f"checkpoint file {f} is truncated or changed ({f.stat().st_size} bytes, expected {size}): "
+                            f"delete meta_{step:06d}.json to fall back to an earlier checkpoint")
+    return meta
+
+
+def load_weights(folder, step):
+    path = Path(folder) / f"model_{step:06d}.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({e.__class__.__name__}: {e}): the checkpoint is corrupt") from None
+
+
+def load_torch(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({e.__class__.__name__}): the checkpoint is corrupt or truncated") from None
+
+
+def build_model(meta, weights, device):
+    config = GPTConfig(**meta["config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the non-persistent rotary buffers
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def load_model(folder, step=None, device="cpu"):
+    """(model, tokenizer, meta) from a stage folder, ready for inference."""
+    folder = Path(folder)
+    meta = read_meta(folder, step)
+    tokenizer = Tokenizer.load(folder / "tokenizer")
+    if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
+        raise UserError(f"the tokenizer in {folder / 'tokenizer'} is not the one this checkpoint was trained with")
+    model = build_model(meta, load_weights(folder, meta["step"]), torch.device(device))
+    return model.eval(), tokenizer, meta
+
+
+def load_rank_shards(folder, meta, optimizer=None):
+    """Restore optimizer shards (re-sharded for any rank count) and return this rank's saved state, or None
+    when the rank count changed (the loader position then cannot be restored exactly)."""
+    folder, step = Path(folder), meta["step"]
+    _, rank, _, world = dist_info()
+    if optimizer is not None:
+        shards = [load_torch(folder / f"optim_{step:06d}_rank{r}.pt") for r in range(meta["world_size"])]
+        optimizer.load_shards(shards)
+    state_path = folder / f"state_{step:06d}_rank{rank}.pt"
+    if meta["world_size"] != world or not state_path.exists():
+        return None
+    return load_torch(state_path)
+
+
+def copy_tokenizer(src_folder, dst_folder):
+    dst = Path(dst_folder) / "tokenizer"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (RANKS_FILE, META_FILE, HF_FILE):
+        shutil.copy2(Path(src_folder) / name, dst / name)

@@ -1,0 +1,284 @@
+"""`picochat pretrain`: train the base model on parquet text shards.
+
+One dial, --depth, sets the model and (unless given) the token budget, batch size, learning rates and
+weight decay; all derived values are printed at start. Checkpoints are written atomically and --resume
+continues exactly: same batches, same optimizer state, bit-identical losses (fp32).
+"""
+import argparse
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
+                             format_duration, atomic_write_json, dist_info)
+from picochat.model import GPT, GPTConfig, describe
+from picochat.optim import build_optimizer, lr_multiplier, muon_momentum
+from picochat.loader import PretrainLoader, split_shards
+from picochat.tokenizer import Tokenizer
+from picochat.evaluate import bits_per_byte
+from picochat import checkpoint
+
+D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
+
+
+def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
+    """Block matrices + lm_head, from the shape alone (12 C^2 per layer: 4 C^2 attention, 8 C^2 MLP, for
+    full multi-head attention)."""
+    c = GPTConfig.from_depth(depth, vocab_size=vocab_size, aspect_ratio=aspect_ratio, head_dim=head_dim)
+    kv = c.n_kv_head * c.head_dim
+    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv + 8 * c.n_embd * c.n_embd
+    return c.n_layer * per_layer + c.n_embd * vocab_size
+
+
+def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128):
+    """The scaling rules of the single dial: tokens = ratio x params; batch grows as D^0.383 around 2^19 at
+    d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
+    n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
+    tokens = int(ratio * n)
+    tokens_d12 = ratio * scaling_params(D12_REF["depth"], D12_REF["vocab_size"], aspect_ratio, head_dim)
+    batch = 2 ** round(math.log2(2 ** 19 * (tokens / tokens_d12) ** 0.383))
+    lr_scale = math.sqrt(batch / 2 ** 19)
+    return dict(scaling_params=n, tokens=tokens, total_batch_size=batch, lr_scale=lr_scale,
+                weight_decay=0.28 * lr_scale * tokens_d12 / tokens)
+
+
+def add_parser(sub):
+    p = sub.add_parser("pretrain", help="pretrain the base model on text shards",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="default", help="run name: outputs go to $PICOCHAT_HOME/runs/<run>/base")
+    p.add_argument("--data", default="", help="folder of parquet shards with a 'text' column (last = validation); "
+                                              "default $PICOCHAT_HOME/data/pretrain")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default runs/<run>/tokenizer)")
+    p.add_argument("--out", default="", help="checkpoint folder (default runs/<run>/base)")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="number of layers: sets width, heads and the budget")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x this, rounded to the head dim")
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped attention (0 = all)")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+    g = p.add_argument_group("budget and batch")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
+    g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
+    g.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derived from depth)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
+    g.add_argument("--embedding-lr", type=float, default=0.3)
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--weight-decay", type=float, default=-1, help="Muon weight decay (-1: derived)")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--warmdown-ratio", type=float, default=0.65)
+    g.add_argument("--final-lr-frac", type=float, default=0.05)
+    g = p.add_argument_group("logging, evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0 = only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=2 ** 20, help="validation tokens per evaluation")
+    g.add_argument("--sample-every", type=int, default=0, help="print sampled completions every N steps")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="", help="cuda, cpu or mps (default: best available)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args):
+    ddp, rank, local_rank, world, device = init_runtime(args.device)
+    run_dir = home_dir() / "runs" / args.run
+    out = Path(args.out) if args.out else run_dir / "base"
+    data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
+    tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer")
+    train_files, val_files = split_shards(data)
+
+    dtype = compute_dtype(device.type)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    torch.manual_seed(args.seed)
+    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
+                                  aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
+                                  window_pattern=args.window_pattern, value_embeds=args.value_embeds)
+    config.window_sizes()  # validates the pattern before any work
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed=args.seed)
+
+    hp = derive_hparams(args.depth, tokenizer.vocab_size, args.target_param_data_ratio, args.aspect_ratio, args.head_dim)
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else hp["total_batch_size"]
+    tokens_per_micro = args.device_batch_size * args.seq_len * world
+    if args.device_batch_size < 1 or args.seq_len < 2:
+        raise UserError("--device-batch-size must be >= 1 and --seq-len >= 2")
+    if total_batch % tokens_per_micro:
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x ranks = "
+                        f"{args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro}: change one of them")
+    grad_accum = total_batch // tokens_per_micro
+    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, hp["tokens"] // total_batch)
+    lr_scale = math.sqrt(total_batch / 2 ** 19)
+    # the rule's weight decay with the batch actually used
+    wd = args.weight_decay if args.weight_decay >= 0 else hp["weight_decay"] * lr_scale / hp["lr_scale"]
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
+                                weight_decay=wd)
+    print0(describe(model))
+    print0(f"budget: {num_steps} steps x {total_batch:,} tokens = {num_steps * total_batch:,} tokens "
+           f"({num_steps * total_batch / model.num_scaling_params():.1f} per scaling param; rule: {hp['tokens']:,}) | "
+           f"micro-batch {args.device_batch_size}x{args.seq_len} x {world} ranks x {grad_accum} accumulation steps")
+    print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
+           f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
+           f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile {args.compile}")
+
+    loader = PretrainLoader(train_files, tokenizer, args.device_batch_size, args.seq_len, rank, world, device=device)
+    start_step, metrics_path = 0, out / "metrics.jsonl"
+    if args.resume and checkpoint.latest_step(out) is not None:
+        meta = checkpoint.read_meta(out)
+        if meta["tokenizer_hash"] != tokenizer.hash:
+            raise UserError(f"checkpoint in {out} was trained with another tokenizer; use a new --run or --out")
+        if meta["config"] != checkpoint.config_to_dict(config):
+            raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); resume with the same flags")
+        model.load_state_dict(checkpoint.load_weights(out, meta["step"]))
+        state = checkpoint.load_rank_shards(out, meta, optimizer)
+        if state is not None:
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+        else:
+            print0(f"warning: checkpoint was written by {meta['world_size']} ranks, now {world}: weights and "
+                   f"optimizer restored, the data order restarts")
+        start_step = meta["step"]
+        print0(f"resumed from step {start_step} in {out}")
+    elif args.resume:
+        print0(f"no checkpoint in {out}: starting from scratch")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+
+    model.train()
+    fwd = torch.compile(model, dynamic=False) if args.compile else model
+    flops_per_step = model.flops_per_token() * total_batch
+    peak = peak_flops(device, dtype) * world
+    token_bytes = tokenizer.token_bytes()
+
+    def evaluate(step):
+        model.eval()
+        n_batches = max(1, args.eval_tokens // (args.device_batch_size * args.seq_len * world))
+        val = PretrainLoader(val_files, tokenizer, args.device_batch_size, args.seq_len, rank, world, device=device, loop=False)
+
+        def batches():
+            for _ in range(n_batches):
+                try:
+                    yield val.next_batch()
+                except StopIteration:
+                    return
+        bpb = bits_per_byte(fwd, batches(), token_bytes, autocast if dtype != torch.float32 else None)
+        model.train()
+        print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+        log({"step": step, "val_bpb": bpb})
+        return bpb
+
+    def log(record):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    t_train, tokens_seen, smooth, val_bpb = 0.0, 0, None, None
+    step = start_step
+    while True:
+        last = step == num_steps
+        if (args.eval_every > 0 and step % args.eval_every == 0) or last:
+            val_bpb = evaluate(step)
+        if rank == 0 and args.sample_every > 0 and (step % args.sample_every == 0 or last) and step > 0:
+            sample(model, tokenizer, autocast)
+        if last:
+            break
+        t0 = time.perf_counter()
+        mult = lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            x, y = loader.next_batch()
+            with autocast():
+                loss = fwd(x, y)
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if ddp:
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG if device.type == "cuda"
+                                         else torch.distributed.ReduceOp.SUM)
+            if device.type != "cuda":
+                loss_sum /= world
+        loss_val = (loss_sum / grad_accum).item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        if step > start_step + 1:  # the first step pays for compilation and warm-up
+            t_train += dt
+            tokens_seen += total_batch
+        smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
+        tps = total_batch / dt
+        mfu = flops_per_step / dt / peak
+        log({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_sec": tps, "mfu": mfu, "dt": dt})
+        if step % args.log_every == 0 or step == num_steps:
+            avg = t_train / max(1, step - start_step - 1)
+            print0(f"step {step:05d}/{num_steps} | loss {loss_val:.4f} (avg {smooth:.4f}) | lr x{mult:.2f} | "
+                   f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | {dt * 1000:.0f} ms | "
+                   f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
+        if step % args.save_every == 0 or step == num_steps:
+            save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=args.keep)
+
+    if rank == 0:
+        summary = {"stage": "base", "step": num_steps, "val_bpb": val_bpb, "num_params": model.num_params(),
+                   "scaling_params": model.num_scaling_params(), "tokens": num_steps * total_batch,
+                   "train_seconds": t_train, "tokens_per_sec": tokens_seen / t_train if t_train else None,
+                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(config),
+                   "device": str(device), "world_size": world, "args": vars_json(args)}
+        atomic_write_json(out / "summary.json", summary)
+        print0(f"done: {num_steps} steps, validation bpb {val_bpb:.4f}, checkpoint in {out}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=2):
+    checkpoint.save_checkpoint(out, step, model, optimizer,
+                               rank_state={"loader": loader.state_dict(), "rng": torch.get_rng_state()},
+                               meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args)},
+                               tokenizer=tokenizer, keep=keep)
+
+
+def vars_json(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop log lines past the checkpoint so the curve has no duplicates."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    if step == 0:
+        keep = []
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "2 + 3 =", "The opposite of hot is"]
+
+
+def sample(model, tokenizer, autocast):
+    model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend_bos=True)
+        with autocast():
+            out = list(model.generate(ids, 16, stop=(tokenizer.bos_id,)))
+        print0(f"  {prompt!r} -> {tokenizer.decode([t for t in out if t != tokenizer.bos_id])!r}")
+    model.train()
