@@ -1,0 +1,149 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picochat.common import UserError
+from picochat.model import GPT, GPTConfig, KVCache
+
+
+def tiny(**kw):
+    cfg = GPTConfig.from_depth(kw.pop("depth", 2), vocab_size=kw.pop("vocab_size", 300), sequence_len=kw.pop("sequence_len", 64),
+                               head_dim=kw.pop("head_dim", 32), **kw)
+    model = GPT(cfg).init_weights(seed=0)
+    with torch.no_grad():  # zero-initialized projections would hide bugs in attention and MLP paths
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def reference_loss(model, x, y):
+    return F.cross_entropy(model(x).view(-1, model.config.vocab_size), y.view(-1), ignore_index=-1)
+
+
+def test_from_depth_derivation():
+    c = GPTConfig.from_depth(20)
+    assert (c.n_embd, c.n_head, c.head_dim, c.n_layer) == (1280, 10, 128, 20)
+    c = GPTConfig.from_depth(6, head_dim=64)
+    assert (c.n_embd, c.n_head) == (384, 6)
+    assert GPTConfig.from_depth(3).n_embd == 256  # 192 rounded up to the head dim
+    with pytest.raises(UserError):
+        GPTConfig.from_depth(0)
+    with pytest.raises(UserError, match="must divide"):
+        GPTConfig.from_depth(6, head_dim=64, n_kv_head=4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SL"}, {"n_kv_head": 1, "depth": 4},
+                                {"resid_scalars": False}])
+def test_fused_loss_matches_plain_cross_entropy(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 300, (3, 50))
+    y = torch.randint(0, 300, (3, 50))
+    y[0, :7] = -1
+    model.loss_chunk = 16  # several chunks, the last one partial
+    loss = model(x, y)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = reference_loss(model, x, y)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused[n], p.grad, rtol=1e-4, atol=1e-7), n
+    per_token = model(x, y, reduction="none")
+    assert torch.allclose(per_token.sum() / (y >= 0).sum(), ref, rtol=1e-5)
+    assert (per_token[0, :7] == 0).all()
+
+
+def test_weighted_loss_and_no_valid_targets():
+    model = tiny()
+    x = torch.randint(0, 300, (2, 20))
+    y = torch.full((2, 20), -1)
+    loss = model(x, y)
+    loss.backward()
+    assert loss.item() == 0 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    y = torch.randint(0, 300, (2, 20))
+    w = torch.rand(2, 20)
+    assert torch.allclose(model(x, y, loss_weights=w, reduction="sum"), (model(x, y, reduction="none") * w).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3}, {"n_kv_head": 1, "depth": 4}])
+def test_kv_cache_matches_full_forward(kw):
+    model = tiny(**kw).eval()
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.config, 2, 64, "cpu", torch.float32)
+        parts = [model(x[:, :25], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(25, 40)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    assert cache.lens.tolist() == [40, 40]
+
+
+def test_kv_cache_rows_at_different_positions():
+    model = tiny().eval()
+    a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
+        cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+        # prefill rows separately by writing into a 2-row cache with different lengths, then decode together
+        single = KVCache(model.config, 1, 32, "cpu", torch.float32)
+        model(a[:, :-1], kv_cache=single)
+        for layer in range(model.config.n_layer):
+            cache.k[layer][0], cache.v[layer][0] = single.k[layer][0], single.v[layer][0]
+        cache.lens[0] = 11
+        single = KVCache(model.config, 1, 32, "cpu", torch.float32)
+        model(b[:, :-1], kv_cache=single)
+        for layer in range(model.config.n_layer):
+            cache.k[layer][1], cache.v[layer][1] = single.k[layer][0], single.v[layer][0]
+        cache.lens[1] = 4
+        out = model(torch.stack([a[0, -1:], b[0, -1:]]), kv_cache=cache)
+    assert torch.allclose(out[0, -1], ref_a, atol=1e-5) and torch.allclose(out[1, -1], ref_b, atol=1e-5)
+
+
+def test_sliding_window_limits_attention():
+    model = tiny(window_pattern="SL", sequence_len=16)  # window 4 on layer 0
+    assert model.windows == [4, None]
+    model.blocks[1].attn.c_proj.weight.data.zero_()  # isolate the windowed layer
+    model.blocks[1].mlp.c_proj.weight.data.zero_()
+    model.config.resid_scalars and model.x0_lambdas.data.zero_()
+    x = torch.randint(0, 300, (1, 16))
+    x2 = x.clone()
+    x2[0, 0] = (x[0, 0] + 1) % 300  # a token outside position 10's window
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, 10], model(x2)[0, 10], atol=1e-6)
+        assert not torch.allclose(model(x)[0, 2], model(x2)[0, 2], atol=1e-6)
+
+
+def test_context_guard():
+    model = tiny(sequence_len=16)
+    with pytest.raises(UserError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = KVCache(model.config, 1, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(UserError, match="context full"):
+            model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = tiny()
+    x, y = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    ref = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, y)
+    assert abs(low.item() - ref.item()) / ref.item() < 2e-2
+
+
+def test_compile_matches_eager():
+    model = tiny(depth=1, vocab_size=128, head_dim=16)
+    x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    ref = model(x, y)
+    compiled = torch.compile(model, dynamic=False)
+    assert torch.allclose(compiled(x, y), ref, rtol=1e-4)
+
+
+def test_flops_and_params():
+    model = GPT(GPTConfig.from_depth(2, vocab_size=1000, sequence_len=128, head_dim=64))
+    c = model.config
+    assert model.num_scaling_params() == 2 * 12 * c.n_embd ** 2 + c.n_embd * 1000
+    assert model.flops_per_token() == 6 * model.num_scaling_params() + 2 * 12 * c.n_embd * 128

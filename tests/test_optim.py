@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from picochat.model import GPT, GPTConfig
+from picochat.optim import MuonAdamW, orthogonalize, build_optimizer, lr_multiplier, muon_momentum
+
+
+def test_adamw_part_equals_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 7))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = MuonAdamW([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for step in range(20):
+        g = torch.randn(5, 7)
+        a.grad, b.grad = g.clone(), g.clone()
+        lr = 0.01 * (1 - step / 40)  # schedules change lr between steps
+        ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
+        ours.step()
+        ref.step()
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 128), (128, 32)])
+def test_orthogonalize_is_near_orthogonal(shape):
+    # singular values spread over 20x: the update must come out with all of them close to 1
+    torch.manual_seed(0)
+    k = min(shape)
+    U, _ = torch.linalg.qr(torch.randn(3, shape[0], k))
+    V, _ = torch.linalg.qr(torch.randn(3, shape[1], k))
+    s = torch.logspace(-1.3, 0, k)
+    G = U @ torch.diag(s) @ V.mT
+    sv = torch.linalg.svdvals(orthogonalize(G, steps=5, dtype=torch.float32))
+    assert sv.min() > 0.6 and sv.max() < 1.25  # the quintic iteration lands singular values in ~[0.7, 1.2]
+    # and the singular vectors are kept: X is close to U V^T
+    assert torch.allclose(orthogonalize(G, 5, torch.float32), U @ V.mT, atol=0.35)
+
+
+def test_muon_update_direction_and_scale():
+    p = torch.nn.Parameter(torch.zeros(32, 64))
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=1.0, momentum=0.0, weight_decay=0.0, ns_steps=5)])
+    p.grad = torch.randn(32, 64)  # wide random matrices are well conditioned
+    opt.step()
+    sv = torch.linalg.svdvals(-p.detach())
+    assert sv.min() > 0.6 and sv.max() < 1.25
+    # a tall matrix is scaled up by sqrt(rows/cols)
+    q = torch.nn.Parameter(torch.zeros(128, 32))
+    opt = MuonAdamW([dict(kind="muon", params=[q], lr=1.0, momentum=0.0, weight_decay=0.0, ns_steps=5)])
+    q.grad = torch.randn(128, 32)
+    opt.step()
+    sv = torch.linalg.svdvals(q.detach()) / 2.0
+    assert sv.min() > 0.6 and sv.max() < 1.25
+
+
+def test_cautious_weight_decay_only_where_signs_agree():
+    p = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.1, momentum=0.0, weight_decay=0.5, ns_steps=5)])
+    before = p.detach().clone()
+    p.grad = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    U = orthogonalize(p.grad[None], 5, torch.float32)[0]
+    opt.step()
+    agree = (U * before) > 0
+    expected = before - 0.1 * 0.5 * before * agree - 0.1 * U
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
+def test_build_optimizer_covers_every_parameter_once():
+    model = GPT(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=32, value_embeds=True)).init_weights(0)
+    opt = build_optimizer(model)
+    seen = [p for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))
+    for g in opt.param_groups:
+        if g["kind"] == "muon":
+            assert all(p.ndim == 2 for p in g["params"])
+
+
+def test_schedules():
+    assert lr_multiplier(0, 100) == 1.0 and lr_multiplier(34, 100) == 1.0
+    assert abs(lr_multiplier(100, 100) - 0.05) < 1e-9
+    assert lr_multiplier(0, 100, warmup_steps=10) == 0.1
+    assert 0.05 < lr_multiplier(70, 100) < 1.0
+    assert muon_momentum(0) == 0.85 and abs(muon_momentum(300) - 0.97) < 1e-9 and abs(muon_momentum(1000) - 0.97) < 1e-9
+
+
+def test_state_roundtrip_through_shards():
+    model = GPT(GPTConfig.from_depth(1, vocab_size=100, sequence_len=16, head_dim=32)).init_weights(0)
+    opt = build_optimizer(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    shard = opt.shard_state()
+    opt2 = build_optimizer(model)
+    opt2.load_shards([shard])
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[p][k]) if torch.is_tensor(v) else v == opt2.state[p][k]
