@@ -65,6 +65,12 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def _umask_mode():
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path, data: bytes):
     """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file."""
     path = Path(path)
@@ -75,6 +81,7 @@ def atomic_write_bytes(path, data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -96,6 +103,7 @@ def atomic_save(path, save_fn):
         save_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
