@@ -163,31 +163,37 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+def softcap_ce_chunk(z, targets, weights, softcap: float):
+    """For one chunk of raw logits z (n, V) fp32: the weighted loss sum and its gradient w.r.t. z.
+    Plain elementwise code, so torch.compile can fuse it into a couple of passes over the chunk."""
+    t = torch.tanh(z / softcap)
+    logits = softcap * t
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * weights).sum()
+    g = torch.exp(logits - lse[:, None]) * weights[:, None]
+    g = g.scatter_add(1, targets[:, None], -weights[:, None])
+    return loss, g * (1.0 - t * t)  # through the soft-cap
+
+
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
     """sum_t w_t * CE(softcap(h_t @ W^T), y_t), computed in row chunks so the (N, V) logits never exist at
     once. The gradients are produced during the forward pass (the loss is the last node of the graph, so
-    they are final up to the scalar grad_output): one matmul per chunk fewer than recomputing in backward,
-    and only one pass over each chunk's logits."""
+    they are final up to the scalar grad_output): no logits are kept or recomputed for the backward."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, weights, softcap, chunk):
+    def forward(ctx, h, W, targets, weights, softcap, chunk, kernel):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_W = torch.zeros(W.shape, device=W.device, dtype=torch.float32) if need_grad else None
+        Wc = W.to(h.dtype)
         for s in range(0, h.shape[0], chunk):
-            hc, tc, wc = h[s:s + chunk], targets[s:s + chunk], weights[s:s + chunk]
-            t = torch.tanh((hc @ W.t()).float() / softcap)
-            logits = softcap * t
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = tc.clamp(min=0)
-            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * wc).sum()
+            hc = h[s:s + chunk]
+            loss, g = kernel((hc @ Wc.t()).float(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
+            total += loss
             if need_grad:
-                g = torch.exp_(logits.sub_(lse[:, None]))          # softmax, in place over the logits
-                g[torch.arange(len(tc), device=g.device), tgt] -= 1.0
-                g.mul_(wc[:, None]).mul_(1.0 - t * t)             # weights, then through the soft-cap
                 g = g.to(h.dtype)
-                grad_h[s:s + chunk] = g @ W.to(h.dtype)
+                torch.mm(g, Wc, out=grad_h[s:s + chunk])
                 if g.dtype == torch.float32:
                     grad_W.addmm_(g.t(), hc)
                 else:
@@ -199,7 +205,7 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_W = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), (grad_W * grad_out).to(torch.float32), None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), (grad_W * grad_out).to(torch.float32), None, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -220,6 +226,11 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.loss_chunk = 0  # rows per loss chunk; 0 = pick from the vocab size
+        self.ce_kernel = softcap_ce_chunk
+
+    def compile_loss(self):
+        """Fuse the loss's elementwise work over the (chunk, V) logits; the trunk is compiled separately."""
+        self.ce_kernel = torch.compile(softcap_ce_chunk, dynamic=False)
 
     def _rotary(self, seq_len, device=None):
         d = self.config.head_dim
@@ -332,7 +343,7 @@ class GPT(nn.Module):
             weights = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
         else:
             weights = loss_weights.reshape(-1).float() * valid
-        return fused_loss(h, self.lm_head.weight, flat_targets, weights, sc, chunk)
+        return fused_loss(h, self.lm_head.weight, flat_targets, weights, sc, chunk, self.ce_kernel)
 
     @torch.no_grad()
     def generate(self, ids, max_new_tokens, temperature=0.0, top_k=None, seed=0, stop=()):
@@ -361,8 +372,8 @@ class GPT(nn.Module):
 
 
 @torch.compiler.disable
-def fused_loss(h, W, targets, weights, softcap, chunk):
-    return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk)
+def fused_loss(h, W, targets, weights, softcap, chunk, kernel=softcap_ce_chunk):
+    return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk, kernel)
 
 
 def describe(model: GPT) -> str:

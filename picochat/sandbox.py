@@ -1,0 +1,775 @@
+"""Run untrusted Python (the chat model's tool calls, HumanEval completions + tests) in a separate
+process with limits.
+
+    run_python(code, timeout=5.0, memory_mb=512, max_output=64_000, stdin="") -> SandboxResult
+    evaluate_expression("12*3+4") -> "40"          (the chat tool; None on any failure)
+
+Every run is a fresh `python -s -S -B` child (no site-packages, no user site; -I is not used because
+we build the child's whole environment ourselves, and -E would drop PYTHONHASHSEED=0) that first runs
+a small trusted bootstrap, then the untrusted code (only the standard library is importable). Safe to
+call from many threads at once: the parent enforces the wall clock with a kill (no SIGALRM anywhere in
+the caller), and each run has its own process group, temp dir and (as root) its own user id.
+
+SandboxResult.status: "ok" (exit 0), "error" (an exception or a non-zero exit; reason is the
+exception's last line), "timeout" (wall clock or CPU), "memory" (MemoryError under RLIMIT_AS),
+"output_limit", "crashed" (SIGSEGV/SIGABRT/...), "killed" (another signal), "setup_error" (the
+sandbox itself could not start).
+
+evaluate_expression returns text, never raises: ints as digits, integral floats as ints ("10/5" ->
+"2"), other floats to 10 significant digits, strings without quotes, anything else as repr; None on
+any failure. The training data's tool outputs must be rendered with the same format_value.
+
+What is contained, in layers (`sandbox_info()` says which layers this machine gives; `run_python`
+picks the strongest, probing once):
+
+  always (any user, any Linux):
+    - wall time: the parent kills the whole process group at `timeout` (then sweeps by uid, see below).
+    - CPU time: RLIMIT_CPU = ceil(timeout)+1 s (backstop if the parent itself dies).
+    - memory: RLIMIT_AS = memory_mb per process; a big allocation gives MemoryError -> status "memory".
+    - file size RLIMIT_FSIZE (16 MB), open files RLIMIT_NOFILE (256), core dumps off, no mlock.
+    - output: stdout and stderr are each capped at `max_output` bytes; past that the run is killed
+      (status "output_limit"), so a print loop cannot fill the caller's memory.
+    - environment: only PATH, LANG/LC_ALL, HOME and TMPDIR (inside the sandbox dir), USER, PYTHONHASHSEED=0
+      and a few PYTHON*/MALLOC settings; the parent's secrets are not passed.
+    - cwd: a private temp dir, deleted afterwards; no_new_privs (setuid binaries give nothing).
+    - a guard inside the child (on by default, `guard=False` turns it off to test the real
+      containment): imports of socket/ctypes/subprocess/multiprocessing/... fail; os.system, fork,
+      exec*, spawn*, kill, setuid... raise PermissionError; writes, deletes, renames, chmods outside
+      the sandbox dir raise PermissionError. It is a speed bump against accidents, NOT a security
+      boundary: pure Python can get around it. The layers below are the containment.
+  as root:
+    - a fresh unprivileged uid/gid per run (random in [_UID_BASE, _UID_BASE + 2^20), no groups): the
+      code cannot touch root's files, other users' 0700/0600 files, or other sandboxes' processes, and
+      RLIMIT_NPROC (default 64 processes+threads) is enforced (the kernel does not enforce it for root,
+      and a uid shared by concurrent runs, like `nobody`, would let one run's fork bomb starve the
+      others). After the run every live process of that uid is killed (fork bombs that called
+      setsid() to leave the process group included).
+  when namespaces work (root, or an unprivileged user where user namespaces are enabled; probed with
+  a real run at first use, via util-linux `unshare`):
+    - network namespace: no interfaces but a down loopback; connect() to anything, 127.0.0.1
+      included, fails with ENETUNREACH.
+    - PID namespace: a tiny init (the bootstrap) is PID 1 and the code runs as its child, so it sees
+      only its own processes in /proc, keeps ordinary signal semantics, and when it exits or is
+      killed the init exits and the kernel kills every process the code left behind.
+    - mount namespace: every mount is remounted read-only (for this child only) and a fresh tmpfs
+      (size min(memory_mb, 256) MB) is mounted on /tmp; the code runs in /tmp/sandbox. Writes
+      anywhere else fail with EROFS, even to world-writable dirs like /var/tmp or /dev/shm.
+    - IPC and UTS namespaces (System V IPC, hostname).
+    - as an unprivileged user (no uid to switch to) the code keeps the caller's uid inside a user
+      namespace with all capabilities dropped after setup; the read-only mounts, the tmpfs, the netns
+      and the PID namespace still hold, and a tmpfs hides the caller's home directory.
+
+What is NOT contained (know this before exposing it to strangers):
+    - reading world-readable files (the repo, /etc, /usr, /sys, ...): the file system is read-only,
+      not hidden. Files readable only by the caller are safe via the uid switch (root) or, for an
+      unprivileged caller with namespaces, only those under its home directory (hidden by a tmpfs).
+      The caller's environment is never passed; /proc/<caller>/environ is out of reach through the
+      fresh /proc of the PID namespace or, without one, the uid switch (an unprivileged caller
+      without namespaces has neither).
+    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb.
+      A cgroup (memory.max, pids.max) would bound the total; we do not create cgroups (they need
+      root and a delegated hierarchy, and would nest under whatever supervises the caller).
+    - CPU share: a run can use every core until its limits hit (no cgroup cpu quota, no nice).
+    - kernel attack surface: no seccomp filter; a kernel exploit escapes everything above.
+    - without namespaces (no unshare(1), or namespaces disallowed): no network isolation beyond the
+      guard, world-writable dirs (/tmp, /var/tmp, /dev/shm) are writable by the code (as its own
+      uid when root), and a process that leaves the process group survives cleanup unless we are
+      root (uid sweep). `PICOCHAT_SANDBOX=basic` forces this mode, `=ns` demands namespaces.
+    - if the caller is SIGKILLed mid-run: with namespaces everything dies (PR_SET_PDEATHSIG on unshare
+      via setpriv(1), re-armed by the bootstrap on PID 1); without them the code dies but processes
+      it moved to their own session survive until RLIMIT_CPU or their own end. Either way its empty
+      temp dir (picochat-sbx-*) stays behind.
+    - zombies: processes killed on timeout are reaped by the system's init, not by us.
+"""
+import os
+import re
+import sys
+import ast
+import math
+import time
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import selectors
+import subprocess
+from dataclasses import dataclass
+
+_UID_BASE = 1_500_000_000   # per-run uids live far above any real account (no passwd entry needed)
+_CHILD_DIR = "/tmp/sandbox"  # the code's cwd and HOME inside the mount namespace (a private tmpfs)
+_SETUP_FAILED = 125          # bootstrap exit code: the sandbox itself could not be set up
+
+
+@dataclass
+class SandboxResult:
+    status: str          # ok | error | timeout | memory | output_limit | crashed | killed | setup_error
+    stdout: str
+    stderr: str
+    returncode: int | None   # exit code, or -signal; None if we never got one
+    reason: str          # why it stopped, in words ("" when status is ok)
+    wall_time: float     # seconds, spawn to cleanup
+    cpu_time: float = 0.0
+    isolation: str = ""  # the layers this run had, e.g. "uid,netns,pidns,mntns,ro-fs,rlimits,guard"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# -----------------------------------------------------------------------------
+# The bootstrap: trusted code that runs first in the child, as root when we are root. It reads the
+# program, sets up mounts and limits, drops privileges, installs the guard, then runs the program.
+# It imports only os, sys, resource and ctypes, so a run costs ~25 ms end to end.
+
+_BOOTSTRAP = r'''
+import os, sys, resource
+
+def _fail(msg):
+    os.write(2, ("sandbox setup failed: " + msg + "\n").encode())
+    os._exit(125)
+
+def _setup(cfg):
+    import ctypes, errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+    libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    def mount(src, dst, fstype, flags, data):
+        if libc.mount(src, dst, fstype, flags, data) != 0:
+            return ctypes.get_errno()
+        return 0
+    uid = int(cfg["uid"])
+    work = cfg["work"]
+    if cfg["ns"] == "1":
+        # every mount read-only for this child only (the namespace is private), keeping the locked
+        # flags (nosuid/nodev/noexec/atime) or an unprivileged remount would fail with EPERM
+        bits = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
+                "relatime": 1 << 21, "strictatime": 1 << 24, "nosymfollow": 256}
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            fields = line.split(" ")
+            target = fields[4]
+            for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+                target = target.replace(esc, ch)
+            flags = 32 | 4096 | 1  # MS_REMOUNT | MS_BIND | MS_RDONLY
+            for opt in fields[5].split(","):
+                flags |= bits.get(opt, 0)
+            err = mount(None, target.encode(), None, flags, None)
+            if err and err not in (errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.EINVAL):
+                _fail("read-only remount of %s: %s" % (target, os.strerror(err)))
+        if not os.statvfs("/").f_flag & 1:
+            _fail("root file system is still writable")
+        size = cfg["tmpfs_mb"]
+        err = mount(b"tmpfs", b"/tmp", b"tmpfs", 2 | 4, ("size=%sm,mode=1777" % size).encode())
+        if err:
+            _fail("tmpfs on /tmp: " + os.strerror(err))
+        home = cfg.get("hide")
+        if home and os.path.isdir(home):
+            err = mount(b"tmpfs", home.encode(), b"tmpfs", 2 | 4 | 8, b"size=1m,mode=0755")
+            if err:
+                _fail("tmpfs over %s: %s" % (home, os.strerror(err)))
+    if not os.path.isdir(work):
+        os.mkdir(work, 0o700)
+    if uid >= 0:
+        os.chown(work, uid, uid)
+    os.chmod(work, 0o700)
+    os.chdir(work)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing
+        _fail("no_new_privs")
+    return libc
+
+def _limits(cfg):
+    mb = 1 << 20
+    cpu = int(cfg["cpu"])
+    for res, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
+                     (resource.RLIMIT_AS, (int(cfg["mem"]) * mb,) * 2),
+                     (resource.RLIMIT_FSIZE, (16 * mb,) * 2),
+                     (resource.RLIMIT_NOFILE, (256, 256)),
+                     (resource.RLIMIT_NPROC, (int(cfg["nproc"]),) * 2),
+                     (resource.RLIMIT_CORE, (0, 0)),
+                     (resource.RLIMIT_MEMLOCK, (0, 0))):
+        try:
+            resource.setrlimit(res, val)
+        except (ValueError, OSError) as e:
+            _fail("setrlimit %s: %s" % (res, e))
+
+def _drop(cfg, libc):
+    import ctypes
+    uid = int(cfg["uid"])
+    if uid >= 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            _fail("setuid")
+    elif os.geteuid() == 0 and cfg["ns"] == "1":
+        # unprivileged caller inside a user namespace: we are "root" there; drop every capability
+        # so the code cannot undo the read-only mounts
+        hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        if libc.capset(hdr, data) != 0:
+            _fail("capset")
+    # the credential change cleared the parent-death signal: re-arm it (the parent is unshare or
+    # the caller), so the code dies with its parent even if it left our process group
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != cfg["ppid"]:  # the parent died before the re-arm
+        os._exit(137)
+
+def _paths():
+    # the interpreter may live where the new uid cannot reach (pyenv under /root, mode 0700): keep the
+    # stdlib importable through directory fds opened while still privileged
+    fds = {}
+    for p in sys.path:
+        if p and os.path.isdir(p):
+            fds[p] = "/proc/self/fd/%d" % os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    return fds
+
+def _repath(fds):
+    # sys.path and the packages imported so far (encodings, ...) must find submodules via the fds
+    sys.path[:] = list(fds.values())
+    sys.path_importer_cache.clear()
+    def moved(path):
+        for old, new in fds.items():
+            if path == old or path.startswith(old + "/"):
+                return new + path[len(old):]
+        return path
+    for mod in list(sys.modules.values()):
+        path = getattr(mod, "__path__", None)
+        if isinstance(path, list):
+            path[:] = [moved(p) for p in path]
+
+def _guard(allowed):
+    import builtins, io, posix
+    os_ = os
+    real = os.path.realpath
+    def inside(path, dir_fd=None):
+        if isinstance(path, int):
+            return True
+        path = os_.fsdecode(path)
+        if dir_fd is not None and not os_.path.isabs(path):
+            path = os_.path.join(os_.readlink("/proc/self/fd/%d" % dir_fd), path)
+        p = real(path)
+        return p == os_.devnull or any(p == a or p.startswith(a + "/") for a in allowed)
+    def deny(name):
+        def denied(*args, **kwargs):
+            raise PermissionError("%s is disabled in the sandbox" % name)
+        return denied
+    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "execv", "execve",
+                 "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
+                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
+                 "posix_spawnp", "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid",
+                 "setresuid", "setresgid", "setgroups", "chroot", "setns", "unshare", "pidfd_open",
+                 "plock"):
+        for mod in (os, posix):
+            if hasattr(mod, name):
+                setattr(mod, name, deny("os." + name))
+    def checked(name, fn, npaths=1):
+        def wrapper(*args, **kwargs):
+            for p in args[:npaths]:
+                if not inside(p, kwargs.get("dir_fd", kwargs.get("src_dir_fd"))):
+                    raise PermissionError("%s outside the sandbox dir: %r" % (name, p))
+            return fn(*args, **kwargs)
+        return wrapper
+    for name, n in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("removedirs", 1), ("rename", 2),
+                    ("renames", 2), ("replace", 2), ("truncate", 1), ("chmod", 1), ("lchmod", 1),
+                    ("chown", 1), ("lchown", 1), ("link", 2), ("symlink", 2), ("mkdir", 1),
+                    ("makedirs", 1), ("utime", 1), ("mkfifo", 1), ("mknod", 1)):
+        for mod in (os, posix):
+            if hasattr(mod, name):
+                setattr(mod, name, checked("os." + name, getattr(mod, name), n))
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    real_os_open = os.open
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not inside(path, kwargs.get("dir_fd")):
+            raise PermissionError("writing outside the sandbox dir: %r" % (path,))
+        return real_os_open(path, flags, *args, **kwargs)
+    os.open = posix.open = guarded_os_open
+    real_open = io.open
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(mode, str) and any(c in mode for c in "wax+") and not inside(file):
+            raise PermissionError("writing outside the sandbox dir: %r" % (file,))
+        return real_open(file, mode, *args, **kwargs)
+    builtins.open = io.open = guarded_open
+    for name in ("socket", "_socket", "ssl", "_ssl", "ctypes", "_ctypes", "subprocess",
+                 "_posixsubprocess", "multiprocessing", "_multiprocessing", "pty", "mmap",
+                 "resource", "fcntl", "termios", "_posixshmem", "asyncio", "ipdb", "pdb", "psutil",
+                 "tkinter", "webbrowser", "urllib.request", "http.client", "ftplib", "smtplib"):
+        sys.modules[name] = None
+
+def _init():
+    # we are PID 1 of the namespace, which the kernel shields from signals sent from inside it (the
+    # code could not even SIGKILL itself, and SIGXCPU would be ignored): run the code in a child with
+    # ordinary signal semantics, reap orphans, and report how the code ended; when we exit, the kernel
+    # kills everything left in the namespace
+    pid = os.fork()
+    if pid == 0:
+        return
+    os.close(0)
+    os.close(1)
+    while True:
+        try:
+            p, status = os.wait()
+        except ChildProcessError:
+            os._exit(1)
+        if p == pid:
+            break
+    if os.WIFSIGNALED(status):
+        os.write(2, b"\n\x00sandbox: signal %d\n" % os.WTERMSIG(status))
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
+
+def _run(cfg):
+    with open(cfg["code"], "rb") as f:
+        source = f.read()
+    if cfg["uid"] != "-1" or cfg["ns"] == "1":
+        try:
+            os.unlink(cfg["code"])  # not the code's to read back (and gone before the uid drop)
+            os.unlink(cfg["stdin"])
+        except OSError:
+            pass
+    cfg["ppid"] = os.getppid()
+    paths = _paths()  # before _setup: it may hide the directory the interpreter lives in
+    libc = _setup(cfg)
+    _limits(cfg)
+    _drop(cfg, libc)
+    del libc
+    _repath(paths)
+    if cfg["ns"] == "1":
+        _init()
+    if cfg["guard"] == "1":
+        _guard([cfg["work"], os.path.realpath(cfg["work"])] + (["/tmp"] if cfg["ns"] == "1" else []))
+    sys.stdout.reconfigure(line_buffering=True)  # a killed run still returns what it printed
+    main = type(sys)("__main__")
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    sys.argv = ["<sandbox>"]
+    try:
+        code = compile(source, "<sandbox>", "exec")
+        exec(code, main.__dict__)
+    except SystemExit:
+        raise
+    except MemoryError:
+        # no traceback: formatting one may need the memory we just ran out of
+        _flush()
+        os.write(2, b"MemoryError: out of memory (address-space limit)\n")
+        os._exit(1)
+    except BaseException as e:
+        _flush()
+        try:  # the code's own frames only, with its source lines
+            import linecache, traceback
+            linecache.cache["<sandbox>"] = (len(source), None, source.decode("utf-8", "replace").splitlines(True), "<sandbox>")
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+            sys.stderr.flush()
+        except BaseException:
+            os.write(2, ("%s: %s\n" % (type(e).__name__, e)).encode("utf-8", "replace"))
+        os._exit(1)  # like an uncaught exception, without waiting on threads the code left running
+
+def _flush():
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except BaseException:
+            pass
+
+_run(dict(a.split("=", 1) for a in sys.argv[1:]))
+'''
+
+# -----------------------------------------------------------------------------
+# Probing what this machine gives (once, thread-safe: other callers wait for the probe)
+
+_probe_lock = threading.Lock()
+_probe_result = None
+_uid_lock = threading.Lock()
+_uids_in_use = set()
+
+
+def sandbox_info() -> dict:
+    """What containment this machine gives, detected once at first use with a real sandboxed run."""
+    global _probe_result
+    if _probe_result is not None:
+        return _probe_result
+    with _probe_lock:
+        if _probe_result is not None:
+            return _probe_result
+        root = os.geteuid() == 0
+        info = {"root": root, "namespaces": False, "setpriv": None, "unshare": shutil.which("unshare"),
+                "note": ""}
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # --pdeathsig needs util-linux >= 2.33
+            try:
+                r = subprocess.run([setpriv, "--pdeathsig", "KILL", "true"], capture_output=True, timeout=10)
+                info["setpriv"] = setpriv if r.returncode == 0 else None
+            except (OSError, subprocess.SubprocessError):
+                pass
+        mode = os.environ.get("PICOCHAT_SANDBOX", "auto")
+        if mode != "basic" and info["unshare"]:
+            r = _run(info | {"namespaces": True}, "print(6 * 7)", 10.0, 256, 1000, "", 64, True)
+            if r.status == "ok" and r.stdout.strip() == "42":
+                info["namespaces"] = True
+            else:
+                info["note"] = f"namespaces unavailable: {r.status}: {(r.reason or r.stderr).strip()[:300]}"
+        elif mode != "basic":
+            info["note"] = "unshare(1) not found"
+        if mode == "ns" and not info["namespaces"]:
+            raise RuntimeError(f"PICOCHAT_SANDBOX=ns but {info['note']}")
+        _probe_result = info
+        return info
+
+
+def _alloc_uid() -> int:
+    with _uid_lock:
+        while True:
+            uid = _UID_BASE + random.randrange(1 << 20)
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+
+
+def _free_uid(uid: int):
+    with _uid_lock:
+        _uids_in_use.discard(uid)
+
+
+# -----------------------------------------------------------------------------
+# Finding and killing whatever a run left behind
+
+def _proc_table():
+    """(pid, state, uid, pgid, threads) of every process, from /proc/*/status (readable for all)."""
+    rows = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                text = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        state, uid, pgid, threads = "?", -1, -1, 1
+        for line in text.splitlines():
+            key, _, val = line.partition(":")
+            if key == "State":
+                state = val.split()[0]
+            elif key == "Uid":
+                uid = int(val.split()[0])
+            elif key == "NSpgid":
+                pgid = int(val.split()[0])
+            elif key == "Threads":
+                threads = int(val.split()[0])
+        rows.append((int(name), state, uid, pgid, threads))
+    return rows
+
+
+def _survivors(pgid: int, uid: int) -> list:
+    """Live (non-zombie) processes in process group pgid or owned by uid (uid < 0: group only)."""
+    return [pid for pid, state, puid, ppgid, _ in _proc_table()
+            if state not in ("Z", "X") and (ppgid == pgid or (uid >= 0 and puid == uid))]
+
+
+def _kill_all(pgid: int, uid: int, limit: float = 3.0):
+    """SIGKILL the process group and every process of the run's uid until none is left alive."""
+    deadline = time.monotonic() + limit
+    delay = 0.001
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        left = _survivors(pgid, uid)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _exited(pid: int) -> bool:
+    """Has the child exited? Without reaping it (we reap with wait4 to get its CPU time)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+# -----------------------------------------------------------------------------
+# The public API
+
+def _child_env(home: str) -> dict:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": home, "TMPDIR": home, "USER": "sandbox", "LOGNAME": "sandbox",
+            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+            "MALLOC_ARENA_MAX": "2"}  # each malloc arena reserves 64 MB of the address-space limit
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, max_output: int = 64_000,
+               stdin: str = "", *, max_procs: int = 64, guard: bool = True) -> SandboxResult:
+    """Run `code` as a Python program in a fresh sandboxed process and return what happened; never
+    raises for anything the code does. max_procs bounds processes+threads (RLIMIT_NPROC); guard=False
+    removes the in-child guard (to test the real containment)."""
+    return _run(sandbox_info(), code, timeout, memory_mb, max_output, stdin, max_procs, guard)
+
+
+def _run(info, code, timeout, memory_mb, max_output, stdin, max_procs, guard) -> SandboxResult:
+    t0 = time.monotonic()
+    ns, root = info["namespaces"], info["root"]
+    uid = _alloc_uid() if root else -1
+    layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "ro-fs"] if ns else [])
+    isolation = ",".join(layers + ["rlimits"] + (["guard"] if guard else []))
+    workdir = tempfile.mkdtemp(prefix="picochat-sbx-")  # 0700, ours: holds the program and its stdin
+    child_dir = _CHILD_DIR if ns else workdir
+    cpu = int(math.ceil(timeout)) + 1
+    nproc = max_procs
+    if not root:  # RLIMIT_NPROC counts every task of our own uid, not just the sandbox's
+        nproc += sum(t for _, _, u, _, t in _proc_table() if u == os.getuid())
+    proc = pidfd = None
+    out, err = bytearray(), bytearray()
+    timed_out = overflow = False
+    returncode, cpu_time = None, 0.0
+    try:
+        code_path, stdin_path = os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin")
+        with open(code_path, "w", encoding="utf-8") as f:
+            f.write(code)
+        with open(stdin_path, "w", encoding="utf-8") as f:
+            f.write(stdin)
+        cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "uid": uid, "ns": int(ns),
+               "guard": int(guard), "mem": memory_mb, "cpu": cpu, "nproc": nproc,
+               "tmpfs_mb": min(memory_mb, 256), "hide": os.path.expanduser("~") if ns and not root else ""}
+        cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
+        cmd += [f"{k}={v}" for k, v in cfg.items()]
+        if ns:
+            cmd = [info["unshare"]] + ([] if root else ["--user", "--map-root-user"]) + [
+                "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + cmd
+        if info["setpriv"]:  # the whole tree dies if this (calling) thread's process dies
+            cmd = [info["setpriv"], "--pdeathsig", "KILL"] + cmd
+        with open(stdin_path, "rb") as stdin_file:
+            try:
+                proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env=_child_env(child_dir), cwd=workdir, start_new_session=True)
+            except OSError as e:
+                return SandboxResult("setup_error", "", "", None, f"could not start the sandbox: {e}",
+                                     time.monotonic() - t0, isolation=isolation)
+        pgid = proc.pid  # start_new_session: the child leads its own session and process group
+        deadline = t0 + timeout
+        sel = selectors.DefaultSelector()
+        bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        try:
+            pidfd = os.pidfd_open(proc.pid)  # readable when the child exits: no polling
+            sel.register(pidfd, selectors.EVENT_READ)
+        except (AttributeError, OSError):
+            pidfd = None
+        open_fds, exited, lingered = set(bufs), False, None
+        while not (exited and not open_fds):
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
+            wait = deadline - now
+            if exited:  # the program is gone but something it started still holds the pipes
+                lingered = lingered or now + 0.2
+                if now >= lingered:
+                    break
+                wait = min(wait, lingered - now)
+            elif pidfd is None:
+                wait = min(wait, 0.02)
+            for key, _ in sel.select(wait):
+                if key.fd == pidfd:
+                    sel.unregister(pidfd)
+                    exited = True
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    open_fds.discard(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                buf += chunk
+                if len(buf) > max_output:
+                    del buf[max_output:]
+                    overflow = True
+            if overflow:
+                break
+            if pidfd is None and not exited:
+                exited = _exited(proc.pid)
+        sel.close()
+        if timed_out or overflow or lingered or not ns:
+            # without a PID namespace, anything the code started may still run: kill the group and
+            # (as root) every process of the run's uid; with one, killing PID 1 takes the namespace down
+            _kill_all(pgid, uid)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+        cpu_time = rusage.ru_utime + rusage.ru_stime
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        if proc is not None:
+            proc.stdout.close()
+            proc.stderr.close()
+            if proc.returncode is None:  # an exception on our side: leave nothing running
+                _kill_all(proc.pid, uid)
+                try:
+                    os.waitpid(proc.pid, 0)
+                except ChildProcessError:
+                    pass
+                proc.returncode = -signal.SIGKILL
+        shutil.rmtree(workdir, ignore_errors=True)
+        if uid >= 0:
+            _free_uid(uid)
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    if ns and returncode is not None:
+        returncode, stderr = _ns_exit(returncode, stderr)
+    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
+                               memory_mb, max_output)
+    return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
+
+
+_SIGNAL_NOTE = re.compile(r"\n?\x00sandbox: signal (\d+)\n$")
+_UNSHARE_SIGKILL = re.compile(r"\n?unshare: sigprocmask unblock failed: [^\n]*\n?$")
+
+
+def _ns_exit(rc, stderr):
+    """In a PID namespace the code's fate comes from our PID 1 (a note on stderr) or from unshare,
+    which cannot re-raise SIGKILL on itself and says so instead."""
+    m = _SIGNAL_NOTE.search(stderr)
+    if m and rc == 128 + int(m.group(1)):
+        return -int(m.group(1)), stderr[:m.start()]
+    m = _UNSHARE_SIGKILL.search(stderr)
+    if m and rc == 1:
+        return -signal.SIGKILL, stderr[:m.start()]
+    return rc, stderr
+
+
+def _classify(rc, stderr, timed_out, overflow, timeout, cpu_limit, cpu_time, memory_mb, max_output):
+    if timed_out:
+        return "timeout", f"wall-clock limit of {timeout:g} s exceeded"
+    if overflow:
+        return "output_limit", f"output exceeded {max_output} bytes"
+    last = _last_line(stderr)
+    if rc == 0:
+        return "ok", ""
+    if rc == _SETUP_FAILED and stderr.startswith("sandbox setup failed"):
+        return "setup_error", last
+    if last.startswith("MemoryError"):
+        return "memory", f"MemoryError (address-space limit {memory_mb} MB)"
+    if rc is not None and rc < 0:
+        sig = -rc
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_time >= cpu_limit - 0.5):
+            return "timeout", f"CPU time limit exceeded ({name}; the limit is {cpu_limit} s)"
+        if sig in (signal.SIGABRT, signal.SIGSEGV) and ("MemoryError" in stderr or "memory" in last.lower()):
+            return "memory", f"out of memory ({name}, address-space limit {memory_mb} MB)"
+        if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS):
+            return "crashed", f"crashed with {name}"
+        if sig == signal.SIGXFSZ:
+            return "error", "file size limit exceeded (SIGXFSZ)"
+        return "killed", f"killed by {name}"
+    return "error", last or f"exit code {rc}"
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool
+
+_MAX_INT_BITS = 10_000  # ~3,000 digits: below Python's 4,300-digit int->str limit, far above any answer
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+
+class _Unsupported(Exception):
+    """Not pure arithmetic: hand it to the sandbox."""
+
+
+def _arith(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _arith(node.operand)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.BinOp):
+        a, b = _arith(node.left), _arith(node.right)
+        if isinstance(node.op, ast.Pow):
+            if abs(b) > 1000 or (isinstance(a, int) and isinstance(b, int) and b > 0
+                                 and a.bit_length() * b > _MAX_INT_BITS):
+                raise ValueError("exponent too large")
+            v = a ** b
+        elif type(node.op) in _BINOPS:
+            v = _BINOPS[type(node.op)](a, b)
+        else:
+            raise _Unsupported
+        if isinstance(v, complex):
+            raise ValueError("complex result")
+        if isinstance(v, int) and v.bit_length() > _MAX_INT_BITS:
+            raise ValueError("result too large")
+        return v
+    raise _Unsupported
+
+
+def format_value(v) -> str:
+    """How tool results are shown to the model (training data must render them the same way):
+    ints as digits; floats with an integral value below 1e15 as ints ("10/5" -> "2"), other floats with
+    10 significant digits ("0.1+0.2" -> "0.3", "1/3" -> "0.3333333333"); str without quotes
+    ("'abc'.upper()" -> "ABC"); bool/None/containers as repr. Capped at 1,000 characters."""
+    if isinstance(v, bool) or v is None:
+        s = repr(v)
+    elif isinstance(v, int):
+        s = str(v)
+    elif isinstance(v, float):
+        if math.isfinite(v) and v.is_integer() and abs(v) < 1e15:
+            s = str(int(v))
+        else:
+            s = f"{v:.10g}"
+    elif isinstance(v, str):
+        s = v
+    else:
+        s = repr(v)
+    return s if len(s) <= 1000 else s[:1000] + "..."
+
+
+_EVAL_PROGRAM = """import sys
+v = eval(compile(sys.stdin.read(), "<expr>", "eval"), {})
+print(repr(v) if type(v) in (int, float, bool, str, list, tuple, dict, set, type(None)) else "\\x00" + repr(v), end="")
+"""
+
+
+def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
+    """Evaluate one Python expression for the chat tool and return its text (see format_value), or None
+    on any failure (syntax error, exception, not a single expression, too big, timeout). Pure arithmetic
+    (numbers, + - * / // % **, parentheses, unary signs) is evaluated in-process with the ast module in
+    microseconds; anything else ("'strawberry'.count('r')", "len('hello')") runs in run_python."""
+    if not isinstance(expr, str):
+        return None
+    expr = expr.strip()
+    if not expr or len(expr) > 2000:
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    try:
+        return format_value(_arith(tree.body))
+    except _Unsupported:
+        pass
+    except (ArithmeticError, ValueError, TypeError, RecursionError):
+        return None
+    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=256, max_output=16_000, stdin=expr)
+    if r.status != "ok":
+        return None
+    text = r.stdout
+    if text.startswith("\x00"):  # an object with no literal form: show its repr
+        return format_value(text[1:])
+    try:
+        return format_value(ast.literal_eval(text))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return format_value(text)
