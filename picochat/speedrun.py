@@ -1,0 +1,188 @@
+"""`picochat speedrun`: one command from nothing to a chat model, with a report card at the end.
+
+    data -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> RL -> chat eval -> report
+
+Each stage runs as its own `picochat <stage>` process (under torchrun when several GPUs are present), with
+its output in runs/<run>/logs/<stage>.log. A stage whose finished outputs exist is skipped; a stage that was
+cut off is resumed from its last checkpoint. So after a crash or a kill, the same command picks up where it
+stopped and ends with the same numbers.
+
+Presets pick the scale (default: from the hardware):
+  demo  no GPU: depth 4 on the synthetic curriculum (or --data), ~20-30 min on a 2-core CPU, offline
+  d12   1 GPU: GPT-1 size, ~1 h
+  d20   8 GPUs: the "$100" model (~560M params), ~4 h on 8xH100
+  gpt2  8 GPUs: depth 24, aims at GPT-2's CORE (0.2565)
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from picochat.common import UserError, home_dir, format_duration, atomic_write_json
+from picochat.pretrain import derive_hparams
+
+CHARS_PER_TOKEN = 4.8  # web text with a 32K vocab; sizes the download
+SHARD_CHARS = 250e6
+
+# Per preset: flags for each stage. Pretraining budgets for the GPU presets come from the depth rules.
+PRESETS = {
+    "demo": dict(
+        gpus=0, vocab=4096, tokenizer_chars=50_000_000,
+        pretrain=["--depth", "4", "--head-dim", "64", "--seq-len", "256", "--device-batch-size", "32",
+                  "--total-batch-size", "8192", "--num-iterations", "1200", "--matrix-lr", "0.06",
+                  "--embedding-lr", "0.6", "--unembedding-lr", "0.02", "--scalar-lr", "0.5", "--weight-decay", "0",
+                  "--warmup-steps", "20", "--eval-every", "200", "--eval-tokens", "131072", "--save-every", "100",
+                  "--log-every", "20"],
+        eval_base=["--max-per-task", "100"],
+        sft=["--mixture", "demo"],
+        rl=["--task", "demo"],
+        eval_chat=["-t", "demo", "--max-problems", "200"],
+    ),
+    "d12": dict(
+        gpus=1, depth=12, vocab=32768, tokenizer_chars=2_000_000_000,
+        pretrain=["--depth", "12", "--device-batch-size", "32", "--window-pattern", "SSSL", "--value-embeds",
+                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
+    ),
+    "d20": dict(
+        gpus=8, depth=20, vocab=32768, tokenizer_chars=2_000_000_000,
+        pretrain=["--depth", "20", "--device-batch-size", "32", "--window-pattern", "SSSL", "--value-embeds",
+                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
+    ),
+    "gpt2": dict(
+        gpus=8, depth=24, vocab=32768, tokenizer_chars=2_000_000_000,
+        pretrain=["--depth", "24", "--device-batch-size", "16", "--window-pattern", "SSSL", "--value-embeds",
+                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
+    ),
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("speedrun", help="the whole pipeline in one command, ending in a report card",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="", help="scale (default: from the hardware)")
+    p.add_argument("--run", default="", help="run name (default: the preset's name)")
+    p.add_argument("--data", default="", help="your own text (txt/jsonl/parquet files or a folder) instead of the "
+                                              "demo curriculum or the web download")
+    p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour for the cost estimate")
+    p.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
+    p.set_defaults(func=run)
+
+
+def pick_preset():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "demo" if n == 0 else "d12" if n < 8 else "d20"
+
+
+def stage_commands(preset, run_name, data_arg):
+    """[(stage name, argv for `picochat`, done-marker path, resumable)] in order."""
+    cfg = PRESETS[preset]
+    home = home_dir()
+    run_dir = home / "runs" / run_name
+    r = ["--run", run_name]
+    stages = []
+    if data_arg:
+        data = run_dir / "data"
+        stages.append(("data", ["data", "import", data_arg, "--out", str(data)],
+                       data / "_import_done", False))
+    elif preset == "demo":
+        data = home / "data" / "demo" / "pretrain"
+        stages.append(("data", ["data", "demo"], home / "data" / "demo" / "demo.json", False))
+    else:
+        data = home / "data" / "pretrain"
+        hp = derive_hparams(cfg["depth"], cfg["vocab"])
+        n_shards = math.ceil(hp["tokens"] * CHARS_PER_TOKEN / SHARD_CHARS) + 1
+        stages.append(("data", ["data", "download", "-n", str(n_shards)], home / "data" / f".download_{n_shards}_done", False))
+    stages += [
+        ("tokenizer", ["tokenizer", "train", *r, "--data", str(data), "--vocab-size", str(cfg["vocab"]),
+                       "--max-chars", str(cfg["tokenizer_chars"])], run_dir / "tokenizer" / "tokenizer.json", False),
+        ("pretrain", ["pretrain", *r, "--data", str(data), *cfg["pretrain"]], run_dir / "base" / "summary.json", True),
+        ("base eval", ["eval", "base", *r, "--data", str(data), *cfg["eval_base"]], run_dir / "base" / "eval_base.json", False),
+        ("sft", ["sft", *r, *cfg["sft"]], run_dir / "sft" / "summary.json", True),
+        ("sft eval", ["eval", "chat", *r, "--stage", "sft", *cfg["eval_chat"]], run_dir / "sft" / "eval_chat.json", False),
+        ("rl", ["rl", *r, *cfg["rl"]], run_dir / "rl" / "summary.json", True),
+        ("rl eval", ["eval", "chat", *r, "--stage", "rl", *cfg["eval_chat"]], run_dir / "rl" / "eval_chat.json", False),
+        ("report", ["report", *r], None, False),
+    ]
+    return stages
+
+
+def run(args):
+    preset = args.preset or pick_preset()
+    cfg = PRESETS[preset]
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg["gpus"] > n_gpus:
+        raise UserError(f"preset {preset} expects {cfg['gpus']} GPU(s) but {n_gpus} are visible: pick --preset "
+                        f"{pick_preset()} or run on a machine with more GPUs")
+    if args.data and not Path(args.data).expanduser().exists():
+        raise UserError(f"--data {args.data} does not exist")
+    run_name = args.run or preset
+    run_dir = home_dir() / "runs" / run_name
+    logs = run_dir / "logs"
+    stages = stage_commands(preset, run_name, args.data)
+    local = launcher = [sys.executable, "-m", "picochat"]
+    if n_gpus > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
+                    "-m", "picochat"]
+    distributed = {"pretrain", "base eval", "sft", "sft eval", "rl", "rl eval"}
+    print(f"picochat speedrun: preset {preset}, run {run_name}, {n_gpus} GPU(s), outputs in {run_dir}", flush=True)
+    if args.dry_run:
+        for name, argv, _, _ in stages:
+            print(" ".join((launcher if name in distributed else local) + argv))
+        return 0
+    logs.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "speedrun.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    t_start = time.time()
+    for name, argv, marker, resumable in stages:
+        if marker is not None and marker.exists():
+            print(f"[{name}] done already ({marker.name} exists): skipped", flush=True)
+            continue
+        cmd = (launcher if name in distributed else local) + argv
+        if resumable:
+            cmd.append("--resume")  # a no-op when nothing was checkpointed yet
+        print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        code = tee(cmd, logs / f"{name.replace(' ', '_')}.log")
+        if code != 0:
+            raise UserError(f"stage '{name}' failed (exit {code}); see {logs / (name.replace(' ', '_') + '.log')}. "
+                            f"Fix the cause and run the same command again: finished stages are skipped")
+        if name == "data" and marker.name.startswith(("_import", ".download")):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("ok\n")
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        atomic_write_json(timings_path, timings)
+        print(f"[{name}] finished in {format_duration(time.time() - t0)}", flush=True)
+    total = sum(timings.values())
+    gpu_hours = max(1, n_gpus) * total / 3600 if n_gpus else 0.0
+    print(f"\nspeedrun finished: {format_duration(total)} of stage time"
+          f"{f', about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour' if n_gpus else ' on CPU (no GPU cost)'}")
+    print(f"report card: {run_dir / 'report' / 'report.md'}")
+    print(f"talk to it:  picochat chat --run {run_name}")
+    print(f"in a browser: picochat serve --run {run_name}   (then open http://127.0.0.1:8000)")
+    return 0
+
+
+def tee(cmd, log_path):
+    """Run cmd, streaming its output to the terminal and appending it to log_path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
