@@ -2,6 +2,7 @@
 import os
 import sys
 import json
+import time
 import tempfile
 from pathlib import Path
 
@@ -45,9 +46,14 @@ def init_runtime(device_type: str = ""):
     device_type = device_type or autodetect_device()
     ddp, rank, local_rank, world = dist_info()
     if device_type == "cuda":
-        if ddp and local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                            f"lower --nproc_per_node")
+        if not torch.cuda.is_available():
+            raise_on_rank0(UserError("--device cuda but no CUDA GPU is visible: drop --device or use --device cpu"))
+        # every rank of a node checks the node's count before any rank joins the group, so a bad
+        # --nproc_per_node fails on all of them at once instead of leaving some waiting in the rendezvous
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)) if ddp else 1
+        if per_node > torch.cuda.device_count():
+            raise_on_rank0(UserError(f"{per_node} processes per node but only {torch.cuda.device_count()} GPUs "
+                                     f"are visible: lower --nproc_per_node to {torch.cuda.device_count()}"))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -58,6 +64,17 @@ def init_runtime(device_type: str = ""):
         backend = "nccl" if device_type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
     return ddp, rank, local_rank, world, device
+
+
+def raise_on_rank0(error: UserError, wait: float = 20.0):
+    """For an error that every rank detects alike (bad flags, a bad checkpoint): rank 0 raises it, so the
+    CLI prints one line; the other ranks wait quietly, because torchrun stops them as soon as rank 0 exits.
+    A rank still alive after `wait` seconds saw an error rank 0 did not, and raises it with its rank."""
+    rank = dist_info()[1]
+    if rank == 0:
+        raise error
+    time.sleep(wait)
+    raise UserError(f"[rank {rank}] {error}")
 
 
 def print0(*args, **kwargs):
@@ -116,17 +133,37 @@ def fail(msg: str, code: int = 2):
     sys.exit(code)
 
 
-# dense bf16 tensor-core peaks (FLOP/s) by device name, for MFU on GPUs
+# Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s with fp32 accumulation (what a bf16 matmul in
+# PyTorch uses; GeForce cards run it at half their fp16-accumulate rate), from NVIDIA's datasheets. The name
+# is matched as a substring of torch.cuda.get_device_name(), longest key first ("H100 PCIe" before "H100").
 GPU_PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "RTX 5090": 209e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12,
+    "B200": 2250e12, "B100": 1750e12, "H200": 989e12, "H200 NVL": 836e12, "GH200": 989e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12,
+    "A100": 312e12, "A800": 312e12, "A40": 149.7e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "RTX 5090": 209.5e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12, "RTX A6000": 154.8e12,
+    "RTX 6000 Ada": 364.2e12,
+    "A10G": None,  # AWS's A10 variant: no published figure, so it is measured like any unknown GPU
 }
+# fp32 peaks (TF32 tensor cores where they exist: half the bf16 rate) differ from bf16/2 only on cards
+# without bf16 and TF32, which then compute in plain fp32
+GPU_PEAK_FLOPS_FP32 = {"V100": 15.7e12, "T4": 8.1e12}
+
+
+def gpu_peak_flops(name: str, dtype=torch.bfloat16):
+    """Peak FLOP/s of a GPU from its name, or None when it is not in the tables."""
+    if dtype != torch.bfloat16:
+        for key in sorted(GPU_PEAK_FLOPS_FP32, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_FLOPS_FP32[key]
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key in name:
+            flops = GPU_PEAK_FLOPS[key]
+            return flops if flops is None or dtype == torch.bfloat16 else flops / 2
+    return None
 
 
 def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
     """Achievable matmul FLOP/s on this device and dtype, measured (the honest MFU denominator on CPUs)."""
-    import time
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -145,11 +182,8 @@ def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
 def peak_flops(device, dtype=torch.float32):
     """Peak FLOP/s for MFU: a table for known GPUs, a measured matmul peak elsewhere (cached per machine)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2
-        return measure_matmul_flops(device, dtype, n=4096)
+        flops = gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+        return flops if flops is not None else measure_matmul_flops(device, dtype, n=4096)
     cache = home_dir() / f"matmul_peak_{device.type}_{str(dtype).split('.')[-1]}_{torch.get_num_threads()}t.json"
     try:
         return json.loads(cache.read_text())["flops"]

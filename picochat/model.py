@@ -95,6 +95,21 @@ class KVCache:
         self.lens = self.lens.expand(n).contiguous()
 
 
+def attention(q, k, v, window):
+    """Causal self-attention over (B, T, H, D) tensors, limited to the last `window` positions when set.
+    fastpath.use_fast_attention replaces this function with FlashAttention-3 where it runs."""
+    T = q.shape[1]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or window >= T:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -119,13 +134,7 @@ class Attention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         gqa = self.n_head != self.n_kv_head
         if kv_cache is None:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if window is None or window >= T:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            else:
-                i = torch.arange(T, device=x.device)
-                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attention(q, k, v, window).transpose(1, 2)  # a module global: fastpath may swap it
         else:
             rows = torch.arange(B, device=x.device)[:, None]
             kc, vc = kv_cache.k[self.layer], kv_cache.v[self.layer]

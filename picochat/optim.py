@@ -4,10 +4,14 @@ Muon: Nesterov momentum, then the update is orthogonalized (its singular values 
 quintic Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with weight decay applied only where
 the update and the weight agree in sign ("cautious" decay).
 
-Distributed (ZeRO-1 style): every parameter has one owner rank (round robin in a fixed order). In step(),
-each gradient is reduced onto its owner, the owner alone keeps that parameter's optimizer state and computes
-the update, then broadcasts the new values. So the state is sharded by parameter, and a checkpoint is one
-state file per rank that any other number of ranks can re-shard on load.
+Distributed (ZeRO-1 style): every parameter has one owner rank. In step(), each gradient is reduced onto
+its owner (all reductions launched at once, asynchronously, in the order the owners then work through
+them, so the first updates start while later gradients are still in flight), the owner alone keeps that
+parameter's optimizer state and computes the update, then broadcasts the new values (again all async).
+Owners are assigned greedily by estimated update cost, so ranks finish their share at about the same
+time. The state is sharded by parameter, and a checkpoint is one state file per rank that any other number
+of ranks can re-shard on load. Per step every rank moves about 2x the parameter bytes, like a
+reduce-scatter + all-gather, without padding or flattening copies.
 """
 import torch
 import torch.distributed as dist
@@ -33,6 +37,37 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     return X
 
 
+def muon_update(params, grads, bufs, lr, wd, momentum, ns_steps: int, ns_dtype):
+    """One Muon step for a list of same-shape matrices, in place. lr, wd and momentum are 0-d tensors, so a
+    compiled version of this function is reused as they change along the schedule."""
+    stacked = []
+    for g, buf in zip(grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+        stacked.append(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
+    G = torch.stack(stacked)
+    U = orthogonalize(G, ns_steps, ns_dtype).to(G.dtype)
+    rows, cols = G.shape[-2:]
+    U = U * max(1.0, rows / cols) ** 0.5
+    for p, u in zip(params, U.unbind(0)):
+        # cautious weight decay: only where the update and the weight agree in sign
+        p.sub_(p * ((u * p) > 0) * (lr * wd) + u * lr)
+
+
+def assign_owners(param_groups, world):
+    """{param: rank}: largest estimated update cost first, each to the least loaded rank (ties: the lowest
+    rank), the same on every rank. Newton-Schulz costs ~30 x min(rows, cols) FLOPs per element; an
+    elementwise update counts as a few thousand (it is memory-bound)."""
+    params = [(p, g["kind"]) for g in param_groups for p in g["params"]]
+    cost = [p.numel() * ((30 * min(p.shape[-2:]) if kind == "muon" and p.ndim >= 2 else 0) + 4000)
+            for p, kind in params]
+    load, owner = [0] * world, {}
+    for i in sorted(range(len(params)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[params[i][0]] = r
+        load[r] += cost[i]
+    return owner
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups carry kind="muon" or kind="adamw". Muon groups: lr, momentum, weight_decay, ns_steps.
     AdamW groups: lr, betas, eps, weight_decay (decoupled, exactly torch.optim.AdamW's update)."""
@@ -47,7 +82,26 @@ class MuonAdamW(torch.optim.Optimizer):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.all_params = [p for g in self.param_groups for p in g["params"]]
-        self.owner = {p: i % self.world for i, p in enumerate(self.all_params)}
+        self.owner = assign_owners(self.param_groups, self.world)
+        # the units of work in a fixed order (the same on every rank): AdamW parameters one by one, Muon
+        # parameters batched by (owner, shape) so an owner orthogonalizes its same-shape matrices together
+        self.units = []
+        for gi, group in enumerate(self.param_groups):
+            if group["kind"] == "adamw":
+                self.units += [(gi, [p]) for p in group["params"]]
+            else:
+                batches = {}
+                for p in group["params"]:
+                    batches.setdefault((self.owner[p], tuple(p.shape)), []).append(p)
+                self.units += [(gi, ps) for ps in batches.values()]
+        self._muon_update = muon_update
+        self._hyper = {}
+
+    def compile(self):
+        """torch.compile the Muon update (momentum, Newton-Schulz, scaling, decay, update: one fused graph
+        per matrix shape); AdamW stays eager: it is elementwise and a small share of the step."""
+        self._muon_update = torch.compile(muon_update, dynamic=False)
+        return self
 
     def _ns_dtype(self, device):
         # bf16 Newton-Schulz on GPUs; on CPUs without bf16 units that would be ~100x slower than fp32
@@ -56,30 +110,51 @@ class MuonAdamW(torch.optim.Optimizer):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
 
     @torch.no_grad()
+    def init_state(self):
+        """Allocate the state of the parameters this rank owns now rather than at the first step (the
+        same zeros): so a memory probe sees the optimizer's share of memory."""
+        for gi, ps in self.units:
+            for p in ps:
+                if self.owner[p] == self.rank and not self.state[p]:
+                    self._new_state(p, self.param_groups[gi])
+
+    def _new_state(self, p, group):
+        if group["kind"] == "adamw":
+            self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        else:
+            self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+
+    @torch.no_grad()
     def step(self):
-        if self.world > 1:
-            self._reduce_grads()
-        for group in self.param_groups:
-            mine = [p for p in group["params"] if self.owner[p] == self.rank and p.grad is not None]
+        reduces = self._launch_reduces() if self.world > 1 else {}
+        for gi, ps in self.units:
+            if self.owner[ps[0]] != self.rank:
+                continue
+            for p in ps:
+                if p in reduces:
+                    reduces[p].wait()
+                    p.grad.div_(self.world)
+            ps = [p for p in ps if p.grad is not None]
+            if not ps:
+                continue
+            group = self.param_groups[gi]
+            for p in ps:
+                if not self.state[p]:
+                    self._new_state(p, group)
             if group["kind"] == "adamw":
-                for p in mine:
-                    self._adamw(p, group)
+                self._adamw(ps[0], group)
             else:
-                # same-shape matrices are orthogonalized together in one batched Newton-Schulz
-                by_shape = {}
-                for p in mine:
-                    by_shape.setdefault(p.shape, []).append(p)
-                for ps in by_shape.values():
-                    self._muon(ps, group)
+                self._muon(ps, group)
         if self.world > 1:
-            self._broadcast_params()
+            for w in reduces.values():  # the sends of non-owned gradients must finish before they are freed
+                w.wait()
+            works = [dist.broadcast(p, src=self.owner[p], async_op=True) for _, ps in self.units for p in ps
+                     if p in reduces]
+            for w in works:
+                w.wait()
 
     def _adamw(self, p, group):
         state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         g = p.grad
@@ -92,41 +167,27 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
 
     def _muon(self, ps, group):
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = []
-        for p in ps:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mom)
-            grads.append(p.grad.lerp(buf, mom))  # Nesterov: look ahead along the momentum
-        G = torch.stack(grads)
-        U = orthogonalize(G, group["ns_steps"], self._ns_dtype(G.device)).to(G.dtype)
-        rows, cols = G.shape[-2:]
-        U *= max(1.0, rows / cols) ** 0.5
-        for p, u in zip(ps, U):
-            if wd:
-                agree = (u * p) > 0
-                p.sub_(p * agree, alpha=lr * wd)
-            p.sub_(u, alpha=lr)
+        dev = ps[0].device
+        # device-resident 0-d tensors refilled in place: no host-to-device copy, no recompilation
+        hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(3)])
+        for t, k in zip(hyper, ("lr", "weight_decay", "momentum")):
+            t.fill_(group[k])
+        self._muon_update(ps, [p.grad for p in ps], [self.state[p]["momentum_buffer"] for p in ps], *hyper,
+                          group["ns_steps"], self._ns_dtype(dev))
 
-    def _reduce_grads(self):
-        works = []
-        for p in self.all_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            works.append(dist.reduce(p.grad, dst=self.owner[p], op=dist.ReduceOp.SUM, async_op=True))
-        for w in works:
-            w.wait()
-        for p in self.all_params:
-            if self.owner[p] == self.rank:
-                p.grad.div_(self.world)
-
-    def _broadcast_params(self):
-        works = [dist.broadcast(p, src=self.owner[p], async_op=True) for p in self.all_params]
-        for w in works:
-            w.wait()
+    def _launch_reduces(self):
+        params = [p for _, ps in self.units for p in ps]
+        # a parameter that no rank has a gradient for is left alone (as one process would skip it, state
+        # included); one that only some ranks have a gradient for counts as zero on the others
+        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        works = {}
+        for p, h in zip(params, has.tolist()):
+            if h:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                works[p] = dist.reduce(p.grad, dst=self.owner[p], op=dist.ReduceOp.SUM, async_op=True)
+        return works
 
     # ---- checkpointing: state keyed by the parameter's global index, so any rank count can load it ----
     def shard_state(self):

@@ -3,6 +3,11 @@
 One dial, --depth, sets the model and (unless given) the token budget, batch size, learning rates and
 weight decay; all derived values are printed at start. Checkpoints are written atomically and --resume
 continues exactly: same batches, same optimizer state, bit-identical losses (fp32).
+
+Several GPUs or nodes: run it under torchrun (see README, "Multi-GPU and multi-node"). Each optimizer step
+is S = total batch / (device batch x seq len) micro-batches, split across W ranks x S/W accumulation
+steps; micro-batch k always comes from data stream k, so the data does not depend on the split: a
+checkpoint written by W ranks resumes exactly on any W' that divides S, a single process included.
 """
 import argparse
 import json
@@ -14,10 +19,11 @@ from pathlib import Path
 import torch
 
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
-                             format_duration, atomic_write_json, dist_info)
+                             format_duration, atomic_write_json, atomic_write_bytes, raise_on_rank0)
 from picochat.model import GPT, GPTConfig, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum
-from picochat.loader import PretrainLoader, split_shards
+from picochat.loader import StepLoader, fixed_batches, split_shards
+from picochat import fastpath
 from picochat.tokenizer import Tokenizer
 from picochat.evaluate import bits_per_byte
 from picochat import checkpoint
@@ -65,7 +71,9 @@ def add_parser(sub):
     g = p.add_argument_group("budget and batch")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
-    g.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    g.add_argument("--device-batch-size", type=batch_size_arg, default="auto",
+                   help="rows per micro-batch per rank, or auto: on a GPU the largest that fits (probed with a real "
+                        "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up the rest")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derived from depth)")
     g = p.add_argument_group("optimization")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
@@ -86,18 +94,44 @@ def add_parser(sub):
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="", help="cuda, cpu or mps (default: best available)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model and the optimizer's Muon update (minutes of compilation first)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
+    g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
+                   help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); use with --compile")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
+def batch_size_arg(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
+
+
 def run(args):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
+    try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
+        setup = _setup(args, ddp, rank, world, device)
+    except UserError as e:
+        raise_on_rank0(e)
+    return _train(args, setup, ddp, rank, world, device)
+
+
+def _setup(args, ddp, rank, world, device):
     run_dir = home_dir() / "runs" / args.run
     out = Path(args.out) if args.out else run_dir / "base"
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer")
     train_files, val_files = split_shards(data)
+    if args.seq_len < 2:
+        raise UserError("--seq-len must be >= 2")
+    if isinstance(args.device_batch_size, int) and args.device_batch_size < 1:
+        raise UserError("--device-batch-size must be >= 1 (or auto)")
 
     dtype = compute_dtype(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
@@ -110,73 +144,116 @@ def run(args):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights(seed=args.seed)
+    # fast paths that change modules come before the optimizer collects the parameters
+    if args.fp8:
+        fastpath.enable_fp8(model, device)
+        if not args.compile:
+            print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
+    if args.activation_checkpointing:
+        fastpath.checkpoint_blocks(model)
+    attention = fastpath.use_fast_attention(device)
 
-    hp = derive_hparams(args.depth, tokenizer.vocab_size, args.target_param_data_ratio, args.aspect_ratio, args.head_dim)
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else hp["total_batch_size"]
-    tokens_per_micro = args.device_batch_size * args.seq_len * world
-    if args.device_batch_size < 1 or args.seq_len < 2:
-        raise UserError("--device-batch-size must be >= 1 and --seq-len >= 2")
-    if total_batch % tokens_per_micro:
-        raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x ranks = "
-                        f"{args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro}: change one of them")
-    grad_accum = total_batch // tokens_per_micro
-    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, hp["tokens"] // total_batch)
-    lr_scale = math.sqrt(total_batch / 2 ** 19)
-    # the rule's weight decay with the batch actually used
-    wd = args.weight_decay if args.weight_decay >= 0 else hp["weight_decay"] * lr_scale / hp["lr_scale"]
-    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-                                unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
-                                weight_decay=wd)
-    print0(describe(model))
-    print0(f"budget: {num_steps} steps x {total_batch:,} tokens = {num_steps * total_batch:,} tokens "
-           f"({num_steps * total_batch / model.num_scaling_params():.1f} per scaling param; rule: {hp['tokens']:,}) | "
-           f"micro-batch {args.device_batch_size}x{args.seq_len} x {world} ranks x {grad_accum} accumulation steps")
-    print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
-           f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
-           f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile {args.compile}")
-
-    loader = PretrainLoader(train_files, tokenizer, args.device_batch_size, args.seq_len, rank, world, device=device)
-    start_step, metrics_path = 0, out / "metrics.jsonl"
+    meta = None
     if args.resume and checkpoint.latest_step(out) is not None:
         meta = checkpoint.read_meta(out)
         if meta["tokenizer_hash"] != tokenizer.hash:
             raise UserError(f"checkpoint in {out} was trained with another tokenizer; use a new --run or --out")
         if meta["config"] != checkpoint.config_to_dict(config):
             raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); resume with the same flags")
-        model.load_state_dict(checkpoint.load_weights(out, meta["step"]))
-        state = checkpoint.load_rank_shards(out, meta, optimizer)
-        if state is not None:
-            loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng"])
+
+    hp = derive_hparams(args.depth, tokenizer.vocab_size, args.target_param_data_ratio, args.aspect_ratio, args.head_dim)
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else hp["total_batch_size"]
+    if total_batch % (args.seq_len * world):
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of seq len x ranks = {args.seq_len} x "
+                        f"{world} = {args.seq_len * world}: change one of them")
+    lr_scale = math.sqrt(total_batch / 2 ** 19)
+    # the rule's weight decay with the batch actually used
+    wd = args.weight_decay if args.weight_decay >= 0 else hp["weight_decay"] * lr_scale / hp["lr_scale"]
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
+                                weight_decay=wd)
+    if args.compile:
+        optimizer.compile()
+
+    rows_per_rank = total_batch // (args.seq_len * world)
+    if args.device_batch_size == "auto":
+        prefer = meta.get("device_batch_size") if meta else None  # the same split resumes the data exactly
+        B, how = fastpath.find_device_batch_size(model, optimizer, args.seq_len, rows_per_rank, device, autocast, prefer)
+    else:
+        B, how = args.device_batch_size, "given"
+    tokens_per_micro = B * args.seq_len * world
+    if total_batch % tokens_per_micro:
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x ranks = "
+                        f"{B} x {args.seq_len} x {world} = {tokens_per_micro}: change one of them")
+    num_streams = total_batch // (B * args.seq_len)
+    grad_accum = num_streams // world
+    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, hp["tokens"] // total_batch)
+    print0(describe(model))
+    print0(f"budget: {num_steps} steps x {total_batch:,} tokens = {num_steps * total_batch:,} tokens "
+           f"({num_steps * total_batch / model.num_scaling_params():.1f} per scaling param; rule: {hp['tokens']:,}) | "
+           f"micro-batch {B}x{args.seq_len} ({how}) x {world} ranks x {grad_accum} accumulation steps")
+    print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
+           f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
+           f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
+           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing {args.activation_checkpointing}")
+
+    loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
+    start_step = 0
+    if meta is not None:
+        step = meta["step"]
+        model.load_state_dict(checkpoint.load_weights(out, step))
+        checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
+        # stream s was served by rank s % W_then: read just the state files of those ranks
+        saved_world = meta["world_size"]
+        owners = sorted({s % saved_world for s in loader.ids})
+        states = [checkpoint.load_torch(out / f"state_{step:06d}_rank{r}.pt") for r in owners]
+        if loader.load_state_dicts([st["loader"] for st in states]):
+            if saved_world == world:
+                torch.set_rng_state(states[0]["rng"])
+            elif rank == 0:
+                print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly", flush=True)
         else:
-            print0(f"warning: checkpoint was written by {meta['world_size']} ranks, now {world}: weights and "
-                   f"optimizer restored, the data order restarts")
-        start_step = meta["step"]
+            print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
+                   f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {B}: weights and optimizer "
+                   f"restored, the data order restarts (resume with --device-batch-size "
+                   f"{meta.get('device_batch_size', '?')} to continue it exactly)")
+        start_step = step
         print0(f"resumed from step {start_step} in {out}")
     elif args.resume:
         print0(f"no checkpoint in {out}: starting from scratch")
+    return dict(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
+                model=model, optimizer=optimizer, loader=loader, B=B, num_streams=num_streams, grad_accum=grad_accum,
+                total_batch=total_batch, num_steps=num_steps, start_step=start_step)
+
+
+def _train(args, st, ddp, rank, world, device):
+    out, tokenizer, model, optimizer, loader = st["out"], st["tokenizer"], st["model"], st["optimizer"], st["loader"]
+    dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
+    total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
+    metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start_step)
+    if ddp:  # every rank starts from rank 0's weights, however they were made
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, src=0)
 
     model.train()
     fwd = torch.compile(model, dynamic=False) if args.compile else model
+    if args.compile and hasattr(model, "compile_loss"):
+        model.compile_loss()  # the chunked loss runs outside the model's graph: compile its kernel on its own
     flops_per_step = model.flops_per_token() * total_batch
     peak = peak_flops(device, dtype) * world
     token_bytes = tokenizer.token_bytes()
+    val_batches = []  # built once: the first eval_tokens of the validation shard, the same on any rank count
 
     def evaluate(step):
+        if not val_batches:
+            val_batches.extend(fixed_batches(st["val_files"], tokenizer, B, args.seq_len,
+                                             max(1, args.eval_tokens // (B * args.seq_len))))
         model.eval()
-        n_batches = max(1, args.eval_tokens // (args.device_batch_size * args.seq_len * world))
-        val = PretrainLoader(val_files, tokenizer, args.device_batch_size, args.seq_len, rank, world, device=device, loop=False)
-
-        def batches():
-            for _ in range(n_batches):
-                try:
-                    yield val.next_batch()
-                except StopIteration:
-                    return
-        bpb = bits_per_byte(fwd, batches(), token_bytes, autocast if dtype != torch.float32 else None)
+        mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
+        bpb = bits_per_byte(fwd, mine, token_bytes, autocast if dtype != torch.float32 else None)
         model.train()
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
         log({"step": step, "val_bpb": bpb})
@@ -210,16 +287,12 @@ def run(args):
                 loss = fwd(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-        optimizer.step()
+        optimizer.step()  # averages the gradients across ranks, then updates (sharded, see optim.py)
         model.zero_grad(set_to_none=True)
         if ddp:
-            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG if device.type == "cuda"
-                                         else torch.distributed.ReduceOp.SUM)
-            if device.type != "cuda":
-                loss_sum /= world
+            torch.distributed.all_reduce(loss_sum)  # SUM: gloo has no AVG
+            loss_sum /= world
         loss_val = (loss_sum / grad_accum).item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         step += 1
         if step > start_step + 1:  # the first step pays for compilation and warm-up
@@ -235,14 +308,18 @@ def run(args):
                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | {dt * 1000:.0f} ms | "
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
         if step % args.save_every == 0 or step == num_steps:
-            save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=args.keep)
+            save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=args.keep,
+                 extra={"device_batch_size": B, "num_streams": st["num_streams"]})
 
     if rank == 0:
         summary = {"stage": "base", "step": num_steps, "val_bpb": val_bpb, "num_params": model.num_params(),
                    "scaling_params": model.num_scaling_params(), "tokens": num_steps * total_batch,
                    "train_seconds": t_train, "tokens_per_sec": tokens_seen / t_train if t_train else None,
-                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(config),
-                   "device": str(device), "world_size": world, "args": vars_json(args)}
+                   "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
+                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st["config"]),
+                   "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
+                   "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+                   "args": vars_json(args)}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {num_steps} steps, validation bpb {val_bpb:.4f}, checkpoint in {out}")
     if ddp:
@@ -250,10 +327,10 @@ def run(args):
     return 0
 
 
-def save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=2):
+def save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=2, extra=None):
     checkpoint.save_checkpoint(out, step, model, optimizer,
                                rank_state={"loader": loader.state_dict(), "rng": torch.get_rng_state()},
-                               meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args)},
+                               meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args), **(extra or {})},
                                tokenizer=tokenizer, keep=keep)
 
 
@@ -262,13 +339,15 @@ def vars_json(args):
 
 
 def _truncate_metrics(path, step):
-    """On resume, drop log lines past the checkpoint so the curve has no duplicates."""
+    """On resume, drop log lines past the checkpoint so the curve has no duplicates. The evaluation at the
+    checkpoint's own step is dropped too: the resumed run evaluates there again before training on."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    keep = [r for r in records if r.get("step", 0) < step or (r.get("step", 0) == step and "val_bpb" not in r)]
     if step == 0:
         keep = []
-    path.write_text("".join(l + "\n" for l in keep))
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "2 + 3 =", "The opposite of hot is"]

@@ -26,6 +26,7 @@ import torch
 
 from picochat.common import UserError, home_dir, format_duration, atomic_write_json
 from picochat.pretrain import derive_hparams
+from picochat.launch import torchrun_command
 
 CHARS_PER_TOKEN = 4.8  # web text with a 32K vocab; sizes the download
 SHARD_CHARS = 250e6
@@ -128,15 +129,11 @@ def run(args):
     run_dir = home_dir() / "runs" / run_name
     logs = run_dir / "logs"
     stages = stage_commands(preset, run_name, args.data)
-    local = launcher = [sys.executable, "-m", "picochat"]
-    if n_gpus > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
-                    "-m", "picochat"]
     distributed = {"pretrain", "base eval", "sft", "sft eval", "rl", "rl eval"}
     print(f"picochat speedrun: preset {preset}, run {run_name}, {n_gpus} GPU(s), outputs in {run_dir}", flush=True)
     if args.dry_run:
         for name, argv, _, _ in stages:
-            print(" ".join((launcher if name in distributed else local) + argv))
+            print(" ".join(command(name in distributed, argv, n_gpus)))
         return 0
     logs.mkdir(parents=True, exist_ok=True)
     timings_path = run_dir / "speedrun.json"
@@ -146,7 +143,7 @@ def run(args):
         if marker is not None and marker.exists():
             print(f"[{name}] done already ({marker.name} exists): skipped", flush=True)
             continue
-        cmd = (launcher if name in distributed else local) + argv
+        cmd = command(name in distributed, argv, n_gpus)
         if resumable:
             cmd.append("--resume")  # a no-op when nothing was checkpointed yet
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
@@ -169,6 +166,12 @@ def run(args):
     print(f"talk to it:  picochat chat --run {run_name}")
     print(f"in a browser: picochat serve --run {run_name}   (then open http://127.0.0.1:8000)")
     return 0
+
+
+def command(distributed, argv, n_gpus):
+    if distributed and n_gpus > 1:
+        return torchrun_command(argv, n_gpus)
+    return [sys.executable, "-m", "picochat", *argv]
 
 
 def tee(cmd, log_path):

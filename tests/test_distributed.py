@@ -1,0 +1,406 @@
+"""Data parallel training on the CPU (gloo), and the GPU fast paths that can be exercised without a GPU.
+
+The torchrun runs go through `python -m torch.distributed.run ... -m picochat.launch -- <command>`, which is
+what picochat.launch builds for the speedrun (the `--` keeps torchrun's parser off our --run)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from picochat import fastpath, launch
+from picochat.cli import main
+from picochat.common import UserError, init_runtime
+from picochat.model import GPT, GPTConfig
+from picochat.optim import MuonAdamW, assign_owners, build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--depth", "2", "--head-dim", "32", "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
+        "--eval-tokens", "2048", "--log-every", "5", "--matrix-lr", "0.3", "--embedding-lr", "3", "--unembedding-lr", "0.1"]
+STEPS = ["--num-iterations", "20", "--eval-every", "10", "--save-every", "10", "--keep", "3"]
+
+
+def picochat(home, *args, nproc=1, timeout=300):
+    env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
+    if nproc > 1:
+        cmd = launch.torchrun_command(list(args), nproc)
+    else:
+        cmd = [sys.executable, "-m", "picochat", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def with_flag(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def records(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(folder):
+    return [(r["step"], "loss" if "loss" in r else "val_bpb", r.get("loss", r.get("val_bpb"))) for r in records(folder)]
+
+
+def assert_same_curve(a, b, rtol=1e-5):
+    ca, cb = curve(a), curve(b)
+    assert [c[:2] for c in ca] == [c[:2] for c in cb]
+    for (step, kind, x), (_, _, y) in zip(ca, cb):
+        assert abs(x - y) <= rtol * abs(x), (step, kind, x, y)
+
+
+def checkpoint_copy(src, dst, step):
+    """A folder holding only checkpoint `step` of src, with the metrics up to it (as if killed right after)."""
+    dst.mkdir(parents=True)
+    for f in src.glob(f"*_{step:06d}*"):
+        shutil.copy2(f, dst / f.name)
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    keep = [line for line in (src / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, webtext_tokenizer, shared_data):
+    """The same 20 steps twice: 2 ranks x 1 micro-batch, and 1 process x 2 accumulated micro-batches."""
+    root = tmp_path_factory.mktemp("dist")
+    home = root / "home"
+    shutil.copytree(webtext_tokenizer, home / "runs" / "t" / "tokenizer")
+    data = str(shared_data / "webtext" / "shards")
+    common = ["pretrain", "--run", "t", "--data", data, *TINY, *STEPS]
+    two = picochat(home, *common, "--out", str(root / "two"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = picochat(home, *common, "--out", str(root / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    return dict(root=root, home=home, data=data, common=common, two=root / "two", one=root / "one", stdout2=two.stdout)
+
+
+def test_two_ranks_equal_one_process_with_accumulation(runs):
+    assert "x 2 ranks x 1 accumulation steps" in runs["stdout2"]
+    assert len([r for r in records(runs["two"]) if "loss" in r]) == 20
+    assert_same_curve(runs["one"], runs["two"])
+    a, b = load_file(runs["one"] / "model_000020.safetensors"), load_file(runs["two"] / "model_000020.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # only rank 0 writes the logs, summary and meta; each rank writes its own optimizer and loader shard
+    meta = json.loads((runs["two"] / "meta_000020.json").read_text())
+    assert meta["world_size"] == 2 and meta["num_streams"] == 2
+    assert {f"optim_000020_rank{r}.pt" for r in (0, 1)} <= set(meta["files"])
+    assert json.loads((runs["two"] / "summary.json").read_text())["world_size"] == 2
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
+    out = checkpoint_copy(runs["two"], tmp_path / "resumed", 10)
+    r = picochat(runs["home"], *runs["common"], "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming 2-rank checkpoint on 1 rank(s): data order continues exactly" in r.stdout
+    assert_same_curve(out, runs["two"])
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(runs, tmp_path):
+    out = checkpoint_copy(runs["one"], tmp_path / "resumed", 10)
+    r = picochat(runs["home"], *runs["common"], "--out", str(out), "--resume", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_curve(out, runs["one"])
+
+
+def test_other_micro_batch_restarts_the_data_with_a_warning(runs, tmp_path):
+    out = checkpoint_copy(runs["one"], tmp_path / "resumed", 10)
+    args = with_flag(with_flag(runs["common"], "--device-batch-size", "8"), "--num-iterations", "12")
+    r = picochat(runs["home"], *args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the data order restarts" in r.stdout and "--device-batch-size 4" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def sft_runs(runs):
+    """SFT from the base model above, 4 steps: 2 ranks x 1 micro-batch against 1 process x 2."""
+    convs = runs["root"] / "convs.jsonl"
+    convs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+                             for i in range(40)))
+    common = ["sft", "--run", "t", "--base", str(runs["one"]), "--mixture", "full", "--data-jsonl", str(convs),
+              "--seq-len", "64", "--device-batch-size", "2", "--num-iterations", "4", "--eval-every", "0",
+              "--save-every", "2", "--keep", "3"]
+    root = runs["root"]
+    two = picochat(runs["home"], *common, "--grad-accum", "1", "--out", str(root / "sft_two"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = picochat(runs["home"], *common, "--grad-accum", "2", "--out", str(root / "sft_one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    return dict(common=common, two=root / "sft_two", one=root / "sft_one")
+
+
+def losses(folder):
+    return [(r["step"], r["loss"]) for r in records(folder) if "loss" in r]
+
+
+def assert_same_losses(a, b, rtol=1e-5):
+    la, lb = losses(a), losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb] and la
+    assert all(abs(x - y) <= rtol * abs(x) for (_, x), (_, y) in zip(la, lb)), (la, lb)
+
+
+def test_sft_two_ranks_equal_one_process_with_accumulation(sft_runs):
+    assert len(losses(sft_runs["two"])) == 4
+    assert_same_losses(sft_runs["one"], sft_runs["two"])
+
+
+def test_sft_two_rank_checkpoint_resumes_in_one_process(runs, sft_runs, tmp_path):
+    out = checkpoint_copy(sft_runs["two"], tmp_path / "resumed", 2)
+    r = picochat(runs["home"], *sft_runs["common"], "--grad-accum", "2", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(out, sft_runs["two"])
+
+
+def one_error_line(r):
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    return errors[0]
+
+
+def test_missing_rank_shard_fails_once_without_hanging(runs, tmp_path):
+    out = checkpoint_copy(runs["two"], tmp_path / "broken", 20)
+    (out / "optim_000020_rank1.pt").unlink()
+    t0 = time.time()
+    args = with_flag(runs["common"], "--num-iterations", "30")
+    r = picochat(runs["home"], *args, "--out", str(out), "--resume", nproc=2, timeout=120)
+    assert "optim_000020_rank1.pt is missing" in one_error_line(r)
+    assert time.time() - t0 < 60
+
+
+def test_batch_that_cannot_be_split_across_ranks(runs):
+    t0 = time.time()
+    args = with_flag(runs["common"], "--total-batch-size", "768")
+    r = picochat(runs["home"], *args, "--out", str(runs["root"] / "bad"), nproc=2, timeout=120)
+    assert "not a multiple of device batch x seq len x ranks = 4 x 64 x 2" in one_error_line(r)
+    assert time.time() - t0 < 60
+
+
+def test_gpu_flags_without_gpus(runs, monkeypatch, capsys):
+    r = picochat(runs["home"], *runs["common"], "--device", "cuda", "--out", str(runs["root"] / "bad"), nproc=2,
+                 timeout=120)
+    assert "no CUDA GPU" in one_error_line(r)
+    monkeypatch.setenv("PICOCHAT_HOME", str(runs["home"]))
+    assert main([*runs["common"], "--fp8", "--out", str(runs["root"] / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --fp8 needs an NVIDIA GPU") and len(err.splitlines()) == 1
+
+
+def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(UserError, match="4 processes per node but only 2 GPUs are visible: lower --nproc_per_node to 2"):
+        init_runtime("cuda")
+
+
+# ---- the optimizer ------------------------------------------------------------------------------------------------
+def test_owners_balance_the_update_cost():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(20, value_embeds=True))
+    groups = model.param_groups()
+    param_groups = [dict(kind="muon", params=groups["matrix"]),
+                    dict(kind="adamw", params=groups["embedding"] + groups["lm_head"] + groups["scalar"])]
+    for world in (2, 3, 8):
+        owner = assign_owners(param_groups, world)
+        assert owner == assign_owners(param_groups, world)  # deterministic: every rank computes the same
+        load = [0] * world
+        for g in param_groups:
+            for p in g["params"]:
+                load[owner[p]] += p.numel() * ((30 * min(p.shape) if g["kind"] == "muon" else 0) + 4000)
+        assert max(load) / min(load) < 1.1, (world, load)
+
+
+def grad_pattern(model, step, rank):
+    """Gradients as ranks might have them: every 3rd parameter has none on any rank (as when no rank ran a
+    backward pass: RL with no trainable reply), every 3rd + 1 only on rank 0, the rest on all ranks."""
+    out = []
+    for i, prm in enumerate(model.parameters()):
+        gen = torch.Generator().manual_seed(100 * step + 10 * rank + i)
+        has = (i % 3 == 2) or (i % 3 == 1 and rank == 0)
+        out.append(torch.randn(prm.shape, generator=gen) if has and step != 1 else None)
+    return out
+
+
+def sharded_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_model(value_embeds=True)
+    opt = build_optimizer(model, weight_decay=0.1)
+    assert len({opt.owner[q] for q in model.parameters()}) == world  # the state really is spread out
+    for step in range(3):
+        for prm, g in zip(model.parameters(), grad_pattern(model, step, rank)):
+            prm.grad = g
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    if rank == 0:
+        torch.save([q.detach().clone() for q in model.parameters()], out_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_optimizer_matches_one_process(tmp_path):
+    """Two gloo ranks with different gradients (some missing) against one process with their mean."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(sharded_worker, args=(2, port, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    model = tiny_model(value_embeds=True)
+    opt = build_optimizer(model, weight_decay=0.1)
+    for step in range(3):
+        per_rank = [grad_pattern(model, step, r) for r in range(2)]
+        for prm, gs in zip(model.parameters(), zip(*per_rank)):
+            present = [g for g in gs if g is not None]
+            prm.grad = sum(present) / 2 if present else None  # missing on a rank = zero there
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    two = torch.load(tmp_path / "two.pt")
+    for (name, prm), q in zip(model.named_parameters(), two):
+        assert torch.allclose(prm.detach(), q, rtol=1e-6, atol=1e-7), name
+
+
+def test_compiled_muon_update_matches_eager():
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(16, 32, generator=gen)) for _ in range(3)]
+    a, b = make(), make()
+    eager = MuonAdamW([dict(kind="muon", params=a, lr=0.05, momentum=0.9, weight_decay=0.1, ns_steps=5)])
+    compiled = MuonAdamW([dict(kind="muon", params=b, lr=0.05, momentum=0.9, weight_decay=0.1, ns_steps=5)]).compile()
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step + 1)
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=gen)
+            y.grad = x.grad.clone()
+        for opt in (eager, compiled):  # a schedule changes lr every step: the compiled graph must follow
+            opt.param_groups[0]["lr"] = 0.05 * (1 - step / 8)
+            opt.step()
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[0], make()[0])
+
+
+# ---- fast paths ---------------------------------------------------------------------------------------------------
+def tiny_model(**kw):
+    model = GPT(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=32, **kw)).init_weights(seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, y = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    ref = tiny_model(window_pattern="SL", value_embeds=True)
+    ref(x, y).backward()
+    model = fastpath.checkpoint_blocks(tiny_model(window_pattern="SL", value_embeds=True))
+    assert list(model.state_dict()) == list(ref.state_dict())
+    model(x, y).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), n
+    with torch.no_grad():  # generation (KV cache, no grad) runs the blocks as they are
+        assert list(model.generate([1, 2, 3], 4)) == list(ref.generate([1, 2, 3], 4))
+
+
+def test_auto_device_batch_size_on_cpu():
+    model = tiny_model()
+    opt = build_optimizer(model)
+    B, how = fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None)
+    assert B == 24 and "no probe" in how  # the largest divisor of 48 rows up to 32
+    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=6)[0] == 6
+    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=5)[0] == 24
+
+
+def test_fast_attention_falls_back_to_sdpa_on_cpu():
+    assert fastpath.use_fast_attention(torch.device("cpu")) == "sdpa"
+    assert fastpath.flash_attention_3(torch.device("cpu")) is None
+    with pytest.raises(UserError, match="--fp8 needs an NVIDIA GPU"):
+        fastpath.enable_fp8(tiny_model(), torch.device("cpu"))
+
+
+def test_attention_hook_can_be_swapped(monkeypatch):
+    from picochat import model as model_module
+    if not hasattr(model_module, "attention"):
+        pytest.skip("model.py has no attention() hook yet (see fastpath.use_fast_attention)")
+    model = tiny_model(window_pattern="SL")
+    x = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        ref = model(x)
+    seen, original = [], model_module.attention
+
+    def spy(q, k, v, window):
+        seen.append(window)
+        return original(q, k, v, window)
+    monkeypatch.setattr(model_module, "attention", spy)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    assert seen == [8, None]  # both layers went through the hook, the short window included
+
+
+# ---- launching ----------------------------------------------------------------------------------------------------
+def test_torchrun_command_lines():
+    cmd = launch.torchrun_command(["pretrain", "--run", "x"], 8)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--standalone", "-m", "picochat.launch",
+                       "--", "pretrain", "--run", "x"]
+    cmd = launch.torchrun_command(["sft"], 8, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500")
+    assert "--nnodes=2" in cmd and "--node_rank=1" in cmd and "--rdzv_endpoint=10.0.0.1:29500" in cmd
+    assert "--standalone" not in cmd
+    with pytest.raises(ValueError):
+        launch.torchrun_command(["sft"], 8, nnodes=2)
+
+
+def test_relaunch_only_with_several_gpus(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
+    for var in ("RANK", "WORLD_SIZE", "PICOCHAT_NO_TORCHRUN"):
+        monkeypatch.delenv(var, raising=False)
+    launch.maybe_relaunch_with_torchrun(["speedrun"])  # no GPU here: nothing happens
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    launch.maybe_relaunch_with_torchrun(["speedrun", "--run", "x"])
+    assert calls and "--nproc_per_node=4" in calls[0] and calls[0][-4:] == ["--", "speedrun", "--run", "x"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    launch.maybe_relaunch_with_torchrun(["speedrun"])  # already a torchrun worker
+    assert len(calls) == 1
+
+
+def test_launch_main_drops_the_separator(capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--", "pretrain", "--help"])
+    assert e.value.code == 0 and "--device-batch-size" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.environ.get("PICOCHAT_SLOW_TESTS"), reason="compiles a model on the CPU: ~2 min; "
+                    "set PICOCHAT_SLOW_TESTS=1")
+def test_compiled_pretraining_tracks_eager(runs, tmp_path):
+    args = with_flag(with_flag(with_flag(runs["common"], "--depth", "1"), "--num-iterations", "6"), "--eval-every", "0")
+    eager = picochat(runs["home"], *args, "--out", str(tmp_path / "eager"))
+    compiled = picochat(runs["home"], *args, "--compile", "--out", str(tmp_path / "compiled"), timeout=900)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    assert_same_curve(tmp_path / "eager", tmp_path / "compiled", rtol=1e-3)
+
+
+@pytest.mark.skipif(not os.environ.get("PICOCHAT_SLOW_TESTS"), reason="compiles small models on the CPU: ~2 min; "
+                    "set PICOCHAT_SLOW_TESTS=1")
+def test_gpu_check_smoke_runs_on_cpu():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--modes", "eager,ckpt"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["agreement"]["fp32"]["max_abs_logit_diff"] == 0.0
+    assert out["optimizer"]["max_rel_param_diff"] == 0.0 and out["optimizer"]["world"] == 2
+    assert all(t["tokens_per_sec"] > 0 for t in out["throughput"])
