@@ -40,7 +40,7 @@ PRESETS = {
                   "--embedding-lr", "0.6", "--unembedding-lr", "0.02", "--scalar-lr", "0.5", "--weight-decay", "0",
                   "--warmup-steps", "20", "--eval-every", "200", "--eval-tokens", "131072", "--save-every", "100",
                   "--log-every", "20"],
-        eval_base=["--max-per-task", "100"],
+        eval_base=["--max-per-task", "20"],
         sft=["--mixture", "demo"],
         rl=["--task", "demo"],
         eval_chat=["-t", "demo", "--max-problems", "200"],

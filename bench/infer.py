@@ -1,0 +1,137 @@
+"""Inference throughput: decode tokens/s at batch 1 (Engine.generate) and aggregate tokens/s of concurrent
+requests through the continuous-batching Scheduler (what the server runs), against the naive KV-cache loop of
+GPT.generate on the same model.
+
+    python bench/infer.py                       # depth 6, width 384 (head dim 64), vocab 32768, fp32
+    python bench/infer.py --threads 1 --compile
+
+Random weights (speed does not depend on them); stop tokens are switched off so every request decodes exactly
+--tokens tokens. Timings are the best of --repeats runs (the machine may be shared).
+Prints one JSON line.
+"""
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+from picochat.common import autodetect_device
+from picochat.engine import Engine, Request, Scheduler
+from picochat.model import GPT, GPTConfig
+from picochat.tokenizer import SPECIAL_TOKENS
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--depth", type=int, default=6)
+p.add_argument("--head-dim", type=int, default=64)
+p.add_argument("--vocab-size", type=int, default=32768)
+p.add_argument("--seq-len", type=int, default=2048)
+p.add_argument("--prompt-tokens", type=int, default=32)
+p.add_argument("--tokens", type=int, default=256, help="tokens decoded per request")
+p.add_argument("--concurrent", type=int, default=8, help="requests in flight for the aggregate figure")
+p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+p.add_argument("--top-k", type=int, default=0)
+p.add_argument("--repeats", type=int, default=3)
+p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+p.add_argument("--device", default="")
+p.add_argument("--skip-naive", action="store_true")
+args = p.parse_args()
+
+if args.threads:
+    torch.set_num_threads(args.threads)
+device = torch.device(args.device or autodetect_device())
+config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim)
+model = GPT(config).to(device).init_weights(seed=0).eval()
+
+
+class StubTokenizer:
+    """What the engine needs from a tokenizer when no tool call happens: the special token ids."""
+    def __init__(self, vocab):
+        self.ids = {s: vocab - len(SPECIAL_TOKENS) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.bos_id = self.ids["<|bos|>"]
+
+    def special(self, name):
+        return self.ids[name]
+
+
+tok = StubTokenizer(args.vocab_size)
+engine = Engine(model, tok, tool=False, compile=args.compile)
+engine.stop_ids = frozenset()  # never stop early: every request decodes exactly --tokens tokens
+gen = torch.Generator().manual_seed(0)
+prompt = torch.randint(0, args.vocab_size - len(SPECIAL_TOKENS), (args.prompt_tokens,), generator=gen).tolist()
+top_k = args.top_k or None
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def best(fn):
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        n = fn()
+        sync()
+        times.append((time.perf_counter() - t0, n))
+    dt, n = min(times)
+    return n / dt, dt
+
+
+def engine_run():
+    n = 0
+    for tokens, _ in engine.generate(prompt, 1, args.tokens, args.temperature, top_k, seed=0):
+        n += 1
+    assert n == args.tokens, n
+    return n
+
+
+def naive_run():
+    n = 0
+    for _ in model.generate(prompt, args.tokens, temperature=args.temperature, top_k=top_k):
+        n += 1
+    return n
+
+
+def scheduler_run(k, sched):
+    done = threading.Semaphore(0)
+    counts = [0] * k
+
+    def emitter(i):
+        def emit(ev):
+            if ev[0] == "token":
+                counts[i] += 1
+            else:
+                done.release()
+        return emit
+
+    for i in range(k):
+        sched.submit(Request(prompt=prompt, max_tokens=args.tokens, temperature=args.temperature, top_k=top_k,
+                             seed=i, emit=emitter(i)))
+    for _ in range(k):
+        done.acquire()
+    assert sum(counts) == k * args.tokens, counts
+    return sum(counts)
+
+
+t0 = time.perf_counter()
+engine_run()  # warm-up (and compile)
+warmup_s = time.perf_counter() - t0
+b1, b1_dt = best(engine_run)
+naive = best(naive_run)[0] if not args.skip_naive else None
+sched = Scheduler(engine, slots=args.concurrent).start()
+scheduler_run(1, sched)
+one = best(lambda: scheduler_run(1, sched))[0]
+agg = best(lambda: scheduler_run(args.concurrent, sched))[0]
+sched.stop()
+print(json.dumps({
+    "bench": "infer", "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
+    "model": f"d{args.depth} w{config.n_embd} h{config.n_head}x{config.head_dim} V{args.vocab_size}",
+    "params": model.num_params(), "dtype": str(engine.net.dtype).split(".")[-1],
+    "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens, "temperature": args.temperature,
+    "top_k": top_k,
+    "batch1_tok_s": round(b1, 1), "batch1_ms_per_token": round(1000 / b1, 2),
+    "naive_generate_tok_s": round(naive, 1) if naive else None,
+    "scheduler_1_tok_s": round(one, 1),
+    f"scheduler_{args.concurrent}_concurrent_tok_s": round(agg, 1),
+    "concurrency_speedup": round(agg / one, 2),
+    "warmup_s": round(warmup_s, 1),
+}))

@@ -1,0 +1,826 @@
+"""Inference: a decode path laid out for speed, a static KV cache, sampling, the calculator tool, UTF-8-safe
+streaming text, and a continuous-batching scheduler for the server.
+
+    engine = Engine(model, tokenizer, tool=True)
+    for tokens, forced in engine.generate(prompt_ids, num_samples=2, max_tokens=64, temperature=0.8, top_k=50):
+        ...  # one step: tokens[i] is sample i's next token, or None once sample i has finished (the step
+             # that carries its stop token is the last one where it appears); forced[i] is True when the
+             # calculator tool put the token there (masked out of RL's loss)
+    sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64, temperature=1.0, seed=0)
+
+Generation: the prompt is prefilled once into a one-row cache, the cache is copied to num_samples rows, then
+all samples decode together, one token per step. A sample finishes on <|assistant_end|> or <|bos|> (the stop
+token is part of its output), after max_tokens tokens (forced ones count), or when the context is full.
+temperature <= 0 is greedy; a seed makes sampling deterministic (one torch.Generator per call).
+
+The tool: when a sample writes <|python_start|> expr <|python_end|>, expr goes to
+picochat.sandbox.evaluate_expression and <|output_start|> result <|output_end|> is forced into the stream
+one token per step (nothing is forced when the expression fails).
+
+Context-length policy: a prompt must leave room for at least one new token (else UserError, the server's 400
+context_length_exceeded); max_tokens is clipped to what the context has left, so a long generation ends with
+finish reason "length" at the context's end. Callers that keep a conversation (the CLI) drop old turns first.
+
+Speed (bench/infer.py): InferenceModel mirrors GPT.trunk with the weights re-laid for decoding: q, k and v
+fused into one matrix, every matrix stored transposed (on this machine's MKL a (1, C) @ (C, N) product streams
+the weights ~2x faster than F.linear's (N, C) layout), bf16 on GPUs, Python floats for the residual scalars,
+and masks built once per step (none at all when every row is at the same position). The cache is head-major
+(B, H_kv, T, D) so decode attention reads each head's keys contiguously, and attention covers only the filled
+prefix of the cache (or, compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip the
+soft-cap of the full vocabulary: it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py
+checks the layout token for token against GPT.forward. The prepared weights are rebuilt when the model's
+parameters change (RL updates them in place between generations).
+"""
+import codecs
+import re
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from picochat.common import UserError
+from picochat.model import norm
+
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+TOOL_TAGS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+def inference_dtype(device) -> torch.dtype:
+    # decode streams every weight once per step: bf16 halves that on GPUs; on CPUs bf16 matmuls are slow
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---- the decode layout --------------------------------------------------------------------------------------
+class StaticCache:
+    """Keys and values for `batch` rows of up to max_len positions; per layer (B, H_kv, max_len, D). lens[b] is
+    how many positions of row b are filled: a Python list, so the host never waits on the device for it. The
+    owner (Engine.generate, Scheduler) advances lens; InferenceModel only writes keys and values."""
+
+    def __init__(self, config, batch, max_len, device, dtype, static=False):
+        shape = (batch, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lens = [0] * batch
+        self.max_len = max_len
+        self.static = static  # attend over all max_len positions (fixed shapes for a compiled step)
+
+    @property
+    def batch_size(self):
+        return len(self.lens)
+
+    def expand(self, n):
+        """One row -> n copies (prefill once, then sample n continuations)."""
+        assert self.batch_size == 1
+        self.k = [t.expand(n, *t.shape[1:]).contiguous() for t in self.k]
+        self.v = [t.expand(n, *t.shape[1:]).contiguous() for t in self.v]
+        self.lens = self.lens * n
+
+    def keep(self, rows):
+        """Keep only these rows, in this order (drops finished samples so they stop costing compute)."""
+        idx = torch.tensor(rows, device=self.k[0].device)
+        self.k = [t.index_select(0, idx) for t in self.k]
+        self.v = [t.index_select(0, idx) for t in self.v]
+        self.lens = [self.lens[r] for r in rows]
+
+
+class InferenceModel:
+    """GPT.trunk over a StaticCache, with the weights laid out for decoding (see the module docstring)."""
+
+    def __init__(self, model, dtype=None, compile=False):
+        self.model = model
+        self.config = model.config
+        self.device = model.lm_head.weight.device
+        self.dtype = dtype or inference_dtype(self.device)
+        self._fingerprint = None
+        self._lock = threading.Lock()
+        self.refresh()
+        # dynamic shapes: batch and cache length change from step to step
+        self._hidden = torch.compile(self._hidden_impl, dynamic=True) if compile else self._hidden_impl
+        # fixed-shape attention over the whole cache: what a compiled GPU step wants (no recompiles as the
+        # context grows); on CPUs reading the unused part of the cache costs more than it saves
+        self.gqa = self.config.n_head != self.config.n_kv_head
+        self.static = compile and self.device.type == "cuda"
+        self.use_packed = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
+                           and torch.backends.mkldnn.is_available())
+
+    def _params_fingerprint(self):
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    @torch.no_grad()
+    def refresh(self):
+        """(Re)build the decode layout if the model's parameters changed since the last build."""
+        with self._lock:
+            fp = self._params_fingerprint()
+            if fp == self._fingerprint:
+                return
+            m, dt = self.model, self.dtype
+
+            def t(w):  # transposed and contiguous: x @ t(W) == F.linear(x, W)
+                return w.detach().t().to(dt).contiguous()
+
+            self.wte = m.wte.weight.detach().to(dt)
+            self.head = t(m.lm_head.weight)
+            # rotary as x * [cos, cos] + [x2, x1] * [sin, -sin]: the same products and sums as apply_rotary
+            # (bit for bit) in 4 ops instead of 8
+            self.cos = torch.cat([m.cos, m.cos], dim=-1).to(dt)
+            self.sin = torch.cat([m.sin, -m.sin], dim=-1).to(dt)
+            self.resid = (m.resid_lambdas.tolist(), m.x0_lambdas.tolist()) if self.config.resid_scalars else None
+            self.layers = []
+            for i, block in enumerate(m.blocks):
+                a = block.attn
+                self.layers.append(dict(
+                    qkv=t(torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight])),
+                    wo=t(a.c_proj.weight), fc=t(block.mlp.c_fc.weight), proj=t(block.mlp.c_proj.weight),
+                    gate=t(a.ve_gate.weight) if a.ve_gate is not None else None,
+                    gate_channels=a.ve_gate_channels,
+                    ve=m.value_embeds[str(i)].weight.detach().to(dt) if str(i) in m.value_embeds else None,
+                    window=m.windows[i]))
+            self._packed = None  # rebuilt on demand from the new weights
+            self._fingerprint = fp
+
+    def packed(self, rows):
+        """oneDNN-packed copies of every matrix for products of `rows` > 1 rows on CPU, or None. MKL's gemm streams
+        the weights once per row for a few rows (batch 2 costs twice batch 1); oneDNN's packed kernel reads them
+        once (batch 8 ~2x faster), but is slower than the transposed layout for a single row. Built on first use
+        (they double the weight memory), so single-stream decoding never pays for them."""
+        if rows < 2 or not self.use_packed:
+            return None
+        if self._packed is None:
+            try:
+                pack = lambda wt: torch.ops.mkldnn._reorder_linear_weight(wt.t().contiguous(), 8)
+                self._packed = dict(head=pack(self.head),
+                                    layers=[{k: pack(ly[k]) for k in ("qkv", "wo", "fc", "proj")} for ly in self.layers])
+            except Exception:  # no oneDNN in this build: the plain layout works everywhere
+                self._packed, self.use_packed = None, False
+                return None
+        return self._packed
+
+    @property
+    def max_positions(self):
+        return self.cos.shape[0]
+
+    def hidden(self, ids, cache=None, rows=None, start=None):
+        """Final normed hidden states (B, T, C) for ids (B, T). With a cache, row b's tokens take positions
+        start[b] .. start[b]+T-1 of cache row rows.start+b (rows: a slice of the cache's rows), and their keys
+        and values are written there; without one, a plain causal forward of ids."""
+        B, T = ids.shape
+        start = [0] * B if start is None else start
+        if max(start) + T > self.max_positions:
+            raise UserError(f"context full: {max(start) + T} tokens exceed the model's context of {self.max_positions}")
+        plan = self._plan(ids, cache, start)
+        # the caller may sit in an autocast region (RL, evals): the layout already has the dtype it wants
+        with torch.autocast(self.device.type, enabled=False):
+            return self._hidden(ids, cache, rows if rows is not None else slice(0, B), plan)
+
+    def _plan(self, ids, cache, start):
+        """Host-side decisions for one forward (outside the compiled region): positions, rotary rows, how far
+        attention reaches (L), and one attention mask per distinct window (None where every key is visible)."""
+        B, T = ids.shape
+        dev = ids.device
+        s0 = start[0]
+        uniform = all(s == s0 for s in start)
+        if uniform:
+            cos, sin = self.cos[None, s0:s0 + T, None], self.sin[None, s0:s0 + T, None]
+            pos = torch.arange(s0, s0 + T, device=dev)[None]  # (1, T)
+        else:
+            pos = torch.tensor(start, device=dev)[:, None] + torch.arange(T, device=dev)[None]
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+        static = cache is not None and cache.static
+        L = T if cache is None else (cache.max_len if static else max(start) + T)
+        masks = {}
+        for window in {ly["window"] for ly in self.layers}:
+            full = window is None or window >= L
+            if cache is None or (uniform and s0 == 0 and L == T and not static):  # a fresh causal block
+                if full:
+                    masks[window] = (None, T > 1)
+                else:
+                    j = torch.arange(T, device=dev)
+                    masks[window] = (((j[None, :] <= j[:, None]) & (j[:, None] - j[None, :] < window)), False)
+            elif uniform and T == 1 and full and not static:  # decoding: every cached key is visible
+                masks[window] = (None, False)
+            else:
+                j = torch.arange(L, device=dev)
+                m = j[None, None, :] <= pos[:, :, None]  # (B or 1, T, L)
+                if window is not None:
+                    m = m & (pos[:, :, None] - j[None, None, :] < window)
+                masks[window] = (m[:, None], False)
+        bidx = torch.arange(B, device=dev)[:, None] if cache is not None and not uniform else None
+        return dict(cos=cos, sin=sin, pos=pos, bidx=bidx, uniform=uniform, s0=s0, L=L, masks=masks,
+                    packed=self.packed(B * T))
+
+    def _hidden_impl(self, ids, cache, rows, plan):
+        c = self.config
+        B, T = ids.shape
+        H, Hk, D = c.n_head, c.n_kv_head, c.head_dim
+        cos, sin, pos, bidx, L, s0 = plan["cos"], plan["sin"], plan["pos"], plan["bidx"], plan["L"], plan["s0"]
+        packed = plan["packed"]
+        x = norm(F.embedding(ids, self.wte))
+        x0 = x
+        for i, ly in enumerate(self.layers):
+            pk = packed["layers"][i] if packed is not None else None
+
+            def mm(a, key):
+                if pk is None:
+                    return a @ ly[key]
+                return torch.ops.mkldnn._linear_pointwise(a, pk[key], None, "none", [], "")
+
+            if self.resid is not None:
+                x = self.resid[0][i] * x + self.resid[1][i] * x0
+            h = norm(x)
+            qkv = mm(h, "qkv")
+            qk = qkv[..., :(H + Hk) * D].view(B, T, H + Hk, D)
+            v = qkv[..., (H + Hk) * D:].view(B, T, Hk, D)
+            if ly["ve"] is not None:
+                gate = 2 * torch.sigmoid(h[..., :ly["gate_channels"]] @ ly["gate"])  # (B, T, H_kv)
+                v = v + gate.unsqueeze(-1) * F.embedding(ids, ly["ve"]).view(B, T, Hk, D)
+            d = D // 2  # rotary, then QK-norm, per head: q and k go through together
+            qk = norm(qk * cos + torch.cat([qk[..., d:], qk[..., :d]], dim=-1) * sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            if cache is None:
+                keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                kc, vc = cache.k[i][rows], cache.v[i][rows]
+                if plan["uniform"]:
+                    kc[:, :, s0:s0 + T] = k.transpose(1, 2)
+                    vc[:, :, s0:s0 + T] = v.transpose(1, 2)
+                else:
+                    kc[bidx, :, pos] = k
+                    vc[bidx, :, pos] = v
+                keys, values = kc[:, :, :L], vc[:, :, :L]
+            mask, causal = plan["masks"][ly["window"]]
+            if T == 1 and self.device.type == "cpu":
+                y = decode_attention(q.transpose(1, 2), keys, values, mask)
+            else:
+                y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                   is_causal=causal, enable_gqa=self.gqa)
+            x = x + mm(y.transpose(1, 2).reshape(B, T, H * D), "wo")
+            x = x + mm(mm(norm(x), "fc").relu_().square_(), "proj")
+        return norm(x)
+
+    def logits(self, h):
+        """Raw logits in fp32, before the soft-cap (apply softcap() for the model's actual logits)."""
+        packed = self.packed(h.numel() // h.shape[-1])
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(h, packed["head"], None, "none", [], "")
+        return (h @ self.head).float()
+
+
+def decode_attention(q, k, v, mask=None):
+    """Attention of one new token per row on CPU: q (B, H, 1, D), k and v (B, H_kv, L, D), mask None or
+    (B, 1, 1, L). Plain batched matmuls: torch's CPU flash-attention kernel spends far more on threading than
+    on the math for a single query (0.4-10 ms per call with 2 threads against ~15 us here). Query heads are
+    grouped per key/value head, as SDPA's enable_gqa does (query head h reads kv head h // (H / H_kv))."""
+    B, H, _, D = q.shape
+    Hk = k.shape[1]
+    qg = q.reshape(B, Hk, H // Hk, D)
+    scores = (qg @ k.transpose(-1, -2)) * (1.0 / D ** 0.5)  # (B, H_kv, G, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, D)
+
+
+def softcap(logits, cap):
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None, cap=15.0):
+    """Next tokens (B,) from raw logits (B, V) (before the soft-cap `cap`). temperature <= 0: greedy. top_k keeps
+    the k most likely tokens, top_p the smallest set whose probability reaches p (after top_k)."""
+    if temperature is None or temperature <= 0:
+        return logits.argmax(-1)
+    idx = None
+    if top_k and top_k < logits.shape[-1]:
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted; the soft-cap keeps the order
+    z = softcap(logits.float(), cap) / temperature
+    if top_p is not None and top_p < 1.0:
+        if idx is None:
+            z, idx = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(z, dim=-1)
+        z = z.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))  # the first token always stays
+    choice = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)
+    return (idx.gather(-1, choice) if idx is not None else choice).squeeze(-1)
+
+
+# ---- the tool and streaming text ----------------------------------------------------------------------------
+class ToolState:
+    """One sample's tool state machine: tokens the tool forces next, and the call being written."""
+    __slots__ = ("forced", "call", "ids")
+
+    def __init__(self, ids):
+        self.ids = ids  # (python_start, python_end)
+        self.forced = deque()
+        self.call = None  # tokens after <|python_start|>, until <|python_end|>
+
+    def next(self, sampled):
+        """(token, forced, finished_call): a forced token while any is waiting, else the sampled one.
+        finished_call is the token list of a tool call that this token closed (or None)."""
+        if self.forced:
+            return self.forced.popleft(), True, None
+        start, end = self.ids
+        if sampled == start:
+            self.call = []
+        elif sampled == end and self.call is not None:
+            call, self.call = self.call, None
+            return sampled, False, call
+        elif self.call is not None:
+            self.call.append(sampled)
+        return sampled, False, None
+
+
+class StreamDecoder:
+    """Token ids -> text pieces that never split a UTF-8 character: a token can end inside a multibyte
+    character, and its bytes wait until the character is complete. Special tokens give "" unless named in
+    `keep`, which come out as their own text (the chat UI and API show tool calls that way)."""
+
+    def __init__(self, tokenizer, keep=()):
+        self.enc = tokenizer.enc
+        self.n_regular = len(tokenizer.mergeable_ranks)
+        self.keep = {tokenizer.special(s): s for s in keep}
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token):
+        if token >= self.n_regular:
+            tag = self.keep.get(token)
+            return self.flush() + tag if tag else ""
+        return self.dec.decode(self.enc.decode_single_token_bytes(token))
+
+    def flush(self):
+        return self.dec.decode(b"", final=True)
+
+
+_TAG_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)|<\|output_start\|>(.*?)(?:<\|output_end\|>|$)", re.S)
+
+
+def parse_reply(text):
+    """Assistant text with tool tags (as the server and UI show them) -> content parts for the tokenizer:
+    [{type: text|python|python_output, text}]. An unclosed tag (a reply cut short) runs to the end."""
+    parts, pos = [], 0
+    for m in _TAG_RE.finditer(text):
+        if m.start() > pos:
+            parts.append({"type": "text", "text": text[pos:m.start()]})
+        if m.group(1) is not None:
+            parts.append({"type": "python", "text": m.group(1)})
+        else:
+            parts.append({"type": "python_output", "text": m.group(2)})
+        pos = m.end()
+    if pos < len(text):
+        parts.append({"type": "text", "text": text[pos:]})
+    return parts
+
+
+def evaluate_tool(expr):
+    from picochat.sandbox import evaluate_expression
+    return evaluate_expression(expr)
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+class Engine:
+    def __init__(self, model, tokenizer, tool=True, compile=False, dtype=None):
+        self.model, self.tokenizer, self.tool = model, tokenizer, tool
+        self.net = InferenceModel(model, dtype=dtype, compile=compile)
+        S = tokenizer.special
+        self.stop_ids = frozenset(S(s) for s in STOP_TOKENS)
+        self.python_ids = (S("<|python_start|>"), S("<|python_end|>"))
+        self.output_ids = (S("<|output_start|>"), S("<|output_end|>"))
+        self.bos_id = tokenizer.bos_id
+        self.vocab_size = model.config.vocab_size
+        self.softcap = model.config.softcap
+
+    @property
+    def device(self):
+        return self.net.device
+
+    @property
+    def max_context(self):
+        return self.net.max_positions
+
+    def tool_tokens(self, call_tokens):
+        """The tokens to force after a tool call: <|output_start|> result <|output_end|>, or [] on failure."""
+        if not self.tool:
+            return []
+        result = evaluate_tool(self.tokenizer.decode(call_tokens))
+        if result is None:
+            return []
+        return [self.output_ids[0]] + self.tokenizer.encode(result) + [self.output_ids[1]]
+
+    def check_prompt(self, prompt_ids):
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise UserError("empty prompt: give at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise UserError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.max_context:
+            raise UserError(f"prompt of {len(prompt)} tokens leaves no room to generate in the model's context of "
+                            f"{self.max_context} tokens: shorten it")
+        return prompt
+
+    def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=0):
+        """Yields (tokens, forced), one step at a time (see the module docstring)."""
+        prompt = self.check_prompt(prompt_ids)
+        n = int(num_samples)
+        if n < 1:
+            raise UserError(f"num_samples must be at least 1, got {num_samples}")
+        budget = min(int(max_tokens), self.max_context - len(prompt))
+        if budget <= 0:
+            return
+        net, dev = self.net, self.device
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        # inference mode only around the compute: a caller may train between our yields (RL)
+        with torch.inference_mode():
+            net.refresh()
+            cache = StaticCache(self.model.config, 1, len(prompt) + budget, dev, net.dtype, static=net.static)
+            h = net.hidden(torch.tensor([prompt], device=dev), cache, slice(0, 1), [0])
+            logits = net.logits(h[:, -1])
+            cache.expand(n)
+            logits = logits.expand(n, -1)
+        states = [ToolState(self.python_ids) for _ in range(n)]
+        done = [False] * n
+        live = list(range(n))  # live[r] = the sample in cache row r
+        pos = len(prompt)
+        for step in range(budget):
+            with torch.inference_mode():
+                sampled = sample(logits, temperature, top_k, top_p, gen, self.softcap).tolist()
+            tokens, forced = [None] * n, [False] * n
+            for r, i in enumerate(live):
+                if done[i]:
+                    continue
+                tok, f, call = states[i].next(sampled[r])
+                if call is not None:
+                    states[i].forced.extend(self.tool_tokens(call))
+                tokens[i], forced[i] = tok, f
+                if tok in self.stop_ids and not f:
+                    done[i] = True
+            yield tokens, forced
+            if step == budget - 1 or all(done):
+                return
+            active = [r for r, i in enumerate(live) if not done[i]]
+            if len(active) <= len(live) // 2:  # compact: finished rows cost as much as live ones
+                with torch.inference_mode():
+                    cache.keep(active)
+                live = [live[r] for r in active]
+            ids = [[tokens[i] if not done[i] else self.bos_id] for i in live]
+            with torch.inference_mode():
+                h = net.hidden(torch.tensor(ids, device=dev), cache, slice(0, len(live)), [pos] * len(live))
+                logits = net.logits(h[:, -1])
+            pos += 1
+
+    def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
+                       seed=0):
+        """(sequences, masks): sequences[i] = prompt + completion i (with its stop token if produced); masks[i]
+        is 0 on the prompt and on tool-forced tokens, 1 on sampled tokens."""
+        prompt = self.check_prompt(prompt_ids)
+        seqs = [list(prompt) for _ in range(num_samples)]
+        masks = [[0] * len(prompt) for _ in range(num_samples)]
+        for tokens, forced in self.generate(prompt, num_samples, max_tokens, temperature, top_k, top_p, seed):
+            for i, tok in enumerate(tokens):
+                if tok is not None:
+                    seqs[i].append(tok)
+                    masks[i].append(0 if forced[i] else 1)
+        return seqs, masks
+
+    @torch.inference_mode()
+    def score(self, ids, top_n=0, chunk=256):
+        """Log-probabilities of ids[1:] given what precedes each (one forward, no cache): a list of
+        (logprob, [(token, logprob) x top_n]) for positions 1..len-1."""
+        ids = [int(t) for t in ids]
+        if len(ids) > self.max_context:
+            raise UserError(f"{len(ids)} tokens exceed the model's context of {self.max_context}")
+        self.net.refresh()
+        h = self.net.hidden(torch.tensor([ids], device=self.device))[0]
+        targets = torch.tensor(ids[1:], device=self.device)
+        out = []
+        for s in range(0, len(ids) - 1, chunk):
+            lp = torch.log_softmax(softcap(self.net.logits(h[s:s + chunk]), self.softcap), dim=-1)
+            e = s + lp.shape[0]
+            chosen = lp.gather(1, targets[s:e, None])[:, 0].tolist()
+            if top_n:
+                tv, ti = torch.topk(lp, top_n, dim=-1)
+                tops = [list(zip(a, b)) for a, b in zip(ti.tolist(), tv.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            out.extend(zip(chosen, tops))
+        return out[:len(ids) - 1]
+
+
+# ---- continuous batching ------------------------------------------------------------------------------------
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation for the Scheduler. emit(event) is called from the scheduler thread with
+    ("token", token, forced, logprob) per token, logprob = None or (logprob, [(token, logprob) x top_n]),
+    then exactly once ("done", reason, n_generated), reason: stop | length | cancelled | error: <text>."""
+    prompt: list
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; N >= 0: the chosen token's and the top N
+    emit: Callable = lambda event: None
+    cancelled: bool = False
+    # scheduler state
+    slot: int | None = None
+    generated: int = 0
+    next_input: int | None = None
+    state: ToolState | None = None
+    generator: torch.Generator | None = None
+    tool_future: Future | None = None
+    held_logits: torch.Tensor | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: bool = False
+
+
+class Scheduler:
+    """Continuous batching over a fixed batch of cache rows (slots). A background thread loops: drop cancelled
+    requests, admit queued ones into free slots (prefill that row alone), then one batched decode step for every
+    active slot, each row at its own position. A finished or cancelled request frees its slot at the next step
+    boundary. A row whose tool call is being evaluated (in a thread pool) sits out steps meanwhile. The decode
+    step covers rows [0, highest busy slot]; idle rows in between get a dummy token at their own position,
+    which is overwritten before it is ever attended to."""
+
+    def __init__(self, engine: Engine, slots=8, max_queue=256, max_len=None):
+        self.engine = engine
+        self.net = engine.net
+        self.num_slots = slots
+        self.max_queue = max_queue
+        self.max_len = min(max_len or engine.max_context, engine.max_context)
+        self.cache = StaticCache(engine.model.config, slots, self.max_len, engine.device, self.net.dtype,
+                                 static=self.net.static)
+        self.slots = [None] * slots
+        self.pending = deque()
+        self.jobs = deque()
+        self.cond = threading.Condition()
+        self.tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="picochat-tool")
+        self.min_step_time = 0.0  # seconds; > 0 slows decoding down (tests and demos of streaming)
+        self.stats = {"requests": 0, "finished": {}, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
+                      "step_seconds": 0.0, "errors": 0}
+        self.latency = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="picochat-scheduler", daemon=True)
+
+    # ---- the outside: any thread ----------------------------------------------------------------------------
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        self._thread.join(timeout=10)
+        self.tool_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def active(self):
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def queued(self):
+        return len(self.pending)
+
+    def submit(self, req: Request):
+        prompt = self.engine.check_prompt(req.prompt)
+        if len(prompt) >= self.max_len:
+            raise UserError(f"prompt of {len(prompt)} tokens leaves no room in the server's context of "
+                            f"{self.max_len} tokens: shorten it")
+        req.prompt = prompt
+        with self.cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.pending) >= self.max_queue + self.slots.count(None):
+                raise QueueFull(f"{len(self.pending)} requests are already waiting: try again shortly")
+            self.pending.append(req)
+            self.stats["requests"] += 1
+            self.cond.notify_all()
+        return req
+
+    def cancel(self, req: Request):
+        """Free the request's slot at the next step boundary (its client went away, or it hit a stop string)."""
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify_all()
+
+    def run_job(self, fn) -> Future:
+        """Run fn() on the scheduler thread between two decode steps (the model is never used concurrently)."""
+        fut = Future()
+        with self.cond:
+            self.jobs.append((fut, fn))
+            self.cond.notify_all()
+        return fut
+
+    # ---- the scheduler thread --------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self.cond:
+                while not (self._stopping or self.pending or self.jobs or any(self.slots)):
+                    self.cond.wait()
+                if self._stopping:
+                    break
+                jobs = list(self.jobs)
+                self.jobs.clear()
+            for fut, fn in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        with torch.inference_mode():
+                            fut.set_result(fn())
+                    except BaseException as e:  # the caller reports it
+                        fut.set_exception(e)
+            t0 = time.perf_counter()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                stepped = self._step()
+            except Exception as e:  # a failed step must not take the server down: fail the batch, go on
+                self.stats["errors"] += 1
+                for r in list(self.slots):
+                    if r is not None:
+                        self._finish(r, f"error: {e.__class__.__name__}: {e}")
+                continue
+            if not stepped and any(self.slots):  # every busy row waits on its tool call
+                with self.cond:
+                    self.cond.wait(timeout=0.002)
+            elif self.min_step_time:
+                time.sleep(max(0.0, self.min_step_time - (time.perf_counter() - t0)))
+        for r in list(self.slots) + list(self.pending):
+            if r is not None:
+                self._finish(r, "cancelled")
+        self.pending.clear()
+
+    def _emit(self, req, event):
+        try:
+            req.emit(event)
+        except Exception:  # a consumer that went away must not stop the loop
+            req.cancelled = True
+
+    def _finish(self, req, reason):
+        if req.finished:
+            return
+        req.finished = True
+        if req.slot is not None:
+            self.slots[req.slot] = None
+            self.cache.lens[req.slot] = 0
+            req.slot = None
+        if req.tool_future is not None:
+            req.tool_future.cancel()
+        req.held_logits = None
+        key = reason.split(":")[0]
+        self.stats["finished"][key] = self.stats["finished"].get(key, 0) + 1
+        self.latency.observe(time.perf_counter() - req.submitted)
+        self._emit(req, ("done", reason, req.generated))
+
+    def _drop_cancelled(self):
+        for r in self.slots:
+            if r is not None and r.cancelled:
+                self._finish(r, "cancelled")
+        with self.cond:
+            gone = [r for r in self.pending if r.cancelled]
+            for r in gone:
+                self.pending.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
+
+    def _admit(self):
+        while True:
+            with self.cond:
+                if not self.pending or None not in self.slots:
+                    return
+                req = self.pending.popleft()
+            s = self.slots.index(None)
+            dev = self.engine.device
+            self.net.refresh()
+            with torch.inference_mode():
+                h = self.net.hidden(torch.tensor([req.prompt], device=dev), self.cache, slice(s, s + 1), [0])
+                logits = self.net.logits(h[:, -1])[0]
+            self.cache.lens[s] = len(req.prompt)
+            self.slots[s] = req
+            req.slot = s
+            req.state = ToolState(self.engine.python_ids)
+            req.generator = torch.Generator(device=dev)
+            if req.seed is None:
+                req.generator.seed()
+            else:
+                req.generator.manual_seed(req.seed)
+            self.stats["prompt_tokens"] += len(req.prompt)
+            self._choose(req, logits)
+
+    def _choose(self, req, logits, greedy=None):
+        """Pick the request's next token from its logits row (or a forced one), emit it, check for the end."""
+        if req.tool_future is not None:
+            if not req.tool_future.done():
+                req.next_input, req.held_logits = None, logits  # sits out steps until the tool answers
+                return
+            try:
+                req.state.forced.extend(req.tool_future.result())
+            except Exception:
+                pass  # a failed tool call forces nothing
+            req.tool_future = None
+        if req.state.forced:
+            tok, forced, call = req.state.next(None)
+        else:
+            if greedy is not None and (req.temperature is None or req.temperature <= 0):
+                sampled = greedy
+            else:
+                with torch.inference_mode():
+                    sampled = int(sample(logits[None], req.temperature, req.top_k, req.top_p, req.generator,
+                                         self.engine.softcap)[0])
+            tok, forced, call = req.state.next(sampled)
+        if call is not None and self.engine.tool:
+            req.tool_future = self.tool_pool.submit(self.engine.tool_tokens, call)
+        lp = None
+        if req.logprobs is not None:
+            with torch.inference_mode():
+                logp = torch.log_softmax(softcap(logits.float(), self.engine.softcap), dim=-1)
+                top = []
+                if req.logprobs > 0:
+                    tv, ti = torch.topk(logp, req.logprobs)
+                    top = list(zip(ti.tolist(), tv.tolist()))
+                lp = (float(logp[tok]), top)
+        req.generated += 1
+        self.stats["generated_tokens"] += 1
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+            self.ttft.observe(req.first_token - req.submitted)
+        req.next_input, req.held_logits = tok, None
+        self._emit(req, ("token", tok, forced, lp))
+        if tok in self.engine.stop_ids and not forced:
+            self._finish(req, "stop")
+        elif req.generated >= req.max_tokens or self.cache.lens[req.slot] + 1 > self.max_len:
+            self._finish(req, "length")
+
+    def _step(self):
+        """One decode step for every slot that has its next input. Returns False if no row could run."""
+        for r in self.slots:  # rows that waited on a tool call and can go on now
+            if r is not None and r.next_input is None and r.tool_future is not None and r.tool_future.done():
+                self._choose(r, r.held_logits)
+        busy = [i for i, r in enumerate(self.slots) if r is not None]
+        if not busy:
+            return False
+        hi = busy[-1] + 1
+        ready = [i for i in busy if self.slots[i].next_input is not None]
+        if not ready:
+            return False
+        t0 = time.perf_counter()
+        ids = [[self.slots[i].next_input if i in ready else 0] for i in range(hi)]
+        start = self.cache.lens[:hi]
+        with torch.inference_mode():
+            h = self.net.hidden(torch.tensor(ids, device=self.engine.device), self.cache, slice(0, hi), start)
+            logits = self.net.logits(h[:, 0])
+            greedy = logits.argmax(-1).tolist() if any(
+                (self.slots[i].temperature or 0) <= 0 for i in ready) else None
+        for i in ready:
+            self.cache.lens[i] += 1
+        for i in ready:
+            req = self.slots[i]
+            if req is None:
+                continue
+            if req.cancelled:
+                self._finish(req, "cancelled")
+            else:
+                self._choose(req, logits[i], greedy[i] if greedy is not None else None)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - t0
+        return True
+
+
+class Histogram:
+    """A Prometheus-style cumulative histogram (thread-safe enough: one writer, the scheduler thread)."""
+
+    def __init__(self, buckets):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name):
+        out, acc = [], 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {self.sum:.6f}")
+        out.append(f"{name}_count {self.count}")
+        return out

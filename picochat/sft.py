@@ -1,0 +1,528 @@
+"""`picochat sft`: teach the base model to chat (supervised fine-tuning on a mixture of conversations).
+
+Conversations are rendered with their loss masks (only what the assistant writes is trained on) and packed
+whole into rows of T+1 tokens: each row takes the largest buffered conversation that still fits, and the
+rest of the row is padding (<|bos|>, never a target). Nothing is cropped to fill a row; a conversation longer
+than a row is truncated, and counted. The loss of an optimizer step is the sum of token losses over every
+supervised token of every micro-batch, divided by the number of those tokens in the whole step, so a
+micro-batch with few (or no) supervised tokens weighs what its tokens weigh, never NaN.
+
+The packing plan is a pure function of the mixture and the row shape, so --resume continues exactly: the
+same batches, the same optimizer state, bit-identical losses (fp32).
+
+Mixtures:
+  demo  the demo curriculum (`picochat data demo`): word problems solved with the Python tool, spelling and
+        letter counting, questions about the demo world, greetings and identity.
+  full  SmolTalk (or chat you imported), GSM8K with tool calls, ARC and MMLU multiple choice, spelling and
+        letter counting from the word list, identity; whatever of them is downloaded.
+Both take --data-jsonl (your own {"messages": [...]} conversations) and --task-epochs (oversampling).
+"""
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, format_duration
+from picochat.optim import build_optimizer
+from picochat.tokenizer import Tokenizer
+from picochat import checkpoint
+from picochat.tasks.mixture import Mixture, Source
+from picochat.tasks import chat, identity, gsm8k, spelling, arc, mmlu
+from picochat.tasks import demo as demo_tasks
+
+STAGE = "sft"
+
+
+# ---- packing -------------------------------------------------------------------------------------------------
+def plan_rows(lengths, row_len, buffer_size=64):
+    """Pack conversations (given by their token lengths, in mixture order) into rows of row_len tokens:
+    best fit from a buffer of the next buffer_size conversations, padding what is left of a row. Returns a
+    list of rows, each a list of conversation indices; a conversation longer than a row gets a row alone
+    (and is truncated when rendered)."""
+    rows, buf, nxt = [], [], 0
+    while True:
+        while len(buf) < buffer_size and nxt < len(lengths):
+            buf.append(nxt)
+            nxt += 1
+        if not buf:
+            return rows
+        row, space = [], row_len
+        while True:
+            best = -1
+            for j, i in enumerate(buf):  # the largest that fits; ties -> the earliest
+                if lengths[i] <= space and (best < 0 or lengths[i] > lengths[buf[best]]):
+                    best = j
+            if best < 0:
+                break
+            i = buf.pop(best)
+            row.append(i)
+            space -= lengths[i]
+        if not row:  # the front conversation fits no row: it gets one alone
+            row.append(buf.pop(0))
+        rows.append(sorted(row))
+
+
+def render_rows(tokenizer, convs_per_row, row_len):
+    """Rows of conversations -> (x, y) LongTensors (B, row_len - 1): inputs, and targets that are -1 wherever
+    the next token is not supervised (user turns, tool outputs, padding)."""
+    B = len(convs_per_row)
+    ids = torch.full((B, row_len), tokenizer.bos_id, dtype=torch.long)
+    mask = torch.zeros((B, row_len), dtype=torch.bool)
+    for b, convs in enumerate(convs_per_row):
+        pos = 0
+        for conv in convs:
+            t, m = tokenizer.render_conversation(conv)
+            t, m = t[:row_len - pos], m[:row_len - pos]
+            ids[b, pos:pos + len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[b, pos:pos + len(m)] = torch.tensor(m, dtype=torch.bool)
+            pos += len(t)
+    x = ids[:, :-1]
+    y = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return x.contiguous(), y.contiguous()
+
+
+class SFTLoader:
+    """Batches of packed rows for step s, micro-batch k, on this rank. Rows of a step are split between ranks
+    and micro-batches by position, so a step's data does not depend on how it is divided."""
+
+    def __init__(self, convs, tokenizer, row_len, device_batch, grad_accum, rank=0, world=1, buffer_size=64):
+        self.convs, self.tokenizer, self.row_len = convs, tokenizer, row_len
+        self.device_batch, self.grad_accum, self.rank, self.world = device_batch, grad_accum, rank, world
+        self.lengths = [len(tokenizer.render_conversation(convs[i])[0]) for i in range(len(convs))]
+        self.truncated = sum(n > row_len for n in self.lengths)
+        self.rows = plan_rows(self.lengths, row_len, buffer_size)
+        self.rows_per_step = device_batch * grad_accum * world
+
+    @property
+    def steps_per_epoch(self):
+        return max(1, len(self.rows) // self.rows_per_step)
+
+    def micro_batch(self, step, k):
+        """(x, y) of micro-batch k of optimizer step `step` for this rank (wraps around past the last row)."""
+        first = step * self.rows_per_step + (k * self.world + self.rank) * self.device_batch
+        idx = [(first + j) % len(self.rows) for j in range(self.device_batch)]
+        return render_rows(self.tokenizer, [[self.convs[i] for i in self.rows[r]] for r in idx], self.row_len)
+
+    def stats(self):
+        tokens = sum(min(n, self.row_len) for n in self.lengths)
+        return {"conversations": len(self.lengths), "rows": len(self.rows), "truncated": self.truncated,
+                "fill": tokens / max(1, len(self.rows) * self.row_len)}
+
+
+def step_loss(model, batches, device, autocast, ddp=False):
+    """Forward + backward over the micro-batches of one step. Each micro-batch contributes
+    sum(token losses) / (supervised tokens in the whole step, over all ranks), so the gradient is that of the
+    mean loss over the step's supervised tokens however they are spread. Returns (mean loss, tokens)."""
+    count = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in batches)), device=device)
+    if ddp:
+        dist.all_reduce(count)
+    world = dist.get_world_size() if ddp else 1
+    # the optimizer averages gradients over ranks, so each rank scales its share up by the rank count
+    denom = count.clamp(min=1.0) / world
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            loss = model(x, y, reduction="sum")
+        (loss / denom).backward()
+        total += loss.detach()
+    if ddp:
+        dist.all_reduce(total)
+    return float(total / count.clamp(min=1.0)), int(count)
+
+
+@torch.no_grad()
+def eval_loss(model, loader, device, autocast, max_rows=None):
+    """Mean loss over the supervised tokens of a packed set (all of it, or max_rows rows)."""
+    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
+    rows = range(loader.rank * loader.device_batch, min(len(loader.rows), max_rows or len(loader.rows)),
+                 loader.world * loader.device_batch)
+    for first in rows:
+        idx = list(range(first, min(first + loader.device_batch, len(loader.rows))))
+        x, y = render_rows(loader.tokenizer, [[loader.convs[i] for i in loader.rows[r]] for r in idx], loader.row_len)
+        with autocast():
+            total += model(x.to(device), y.to(device), reduction="sum").double()
+        count += (y >= 0).sum().double()
+    if dist.is_initialized():
+        both = torch.stack([total, count])
+        dist.all_reduce(both)
+        total, count = both
+    return float(total / count) if count > 0 else float("nan")
+
+
+# ---- chat evaluation --------------------------------------------------------------------------------------------
+FORMAT_BAD = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
+
+
+def follows_format(tokenizer, completion):
+    """Does a generated reply (the tokens after <|assistant_start|>) follow the chat format: some text, tool
+    calls closed and followed by their output, no other role's tokens, and it ends with <|assistant_end|>."""
+    S = tokenizer.special
+    if not completion or completion[-1] != S("<|assistant_end|>") or len(completion) < 2:
+        return False
+    bad = {S(t) for t in FORMAT_BAD}
+    state = "text"  # text -> (python_start) call -> (python_end) closed -> (output_start) output -> text
+    for t in completion[:-1]:
+        if t in bad or t == S("<|assistant_end|>"):
+            return False
+        if t == S("<|python_start|>"):
+            if state != "text":
+                return False
+            state = "call"
+        elif t == S("<|python_end|>"):
+            if state != "call":
+                return False
+            state = "closed"
+        elif t == S("<|output_start|>"):
+            if state != "closed":
+                return False
+            state = "output"
+        elif t == S("<|output_end|>"):
+            if state != "output":
+                return False
+            state = "text"
+        elif state == "closed":
+            return False  # a call must be followed by its output
+    return state == "text"
+
+
+def reply_text(tokenizer, completion):
+    """The text of a reply (tool calls and outputs included as their token strings), without <|assistant_end|>."""
+    end = tokenizer.special("<|assistant_end|>")
+    return tokenizer.decode([t for t in completion if t != end])
+
+
+def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):
+    """Greedy replies (completion token lists) to a list of conversations, with the Python tool live. The
+    prompts are decoded together, `slots` at a time, by the engine's continuous-batching scheduler."""
+    from picochat.engine import Engine, Request, Scheduler
+    engine = Engine(model, tokenizer, tool=True)
+    ids = [tokenizer.render_for_completion(conv) for conv in prompts]
+    out = [[] for _ in ids]
+    todo = [i for i, p in enumerate(ids) if len(p) < model.config.sequence_len]
+    if not todo:
+        return out
+    import threading
+    finished = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            if event[0] == "token":
+                out[i].append(event[1])
+            else:
+                finished.release()
+        return emit
+
+    sched = Scheduler(engine, slots=min(slots, len(todo))).start()
+    try:
+        for i in todo:
+            sched.submit(Request(prompt=ids[i], max_tokens=max_tokens, temperature=0.0, emit=emitter(i)))
+        for _ in todo:
+            finished.acquire()
+    finally:
+        sched.stop()
+    return out
+
+
+def chat_eval(model, tokenizer, suites, max_tokens=192):
+    """suites: {name: (items, prompt_fn, check_fn)}. Greedy replies to every item; returns per-suite accuracy,
+    and format compliance over all replies."""
+    was_training = model.training
+    model.eval()
+    res, ok_format, n = {}, 0, 0
+    for name, (items, prompt_fn, check_fn) in suites.items():
+        replies = greedy_replies(model, tokenizer, [prompt_fn(it) for it in items], max_tokens)
+        right = sum(bool(check_fn(it, reply_text(tokenizer, r))) for it, r in zip(items, replies))
+        fmt = sum(follows_format(tokenizer, r) for r in replies)
+        res[name] = right / max(1, len(items))
+        res[f"{name}_format"] = fmt / max(1, len(items))
+        ok_format += fmt
+        n += len(items)
+    res["format"] = ok_format / max(1, n)
+    model.train(was_training)
+    return res
+
+
+# ---- mixtures ----------------------------------------------------------------------------------------------------
+DEFAULT_EPOCHS = {  # per-task passes in the full mixture; --task-epochs overrides
+    "smoltalk": 1.0, "imported": 1.0, "jsonl": 1.0, "gsm8k": 2.0, "arc_easy": 1.0, "arc_challenge": 1.0,
+    "mmlu": 0.5, "spelling": 1.0, "identity": 2.0,
+    # demo curriculum sources (as tagged in data/demo/sft/train.jsonl)
+    "word_problem": 1.0, "world": 1.0,
+}
+
+
+def parse_epochs(text):
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+            if not sep or out[name.strip()] < 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--task-epochs: expected name=number pairs like 'gsm8k=2,mmlu=0.5', got {part!r}") from None
+    return out
+
+
+def build_mixture(args):
+    """(Mixture, validation conversations, chat-eval suites) for --mixture demo|full."""
+    epochs = dict(DEFAULT_EPOCHS, **parse_epochs(args.task_epochs))
+    sources, notes = [], []
+    if args.mixture == "demo":
+        folder = demo_tasks.root(args.demo_data or None)
+        for name, convs in demo_tasks.sft_conversations(folder).items():
+            if name == "identity" and args.identity_jsonl:
+                continue
+            sources.append(Source(name, convs, epochs.get(name, 1.0)))
+        val = demo_tasks.val_conversations(folder)
+        suites = {"word_problems": (demo_tasks.word_problems("test", folder)[:args.eval_problems], gsm8k.prompt,
+                                    gsm8k.check)}
+        if spelling.available("test", folder / "eval"):
+            suites["spelling"] = (demo_tasks.spelling_questions("test", folder)[:args.eval_problems],
+                                  spelling.prompt, spelling.check)
+    elif args.mixture == "full":
+        val, suites = [], {}
+        try:
+            convs, skipped = chat.smoltalk("train")
+            sources.append(Source("smoltalk", convs, epochs["smoltalk"]))
+            val = chat.smoltalk("test")[0][:2000]
+        except UserError as e:
+            notes.append(f"no SmolTalk ({e})")
+        imported = chat.imported()
+        if imported:
+            sources.append(Source("imported", imported, epochs["imported"]))
+        if gsm8k.available("train"):
+            sources.append(Source("gsm8k", gsm8k.load("train"), epochs["gsm8k"], gsm8k.conversation))
+        else:
+            notes.append("no GSM8K train")
+        if gsm8k.available("test"):
+            suites["gsm8k"] = (gsm8k.load("test")[:args.eval_problems], gsm8k.prompt, gsm8k.check)
+        for subset, name in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
+            if arc.available(subset, "train"):
+                sources.append(Source(name, arc.load(subset, "train"), epochs[name], arc.conversation))
+            else:
+                notes.append(f"no {subset} train")
+        if mmlu.available("auxiliary_train"):
+            sources.append(Source("mmlu", mmlu.load("auxiliary_train"), epochs["mmlu"], mmlu.conversation))
+        else:
+            notes.append("no MMLU auxiliary_train")
+        if spelling.available("train"):
+            sources.append(Source("spelling", spelling.load("train"), epochs["spelling"], spelling.conversation))
+            suites["spelling"] = (spelling.load("test")[:args.eval_problems], spelling.prompt, spelling.check)
+        else:
+            notes.append("no word list for spelling")
+        if not args.identity_jsonl:
+            sources.append(Source("identity", identity.load(seed=args.seed), epochs["identity"]))
+    else:
+        raise UserError(f"--mixture must be demo or full, got {args.mixture!r}")
+    if args.identity_jsonl:
+        sources.append(Source("identity", identity.load(args.identity_jsonl), epochs["identity"]))
+    if args.data_jsonl:
+        for path in args.data_jsonl:
+            convs, skipped = chat.load(path)
+            if skipped:
+                notes.append(f"{path}: {skipped} conversations skipped (unusable turns)")
+            sources.append(Source(f"jsonl:{Path(path).name}", convs, epochs.get("jsonl", 1.0)))
+    mixture = Mixture(sources, seed=args.seed)
+    if not len(mixture):
+        raise UserError(f"the {args.mixture} mixture is empty ({'; '.join(notes)}): download data with "
+                        f"`picochat data download --what sft,eval` or pass --data-jsonl")
+    for note in notes:
+        print0(f"note: {note}")
+    return mixture, val, suites
+
+
+# ---- loading the starting point --------------------------------------------------------------------------------
+def load_start(folder, tokenizer_dir, device, what="base"):
+    """(model, tokenizer, meta) of the latest checkpoint in folder, refusing one trained with a tokenizer other
+    than the run's."""
+    folder = Path(folder)
+    meta = checkpoint.read_meta(folder)
+    meta_file = folder / f"meta_{meta['step']:06d}.json"
+    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else folder / "tokenizer")
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise UserError(f"{meta_file}: this {what} checkpoint was trained with another tokenizer "
+                        f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} ({tokenizer.hash}); "
+                        f"use the run's own tokenizer, or train the {what} model with this one")
+    model = checkpoint.build_model(meta, checkpoint.load_weights(folder, meta["step"]), device)
+    return model, tokenizer, meta
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def add_parser(sub):
+    p = sub.add_parser("sft", help="supervised fine-tuning: teach the base model to chat",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="default", help="run name: reads runs/<run>/base, writes runs/<run>/sft")
+    p.add_argument("--base", default="", help="base checkpoint folder (default runs/<run>/base)")
+    p.add_argument("--out", default="", help="output folder (default runs/<run>/sft)")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default runs/<run>/tokenizer, else the base's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--mixture", default="demo", choices=("demo", "full"), help="which conversations to train on")
+    g.add_argument("--demo-data", default="", help="demo curriculum folder (default $PICOCHAT_HOME/data/demo)")
+    g.add_argument("--data-jsonl", action="append", default=[], metavar="PATH",
+                   help="your own conversations, {\"messages\": [...]} per line (repeatable)")
+    g.add_argument("--identity-jsonl", default="", metavar="PATH", help="identity conversations replacing the built-in ones")
+    g.add_argument("--task-epochs", default="", help="per-task passes, e.g. 'gsm8k=2,mmlu=0.5,jsonl=3' "
+                                                      f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_EPOCHS.items())})")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--seq-len", type=int, default=0, help="row length in tokens (default: the model's context)")
+    g.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
+    g.add_argument("--embedding-lr", type=float, default=0.2)
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--scalar-lr", type=float, default=0.1)
+    g.add_argument("--init-lr-frac", type=float, default=1.0, help="all LRs are multiplied by this")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss and chat eval every N steps (0: start and end)")
+    g.add_argument("--eval-rows", type=int, default=256, help="validation rows per evaluation")
+    g.add_argument("--eval-problems", type=int, default=50, help="prompts per chat-eval suite")
+    g.add_argument("--eval-max-tokens", type=int, default=192)
+    g.add_argument("--save-every", type=int, default=200)
+    g.add_argument("--keep", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--resume", action="store_true", help="continue the SFT run in --out exactly")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="")
+    g.add_argument("--seed", type=int, default=0, help="seed of the mixture's shuffle")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    ddp, rank, local_rank, world, device = init_runtime(args.device)
+    run_dir = home_dir() / "runs" / args.run
+    base = Path(args.base) if args.base else run_dir / "base"
+    out = Path(args.out) if args.out else run_dir / STAGE
+    tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer"
+    t0 = time.time()
+    mixture, val_convs, suites = build_mixture(args)  # bad data fails before the model is loaded
+    resuming = args.resume and checkpoint.latest_step(out) is not None
+    start = out if resuming else base
+    model, tokenizer, start_meta = load_start(start, tok_dir, device, "SFT" if resuming else "base")
+    row_len = (args.seq_len or model.config.sequence_len) + 1
+    if row_len - 1 > model.config.sequence_len:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's context ({model.config.sequence_len})")
+    dtype = compute_dtype(device.type)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+
+    loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world)
+    val_loader = SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world) if val_convs else None
+    num_steps = args.num_iterations if args.num_iterations > 0 else loader.steps_per_epoch
+    st = loader.stats()
+    print0(f"mixture: {mixture.describe()}")
+    print0(f"packed into {st['rows']:,} rows of {row_len - 1} tokens ({100 * st['fill']:.0f}% filled) in "
+           f"{time.time() - t0:.1f}s; {num_steps} steps x {loader.rows_per_step} rows")
+    if st["truncated"]:
+        print0(f"warning: {st['truncated']:,} conversations are longer than a row ({row_len} tokens) and were "
+               f"truncated; raise --seq-len (up to the model's context) to keep them whole")
+
+    lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+               scalar_lr=args.scalar_lr)
+    optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()},
+                                weight_decay=args.weight_decay)
+    step, metrics_path = 0, out / "metrics.jsonl"
+    if resuming:
+        meta = start_meta
+        if meta.get("stage") != STAGE:
+            raise UserError(f"{out} holds a {meta.get('stage')} checkpoint, not an SFT one: pick another --out")
+        state = checkpoint.load_rank_shards(out, meta, optimizer)
+        if state is not None:
+            torch.set_rng_state(state["rng"])
+        step = meta["step"]
+        print0(f"resumed from step {step} in {out}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step)
+
+    def log(record):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(step):
+        model.eval()
+        rec = {"step": step}
+        if val_loader is not None:
+            rec["val_loss"] = eval_loss(model, val_loader, device, autocast, args.eval_rows)
+        if rank == 0 and suites:
+            with autocast():
+                rec.update(chat_eval(model, tokenizer, {k: v for k, v in suites.items()}, args.eval_max_tokens))
+        if ddp:
+            dist.barrier()
+        model.train()
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
+        log(rec)
+        return rec
+
+    model.train()
+    first_eval = evaluate(step) if step == 0 else None
+    if first_eval is not None and rank == 0:
+        atomic_write_json(out / "start_eval.json", first_eval)
+    t_train, last_eval = 0.0, first_eval
+    while step < num_steps:
+        t_step = time.perf_counter()
+        mult = lr_multiplier(step, num_steps, args.warmup_steps, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+        batches = [loader.micro_batch(step, k) for k in range(args.grad_accum)]
+        loss, ntok = step_loss(model, batches, device, autocast, ddp)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t_step
+        t_train += dt
+        step += 1
+        log({"step": step, "loss": loss, "lr_mult": mult, "supervised_tokens": ntok, "dt": dt})
+        if step % args.log_every == 0 or step == num_steps:
+            print0(f"step {step:05d}/{num_steps} | loss {loss:.4f} | lr x{mult:.2f} | {ntok} supervised tokens | "
+                   f"{dt * 1000:.0f} ms | ETA {format_duration(t_train / step * (num_steps - step)) if step else '?'}")
+        if step == num_steps or (args.eval_every > 0 and step % args.eval_every == 0):
+            last_eval = evaluate(step)
+        if step % args.save_every == 0 or step == num_steps:
+            checkpoint.save_checkpoint(out, step, model, optimizer, rank_state={"rng": torch.get_rng_state()},
+                                       meta={"stage": STAGE, "val_loss": (last_eval or {}).get("val_loss"),
+                                             "base": str(base), "args": vars_json(args)},
+                                       tokenizer=tokenizer, keep=args.keep)
+
+    if rank == 0:
+        start_eval = json.loads((out / "start_eval.json").read_text()) if (out / "start_eval.json").exists() else {}
+        summary = {"stage": STAGE, "step": step, "train_seconds": t_train,
+                   "val_loss": (last_eval or {}).get("val_loss"), "format_compliance": (last_eval or {}).get("format"),
+                   "base_format_compliance": start_eval.get("format"), "eval": last_eval, "base_eval": start_eval,
+                   "mixture": mixture.counts(), "rows": st["rows"], "truncated": st["truncated"],
+                   "row_fill": st["fill"], "args": vars_json(args)}
+        atomic_write_json(out / "summary.json", summary)
+        print0(f"done: {step} steps in {format_duration(t_train)}, format compliance "
+               f"{start_eval.get('format', float('nan')):.2f} -> {(last_eval or {}).get('format', float('nan')):.2f}, "
+               f"checkpoint in {out}")
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+def lr_multiplier(step, num_steps, warmup_steps=0, final_frac=0.0):
+    """Linear warm-up, then linear decay to final_frac at the last step."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+    return 1.0 - progress * (1.0 - final_frac)
+
+
+def vars_json(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop log lines past the checkpoint so the curve has no duplicates."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    path.write_text("".join(l + "\n" for l in keep) if step else "")

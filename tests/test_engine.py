@@ -1,0 +1,445 @@
+import threading
+import time
+
+import pytest
+import torch
+
+import picochat.engine as engine_mod
+from picochat.common import UserError
+from picochat.engine import (Engine, InferenceModel, Request, Scheduler, StaticCache, StreamDecoder, ToolState,
+                             parse_reply, sample, softcap)
+from picochat.model import GPT, GPTConfig
+from picochat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: on a shared 2-core machine, OpenMP barriers across 2 threads cost ~20x the work itself
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(webtext_tokenizer):
+    return Tokenizer.load(webtext_tokenizer)
+
+
+def tiny(vocab=300, depth=2, seq=64, scale=0.05, head_scale=1.0, **kw):
+    cfg = GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq, head_dim=32, **kw)
+    model = GPT(cfg).init_weights(seed=0)
+    with torch.no_grad():  # zero-initialized projections and a near-zero head would hide bugs (and tie logits)
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+        model.lm_head.weight.mul_(head_scale)
+    return model.eval()
+
+
+def greedy_reference(model, prompt, n, stops=(), forced_script=None, tool=None):
+    """Greedy decoding by full recompute (model.forward over the whole sequence every step), with the tool
+    state machine written out naively: the reference the cached engine must match token for token."""
+    seq, out = list(prompt), []
+    forced, call = [], None
+    script = list(forced_script or [])
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0, -1]
+        if forced:
+            t, f = forced.pop(0), True
+        else:
+            t, f = (script.pop(0) if script else int(logits.argmax())), False
+            if tool is not None:
+                start, end, to_tokens = tool
+                if t == start:
+                    call = []
+                elif t == end and call is not None:
+                    forced, call = to_tokens(call), None
+                elif call is not None:
+                    call.append(t)
+        out.append((t, f))
+        seq.append(t)
+        if t in stops and not f:
+            break
+    return out
+
+
+# ---- the decode layout ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3},
+                                {"n_kv_head": 1, "depth": 4}, {"resid_scalars": False}])
+def test_inference_model_matches_model_forward(kw):
+    model = tiny(**kw)
+    net = InferenceModel(model)
+    x = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
+        assert torch.allclose(softcap(net.logits(net.hidden(x)), 15.0), ref, atol=1e-5)
+        assert torch.allclose(model(x), ref, atol=1e-5)
+        # prefill then decode, all rows together
+        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
+        parts = [net.logits(net.hidden(x[:, :25], cache, slice(0, 3), [0] * 3))]
+        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 3), [t] * 3)) for t in range(25, 40)]
+        assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-5)
+        # rows at different positions (the server's slots), decoded together
+        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
+        lens = [9, 21, 30]
+        for b, n in enumerate(lens):
+            net.hidden(x[b:b + 1, :n], cache, slice(b, b + 1), [0])
+        for t in range(6):
+            ids = torch.tensor([[x[b, lens[b] + t]] for b in range(3)])
+            out = softcap(net.logits(net.hidden(ids, cache, slice(0, 3), [n + t for n in lens])), 15.0)
+            for b in range(3):
+                assert torch.allclose(out[b, 0], ref[b, lens[b] + t], atol=1e-5)
+
+
+def test_static_cache_attends_over_the_whole_cache():
+    model = tiny(window_pattern="SL", seq=32)
+    net = InferenceModel(model)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
+        cache = StaticCache(model.config, 2, 32, "cpu", torch.float32, static=True)
+        parts = [net.logits(net.hidden(x[:, :12], cache, slice(0, 2), [0, 0]))]
+        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 2), [t, t])) for t in range(12, 20)]
+    assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-5)
+
+
+def test_layout_follows_in_place_weight_updates():
+    """RL updates the model between generations: the engine must not decode with stale weights."""
+    model = tiny()
+    net = InferenceModel(model)
+    x = torch.randint(0, 300, (1, 10))
+    before = net.logits(net.hidden(x)).clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    net.refresh()
+    after = net.logits(net.hidden(x))
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        assert torch.allclose(softcap(after, 15.0), model(x), atol=1e-4)
+
+
+def test_compiled_decode_step_matches():
+    model = tiny(depth=1)
+    x = torch.randint(0, 300, (2, 12))
+    net = InferenceModel(model, compile=True)
+    with torch.no_grad():
+        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
+        cache = StaticCache(model.config, 2, 16, "cpu", torch.float32, static=True)
+        parts = [net.logits(net.hidden(x[:, :8], cache, slice(0, 2), [0, 0]))]
+        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 2), [t, t])) for t in range(8, 12)]
+    assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-4)
+
+
+# ---- generation -------------------------------------------------------------------------------------------------
+def test_greedy_generation_matches_full_recompute(tok):
+    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
+    eng = Engine(model, tok, tool=False)
+    stops = eng.stop_ids
+    prompts = [tok.encode("The history of science", prepend_bos=True), [tok.bos_id], tok.encode("x" * 30),
+               tok.render_for_completion([{"role": "user", "content": "Hi there, who are you?"}])]
+    for prompt in prompts:
+        ref = greedy_reference(model, prompt, 24, stops)
+        seqs, masks = eng.generate_batch(prompt, num_samples=3, max_tokens=24, temperature=0.0)
+        for seq, mask in zip(seqs, masks):  # batch > 1: every row decodes the same greedy continuation
+            assert seq[len(prompt):] == [t for t, _ in ref]
+            assert mask == [0] * len(prompt) + [1] * len(ref)
+
+
+def test_tool_call_is_evaluated_and_forced(tok, monkeypatch):
+    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
+    eng = Engine(model, tok, tool=True)
+    S = tok.special
+    call = [S("<|python_start|>")] + tok.encode("12*3+4") + [S("<|python_end|>")]
+    script = list(call)
+    real_sample = engine_mod.sample
+
+    def scripted(logits, *a, **k):  # the model "decides" to call the tool, then decodes greedily
+        out = real_sample(logits, 0.0)
+        if script:
+            out[:] = script.pop(0)
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", scripted)
+    prompt = tok.render_for_completion([{"role": "user", "content": "What is 12*3+4?"}])
+    seqs, masks = eng.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    expected_output = [S("<|output_start|>")] + tok.encode("40") + [S("<|output_end|>")]
+    completion = seqs[0][len(prompt):]
+    assert completion[:len(call)] == call
+    assert completion[len(call):len(call) + len(expected_output)] == expected_output
+    mask = masks[0][len(prompt):]
+    assert mask[:len(call)] == [1] * len(call)
+    assert mask[len(call):len(call) + len(expected_output)] == [0] * len(expected_output)
+    assert seqs[1] == seqs[0] and masks[1] == masks[0]
+    # and everything, forced tokens included, matches a full recompute with the same tool logic
+    ref = greedy_reference(model, prompt, 30, eng.stop_ids, forced_script=call,
+                           tool=(S("<|python_start|>"), S("<|python_end|>"), eng.tool_tokens))
+    assert completion == [t for t, _ in ref]
+    assert mask == [0 if f else 1 for _, f in ref]
+
+
+def test_tool_state_machine():
+    start, end = 5, 6
+    st = ToolState((start, end))
+    assert st.next(1) == (1, False, None)
+    assert st.next(start) == (start, False, None)
+    assert st.next(7) == (7, False, None)
+    assert st.next(8) == (8, False, None)
+    assert st.next(end) == (end, False, [7, 8])
+    st.forced.extend([100, 101])
+    assert st.next(3) == (100, True, None)  # the sampled token is ignored while output is forced
+    assert st.next(3) == (101, True, None)
+    assert st.next(end) == (end, False, None)  # a stray <|python_end|> closes nothing
+    assert st.next(9) == (9, False, None)
+
+
+def test_tool_tokens(tok):
+    model = tiny(vocab=tok.vocab_size)
+    S = tok.special
+    eng = Engine(model, tok, tool=True)
+    assert eng.tool_tokens(tok.encode("10/4")) == [S("<|output_start|>")] + tok.encode("2.5") + [S("<|output_end|>")]
+    assert eng.tool_tokens(tok.encode("1/0")) == []  # a failing call forces nothing
+    assert eng.tool_tokens(tok.encode("import os")) == []
+    assert Engine(model, tok, tool=False).tool_tokens(tok.encode("1+1")) == []
+
+
+def test_sampling_seeds_topk_topp(tok):
+    model = tiny(vocab=tok.vocab_size, seq=96)
+    eng = Engine(model, tok, tool=False)
+    prompt = tok.encode("Once upon a time", prepend_bos=True)
+    a = eng.generate_batch(prompt, 4, 20, temperature=1.0, seed=7)
+    b = eng.generate_batch(prompt, 4, 20, temperature=1.0, seed=7)
+    c = eng.generate_batch(prompt, 4, 20, temperature=1.0, seed=8)
+    assert a == b and a[0] != c[0]
+    assert len({tuple(s) for s in a[0]}) > 1  # samples of one call differ
+    greedy = eng.generate_batch(prompt, 1, 20, temperature=0.0)[0]
+    assert eng.generate_batch(prompt, 1, 20, temperature=1.0, top_k=1, seed=3)[0] == greedy
+    assert eng.generate_batch(prompt, 1, 20, temperature=1.0, top_p=1e-6, seed=3)[0] == greedy
+    logits = torch.randn(64, 50)
+    allowed = torch.topk(logits, 5).indices
+    picks = sample(logits, 2.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert all(int(p) in allowed[i].tolist() for i, p in enumerate(picks))
+
+
+def test_finished_samples_stop_appearing(tok, monkeypatch):
+    model = tiny(vocab=tok.vocab_size, seq=96)
+    eng = Engine(model, tok, tool=False)
+    end = tok.special("<|assistant_end|>")
+    eng.stop_ids = frozenset([end])
+    calls = {"n": 0}
+    real_sample = engine_mod.sample
+
+    def row0_stops_at_step3(logits, *a, **k):
+        out = real_sample(logits, *a, **k)
+        out[out == end] = 1  # no accidental stops
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out[0] = end
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", row0_stops_at_step3)
+    steps = [t for t, _ in eng.generate(tok.encode("abc", prepend_bos=True), 3, 10, temperature=1.0, seed=1)]
+    assert len(steps) == 10
+    col0 = [s[0] for s in steps]
+    assert col0[2] == end and all(t is None for t in col0[3:]) and None not in col0[:3]
+    assert all(s[1] is not None and s[2] is not None for s in steps)
+    calls["n"] = 0
+    prompt = tok.encode("abc", prepend_bos=True)
+    seqs, masks = eng.generate_batch(prompt, 3, 10, temperature=1.0, seed=1)
+    assert [len(s) - len(prompt) for s in seqs] == [3, 10, 10] and seqs[0][-1] == end and masks[0][-1] == 1
+    assert eng.generate_batch([tok.bos_id], 2, 0) == ([[tok.bos_id]] * 2, [[0]] * 2)
+
+
+def test_context_guard(tok):
+    model = tiny(vocab=tok.vocab_size, seq=32)
+    eng = Engine(model, tok, tool=False)
+    eng.stop_ids = frozenset()  # decode to the very end
+    with pytest.raises(UserError, match="no room"):
+        eng.generate_batch(list(range(32)), 1, 5)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        eng.generate_batch([tok.vocab_size], 1, 5)
+    with pytest.raises(UserError, match="empty prompt"):
+        eng.generate_batch([], 1, 5)
+    seqs, _ = eng.generate_batch(list(range(20)), 2, 100, temperature=1.0)
+    assert all(len(s) == 32 for s in seqs)  # max_tokens clipped to the context
+
+
+def test_stream_decoder_never_splits_a_character(tok):
+    text = "Größe: 敏捷的棕色狐狸跳过了懒狗 — ünïcödé ✓ 🙂 ok"
+    ids = tok.encode(text)
+    partial = [t for t in ids if not _valid_utf8(tok.enc.decode_single_token_bytes(t))]
+    assert partial, "the test needs tokens that end inside a character"
+    dec = StreamDecoder(tok)
+    pieces = [dec.feed(t) for t in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # special tokens: dropped, or kept as their text
+    S = tok.special
+    dec = StreamDecoder(tok, keep=("<|python_start|>", "<|python_end|>"))
+    seq = tok.encode("a ") + [S("<|python_start|>")] + tok.encode("1+1") + [S("<|python_end|>"), S("<|assistant_end|>")]
+    assert "".join(dec.feed(t) for t in seq) + dec.flush() == "a <|python_start|>1+1<|python_end|>"
+
+
+def _valid_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_parse_reply_round_trips_through_the_tokenizer(tok):
+    text = "So <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|> apples. Done"
+    parts = parse_reply(text)
+    assert parts == [{"type": "text", "text": "So "}, {"type": "python", "text": "12*3"},
+                     {"type": "python_output", "text": "36"}, {"type": "text", "text": " apples. Done"}]
+    ids, _ = tok.render_conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}])
+    dec = StreamDecoder(tok, keep=("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"))
+    start = ids.index(tok.special("<|assistant_start|>")) + 1
+    assert "".join(dec.feed(t) for t in ids[start:]) + dec.flush() == text
+    assert parse_reply("x <|python_start|>1+") == [{"type": "text", "text": "x "}, {"type": "python", "text": "1+"}]
+
+
+# ---- continuous batching ----------------------------------------------------------------------------------------
+def run_requests(sched, reqs, timeout=60):
+    events = {id(r): [] for r in reqs}
+    done = threading.Semaphore(0)
+
+    def emitter(r):
+        def emit(ev):
+            events[id(r)].append(ev)
+            if ev[0] == "done":
+                done.release()
+        return emit
+
+    for r in reqs:
+        r.emit = emitter(r)
+        sched.submit(r)
+    for _ in reqs:
+        assert done.acquire(timeout=timeout)
+    return [events[id(r)] for r in reqs]
+
+
+def test_scheduler_matches_single_generation(tok):
+    model = tiny(vocab=tok.vocab_size, seq=128, head_scale=20.0)
+    eng = Engine(model, tok, tool=False)
+    prompts = [tok.encode(t, prepend_bos=True) for t in
+               ("The", "A much longer prompt about the history of science and art", "Numbers 1 2 3", "x y", "Why")]
+    expected = [eng.generate_batch(p, 1, 12 + i, temperature=0.0)[0][0][len(p):] for i, p in enumerate(prompts)]
+    sched = Scheduler(eng, slots=3).start()  # fewer slots than requests: some wait, then take freed slots
+    try:
+        reqs = [Request(prompt=p, max_tokens=12 + i, temperature=0.0) for i, p in enumerate(prompts)]
+        results = run_requests(sched, reqs)
+        for evs, exp in zip(results, expected):
+            toks = [e[1] for e in evs if e[0] == "token"]
+            assert toks == exp
+            assert evs[-1][0] == "done" and evs[-1][1] in ("stop", "length")
+        deadline = time.time() + 5
+        while sched.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert sched.active == 0 and sched.queued == 0
+        assert sched.stats["steps"] > 0
+    finally:
+        sched.stop()
+
+
+def test_scheduler_tool_call_pauses_only_that_row(tok, monkeypatch):
+    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
+    eng = Engine(model, tok, tool=True)
+    S = tok.special
+    call = [S("<|python_start|>")] + tok.encode("6*7") + [S("<|python_end|>")]
+    script = list(call)
+    real_sample = engine_mod.sample
+
+    def scripted(logits, *a, **k):
+        out = real_sample(logits, 0.0)
+        if script and logits.shape[0] == 1:
+            out[:] = script.pop(0)
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", scripted)
+    sched = Scheduler(eng, slots=2).start()
+    try:
+        r = Request(prompt=tok.encode("Compute", prepend_bos=True), max_tokens=20, temperature=0.5, seed=0)
+        (evs,) = run_requests(sched, [r])
+    finally:
+        sched.stop()
+    toks = [(e[1], e[2]) for e in evs if e[0] == "token"]
+    out = [S("<|output_start|>")] + tok.encode("42") + [S("<|output_end|>")]
+    assert [t for t, _ in toks[:len(call)]] == call
+    assert toks[len(call):len(call) + len(out)] == [(t, True) for t in out]
+
+
+def test_scheduler_cancel_frees_the_slot(tok):
+    model = tiny(vocab=tok.vocab_size, seq=128)
+    eng = Engine(model, tok, tool=False)
+    eng.stop_ids = frozenset()
+    sched = Scheduler(eng, slots=2).start()
+    sched.min_step_time = 0.01
+    try:
+        got = threading.Event()
+        reasons = []
+
+        def emit(ev):
+            if ev[0] == "token":
+                got.set()
+            else:
+                reasons.append(ev[1])
+
+        r = sched.submit(Request(prompt=[tok.bos_id], max_tokens=100, temperature=1.0, emit=emit))
+        assert got.wait(10)
+        assert sched.active == 1
+        sched.cancel(r)
+        deadline = time.time() + 5
+        while sched.active and time.time() < deadline:
+            time.sleep(0.005)
+        assert sched.active == 0 and reasons == ["cancelled"]
+        assert r.generated < 100
+        with pytest.raises(UserError, match="no room"):
+            sched.submit(Request(prompt=[1] * 128, max_tokens=1))
+    finally:
+        sched.stop()
+
+
+def test_scheduler_logprobs_match_scoring(tok):
+    model = tiny(vocab=tok.vocab_size, seq=96)
+    eng = Engine(model, tok, tool=False)
+    prompt = tok.encode("The cat", prepend_bos=True)
+    sched = Scheduler(eng, slots=1).start()
+    try:
+        (evs,) = run_requests(sched, [Request(prompt=prompt, max_tokens=6, temperature=1.0, seed=3, logprobs=2)])
+    finally:
+        sched.stop()
+    toks = [e[1] for e in evs if e[0] == "token"]
+    lps = [e[3] for e in evs if e[0] == "token"]
+    scored = eng.score(prompt + toks, top_n=2)[len(prompt) - 1:]
+    for (lp, top), (ref, ref_top) in zip(lps, scored):
+        assert abs(lp - ref) < 1e-4
+        assert [t for t, _ in top] == [t for t, _ in ref_top]
+
+
+# ---- the chat command -------------------------------------------------------------------------------------------
+def test_chat_cli_one_shot_and_stage_choice(tok, tmp_path, capsys, webtext_tokenizer):
+    from picochat import checkpoint
+    from picochat.chat import resolve_checkpoint
+    from picochat.cli import main
+    from picochat.common import home_dir
+    model = tiny(vocab=tok.vocab_size, seq=64)
+    with pytest.raises(UserError, match="no checkpoint"):
+        resolve_checkpoint("demo")
+    for stage in ("base", "sft"):
+        checkpoint.save_checkpoint(home_dir() / "runs" / "demo" / stage, 3, model, tokenizer=tok)
+    assert resolve_checkpoint("demo")[1] == "sft"
+    assert resolve_checkpoint("demo", "base")[1] == "base"
+    with pytest.raises(UserError, match="no rl checkpoint"):
+        resolve_checkpoint("demo", "rl")
+    assert main(["chat", "--run", "demo", "-p", "Hello", "--max-tokens", "8", "--seed", "1"]) == 0
+    out1 = capsys.readouterr().out
+    assert main(["chat", "--run", "demo", "-p", "Hello", "--max-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == out1 and out1.strip()
+    assert main(["chat", "--run", "demo", "--stage", "base", "-p", "Once", "--max-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert main(["chat", "--run", "nope", "-p", "x"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

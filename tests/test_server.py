@@ -1,0 +1,307 @@
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import picochat.engine as engine_mod
+from picochat.model import GPT, GPTConfig
+from picochat.server import Limits, ServerThread, create_app
+from picochat.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a shared machine: see tests/test_engine.py
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(webtext_tokenizer):
+    return Tokenizer.load(webtext_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    m = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=256, head_dim=32)).init_weights(seed=0)
+    with torch.no_grad():  # logits that are not all ~0, so greedy is well defined
+        m.lm_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        m.lm_head.weight[len(tok.mergeable_ranks):] = 0  # special tokens (stops, tool calls) never win greedily
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    app = create_app(model, tok, model_name="tiny", slots=8)
+    srv = ServerThread(app).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def wait_idle(sched, timeout=10):
+    deadline = time.time() + timeout
+    while (sched.active or sched.queued) and time.time() < deadline:
+        time.sleep(0.01)
+    return sched.active == 0 and sched.queued == 0
+
+
+HELLO = [{"role": "user", "content": "Hello! How are you?"}]
+
+
+def test_openai_client_chat(client, tok, server):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0.7, seed=5)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(tok.render_for_completion(HELLO))
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # the same seed streamed gives the same text, delta by delta
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0.7, seed=5,
+                                            stream=True, stream_options={"include_usage": True})
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                deltas.append(c.delta.content)
+            finish = c.finish_reason or finish
+    assert "".join(deltas) == choice.message.content
+    assert finish == choice.finish_reason
+    assert usage.completion_tokens == r.usage.completion_tokens
+    assert client.models.list().data[0].id == "tiny"
+
+
+def test_n_stop_and_logprobs(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content == r.choices[1].message.content  # greedy
+    text = r.choices[0].message.content
+    assert len(text) > 6
+    stop = text[3:6]
+    r2 = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30, temperature=0, stop=[stop])
+    assert r2.choices[0].message.content == text[:text.index(stop)]
+    assert r2.choices[0].finish_reason == "stop"
+    r3 = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0, logprobs=True,
+                                        top_logprobs=2)
+    content = r3.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in content)  # greedy = the top token
+
+
+def test_completions_echo_logprobs_match_the_model(client, model, tok):
+    prompt = "The cat sat on the mat."
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = tok.encode(prompt)
+    assert r.choices[0].text == prompt
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([[tok.bos_id] + ids]))[0], -1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i, ids[i]]), abs=1e-4)
+        assert len(lp.top_logprobs[i]) == 2
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i].max()), abs=1e-4)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # lm-evaluation-harness's loglikelihood request: token ids, echo, max_tokens=1, logprobs=1, temperature 0
+    batch = [tok.encode("Paris is in"), tok.encode("Berlin is in Germany")]
+    r = client.completions.create(model="tiny", prompt=batch, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for c in sorted(r.choices, key=lambda c: c.index):
+        ids = batch[c.index]
+        assert len(c.logprobs.token_logprobs) == len(ids) + 1
+        ctx = 1
+        tail = c.logprobs.token_logprobs[ctx:-1]
+        tops = c.logprobs.top_logprobs[ctx:-1]
+        assert all(isinstance(x, float) for x in tail) and all(len(t) == 1 for t in tops)
+        # the last (generated, greedy) token is the argmax
+        assert c.logprobs.token_logprobs[-1] == pytest.approx(max(c.logprobs.top_logprobs[-1].values()))
+    r = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=3, n=2, temperature=1, seed=1)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+
+
+def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
+    S = tok.special
+    script = [S("<|python_start|>")] + tok.encode("6*7") + [S("<|python_end|>")]
+    real_sample = engine_mod.sample
+
+    def scripted(logits, *a, **k):
+        out = real_sample(logits, *a, **k)
+        if script:
+            out[:] = script.pop(0)
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", scripted)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "6 times 7?"}],
+                                       max_tokens=20, temperature=0.5, seed=0)
+    text = r.choices[0].message.content
+    assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>")
+    # the reply goes back as history: the tags become tool parts, not text
+    conv = server.app.state.service.conversation(
+        [type("M", (), {"role": "user", "content": "6 times 7?"})(),
+         type("M", (), {"role": "assistant", "content": text})(),
+         type("M", (), {"role": "user", "content": "thanks"})()])
+    assert [p["type"] for p in conv[1]["content"]][:2] == ["python", "python_output"]
+    r = client.chat.completions.create(model="tiny", max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": text},
+        {"role": "user", "content": "thanks"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_are_openai_shaped(server, client, tok):
+    url = server.url
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}])
+    assert e.value.code == "context_length_exceeded"
+    cases = [
+        (b"{not json", "application/json"), (b"[1, 2]", "application/json"), (b"", "application/json"),
+        (json.dumps({"messages": []}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_k": 5000}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 99}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}).encode(),
+         "application/json"),
+    ]
+    for body, ctype in cases:
+        r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": ctype})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error"
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url + "/v1/completions", json={"prompt": [tok.vocab_size + 5], "max_tokens": 1})
+    assert r.status_code == 400
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_api_key_and_queue_limit(model, tok):
+    app = create_app(model, tok, api_key="sekret", slots=1, max_queue=0, limits=Limits(max_n=2))
+    app.state.scheduler.min_step_time = 0.02
+    with ServerThread(app) as url:
+        body = {"messages": HELLO, "max_tokens": 40}
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes stay open
+        auth = {"Authorization": "Bearer sekret"}
+        with httpx.Client(timeout=30) as h:
+            with h.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True), headers=auth) as s:
+                lines = s.iter_lines()  # (keep a reference: a dropped iterator closes the connection)
+                next(lines)  # the only slot is busy now
+                r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth)
+                assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=3)
+        assert c.chat.completions.create(model="x", messages=HELLO, max_tokens=2).choices[0].message.content is not None
+
+
+def test_metrics(server, client):
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'picochat_http_requests_total{path="/v1/chat/completions",status="200"}' in text
+    for name in ("picochat_queue_depth", "picochat_active_slots", "picochat_generated_tokens_total",
+                 "picochat_generation_seconds_bucket", "picochat_time_to_first_token_seconds_count"):
+        assert name in text
+    gen = [l for l in text.splitlines() if l.startswith("picochat_generated_tokens_total")][0]
+    assert float(gen.split()[-1]) >= 3
+
+
+def test_load_and_abuse(server, tok):
+    """32 concurrent streams and 200 malformed requests against one server: it stays up, every malformed request
+    gets a 4xx, every stream ends with [DONE]; then clients that drop mid-stream leave no slot busy."""
+    url, sched = server.url, server.app.state.scheduler
+    good = {"messages": HELLO, "max_tokens": 16, "stream": True, "temperature": 1.0}
+
+    def stream_one(i):
+        with httpx.Client(timeout=120) as h:
+            with h.stream("POST", url + "/v1/chat/completions", json=dict(good, seed=i)) as r:
+                assert r.status_code == 200
+                lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(l[6:]) for l in lines[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        return len(chunks)
+
+    big = "x" * 1_000_000
+    bad_bodies = [
+        b"{", b"nope", b"null", b"[]", b'{"messages": "hi"}', b'{"messages": [{"role": "user"}]}',
+        json.dumps({"messages": HELLO, "max_tokens": -5}).encode(),
+        json.dumps({"messages": HELLO, "max_tokens": "5"}).encode(),
+        json.dumps({"messages": HELLO, "temperature": "hot"}).encode(),
+        json.dumps({"messages": HELLO, "n": 1.5}).encode(),
+        json.dumps({"messages": HELLO, "stream": "yes"}).encode(),
+        json.dumps({"messages": HELLO, "top_p": 0}).encode(),
+        json.dumps({"messages": HELLO, "top_k": -1}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": big}]}).encode(),
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+        json.dumps({"messages": [{"role": "tool", "content": "hi"}]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": 42}]}).encode(),
+        json.dumps({"messages": HELLO * 300}).encode(),
+        json.dumps({"messages": HELLO, "stop": ["a"] * 10}).encode(),
+        b"[" * 5000 + b"]" * 5000,
+        json.dumps({"prompt": {"a": 1}}).encode(),
+    ]
+
+    def bad_one(i):
+        body = bad_bodies[i % len(bad_bodies)]
+        path = "/v1/completions" if body.startswith(b'{"prompt"') else "/v1/chat/completions"
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+        assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text[:200])
+        assert r.json()["error"]["message"]
+        return r.status_code
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        streams = [pool.submit(stream_one, i) for i in range(32)]
+        bads = [pool.submit(bad_one, i) for i in range(200)]
+        codes = [f.result(timeout=180) for f in bads]
+        counts = [f.result(timeout=180) for f in streams]
+    assert len(codes) == 200 and all(c >= 1 for c in counts)
+    assert time.time() - t0 < 180
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert wait_idle(sched)
+
+    # clients that go away mid-stream: their slots free up at once
+    sched.min_step_time = 0.02  # 400 tokens would take 8 s
+    cancelled_before = sched.stats["finished"].get("cancelled", 0)
+    try:
+        def drop_one(i):
+            with httpx.Client(timeout=30) as h:
+                with h.stream("POST", url + "/v1/chat/completions",
+                              json=dict(good, max_tokens=200, seed=i)) as r:
+                    it = r.iter_lines()
+                    seen = 0
+                    for line in it:
+                        seen += line.startswith("data: ")
+                        if seen >= 3:
+                            break
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(drop_one, range(8)))
+        t_drop = time.time()
+        assert wait_idle(sched, timeout=5), (sched.active, sched.queued)
+        assert time.time() - t_drop < 3
+        assert sched.stats["finished"].get("cancelled", 0) - cancelled_before == 8
+    finally:
+        sched.min_step_time = 0.0
+    assert httpx.get(url + "/health").json()["active"] == 0

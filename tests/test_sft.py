@@ -1,0 +1,376 @@
+"""SFT: task mixtures, packing and masks, loss normalisation across micro-batches, bad input, exact resume, and
+that a short SFT run teaches a small model the chat format."""
+import copy
+import json
+import shutil
+import sys
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picochat import checkpoint, sft
+from picochat.cli import main
+from picochat.common import UserError
+from picochat.model import GPT, GPTConfig, KVCache
+from picochat.tasks import chat, gsm8k
+from picochat.tasks.mixture import Mixture, Source
+from picochat.tokenizer import Tokenizer
+
+
+# ---- helpers shared with test_rl.py ----------------------------------------------------------------------------
+def tiny_model(vocab, seq_len=64, depth=1, width=32, seed=0):
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=2, n_kv_head=2, n_embd=width)
+    return GPT(cfg).init_weights(seed=seed)
+
+
+def save_base(folder, model, tokenizer, stage="base"):
+    checkpoint.save_checkpoint(folder, 0, model, meta={"stage": stage}, tokenizer=tokenizer)
+
+
+def ensure_engine():
+    """picochat.engine if it exists; else a minimal batched sampler with the same generate_batch contract, so
+    these tests run while the engine is being written."""
+    try:
+        import picochat.engine  # noqa: F401
+        return
+    except ImportError:
+        pass
+
+    class Engine:
+        def __init__(self, model, tokenizer, tool=True):
+            self.model, self.tok, self.tool = model, tokenizer, tool
+
+        @torch.no_grad()
+        def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None,
+                           top_p=None, seed=0):
+            from picochat.sandbox import evaluate_expression
+            S, m, n = self.tok.special, self.model, num_samples
+            max_len = min(m.config.sequence_len, len(prompt_ids) + max_tokens)
+            cache = KVCache(m.config, 1, max_len, "cpu", torch.float32)
+            gen = torch.Generator().manual_seed(seed)
+            logits = m(torch.tensor([prompt_ids]), kv_cache=cache)[:, -1].expand(n, -1)
+            cache.expand(n)
+            seqs = [list(prompt_ids) for _ in range(n)]
+            masks = [[0] * len(prompt_ids) for _ in range(n)]
+            done, queue, start = [False] * n, [[] for _ in range(n)], [None] * n
+            for pos in range(len(prompt_ids), max_len):
+                if temperature <= 0:
+                    nxt = logits.argmax(-1)
+                else:
+                    lg = logits / temperature
+                    if top_k:
+                        v, _ = torch.topk(lg, min(top_k, lg.shape[-1]))
+                        lg = lg.masked_fill(lg < v[:, -1:], -float("inf"))
+                    nxt = torch.multinomial(torch.softmax(lg, -1), 1, generator=gen)[:, 0]
+                feed = []
+                for i in range(n):
+                    if done[i]:
+                        feed.append(self.tok.bos_id)
+                        continue
+                    forced = bool(queue[i])
+                    t = queue[i].pop(0) if forced else int(nxt[i])
+                    seqs[i].append(t)
+                    masks[i].append(0 if forced else 1)
+                    feed.append(t)
+                    if t == S("<|python_start|>"):
+                        start[i] = len(seqs[i])
+                    elif t == S("<|python_end|>") and self.tool and start[i] is not None and not forced:
+                        res = evaluate_expression(self.tok.decode(seqs[i][start[i]:-1]))
+                        start[i] = None
+                        if res is not None:
+                            queue[i] = [S("<|output_start|>")] + self.tok.encode(res) + [S("<|output_end|>")]
+                    done[i] = done[i] or (not forced and t in (S("<|assistant_end|>"), self.tok.bos_id))
+                if all(done) or pos + 1 >= max_len:
+                    break
+                logits = m(torch.tensor([[t] for t in feed]), kv_cache=cache)[:, -1]
+            return seqs, masks
+
+    mod = types.ModuleType("picochat.engine")
+    mod.Engine = Engine
+    sys.modules["picochat.engine"] = mod
+
+
+@pytest.fixture(scope="module")
+def tok(webtext_tokenizer):
+    return Tokenizer.load(webtext_tokenizer)
+
+
+def conv(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+# ---- mixtures ----------------------------------------------------------------------------------------------------
+def test_mixture_epochs_and_deterministic_shuffle():
+    a = Source("a", [conv(f"qa{i}", "x") for i in range(10)], epochs=2)
+    b = Source("b", [conv(f"qb{i}", "y") for i in range(10)], epochs=0.5)
+    c = Source("c", list(range(4)), epochs=1.5, convert=lambda i: conv(f"qc{i}", "z"))
+    m = Mixture([a, b, c], seed=1)
+    assert m.counts() == {"a": 20, "b": 5, "c": 6}
+    assert len(m) == 31
+    firsts = [m[k]["messages"][0]["content"] for k in range(len(m))]
+    assert sorted(f for f in firsts if f.startswith("qa")) == sorted([f"qa{i}" for i in range(10)] * 2)
+    assert len(set(f for f in firsts if f.startswith("qb"))) == 5  # a fixed half, no repeats
+    assert firsts == [Mixture([a, b, c], seed=1)[k]["messages"][0]["content"] for k in range(len(m))]
+    assert firsts != [Mixture([a, b, c], seed=2)[k]["messages"][0]["content"] for k in range(len(m))]
+    assert firsts[:20] != sorted(firsts[:20])  # shuffled, not source after source
+    assert {m.source_of(k) for k in range(len(m))} == {"a", "b", "c"}
+
+
+# ---- packing and masks -------------------------------------------------------------------------------------------
+def test_plan_rows_packs_whole_conversations():
+    lengths = [30, 5, 20, 64, 100, 12, 40, 8, 33, 1]
+    rows = sft.plan_rows(lengths, 64, buffer_size=4)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(len(lengths)))  # every conversation exactly once
+    for r in rows:
+        assert sum(lengths[i] for i in r) <= 64 or len(r) == 1  # never over; only a too-long one sits alone
+    assert [4] in rows
+    assert sft.plan_rows(lengths, 64, 4) == rows
+
+
+def test_render_rows_masks_and_padding(tok):
+    c = conv("Hi there", "Hello!")
+    ids, mask = tok.render_conversation(c)
+    row_len = len(ids) + 5
+    x, y = sft.render_rows(tok, [[c]], row_len)
+    assert x.shape == y.shape == (1, row_len - 1)
+    assert x[0, :len(ids)].tolist() == ids and x[0, len(ids):].tolist() == [tok.bos_id] * 4
+    for t in range(row_len - 1):
+        nxt = t + 1
+        want = ids[nxt] if nxt < len(ids) and mask[nxt] else -1
+        assert int(y[0, t]) == want, t
+    # the supervised targets are exactly the assistant's reply and <|assistant_end|>
+    sup = [int(v) for v in y[0] if v >= 0]
+    assert sup == tok.encode("Hello!") + [tok.special("<|assistant_end|>")]
+    # tool outputs are inputs, never targets
+    tc = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [
+        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "#### 4"}]}]}
+    ids, mask = tok.render_conversation(tc)
+    x, y = sft.render_rows(tok, [[tc]], len(ids))
+    sup = [int(v) for v in y[0] if v >= 0]
+    assert tok.special("<|output_start|>") not in sup and tok.special("<|output_end|>") not in sup
+    assert tok.special("<|python_start|>") in sup and tok.special("<|python_end|>") in sup
+
+
+def test_long_conversation_truncated_and_counted(tok):
+    long = conv("word " * 200, "ok")
+    short = conv("a", "b")
+    loader = sft.SFTLoader([short, long, short], tok, 33, device_batch=2, grad_accum=1)
+    assert loader.stats()["truncated"] == 1
+    x, y = loader.micro_batch(0, 0)
+    assert x.shape == (2, 32)
+
+
+# ---- loss normalisation --------------------------------------------------------------------------------------------
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_normalised_by_supervised_tokens_of_the_whole_step():
+    torch.manual_seed(0)
+    V, T = 50, 8
+    model = tiny_model(V, seq_len=T)
+    ref = copy.deepcopy(model)
+    x1, x2 = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
+    y1, y2 = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
+    y1[0, :6] = -1   # micro-batch 1: 10 supervised tokens
+    y2[:, 1:] = -1   # micro-batch 2: 2 supervised tokens
+    loss, n = sft.step_loss(model, [(x1, y1), (x2, y2)], "cpu", nullcontext)
+    assert n == 12
+    # by hand: every supervised token of the step weighs 1/12
+    total = 0.0
+    for x, y in ((x1, y1), (x2, y2)):
+        logits = ref(x)
+        total = total + F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=-1, reduction="sum")
+    (total / 12).backward()
+    assert loss == pytest.approx(float(total.detach() / 12), rel=1e-5)
+    g, g_ref = _grads(model), _grads(ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6)
+    # and not the mean of per-micro-batch means (which would overweight micro-batch 2's two tokens)
+    wrong = copy.deepcopy(ref)
+    wrong.zero_grad()
+    mean_of_means = sum(wrong(x, y).detach() for x, y in ((x1, y1), (x2, y2))) / 2
+    assert abs(float(mean_of_means) - loss) > 1e-3
+
+
+def test_micro_batch_without_supervised_tokens():
+    torch.manual_seed(0)
+    V, T = 50, 8
+    model = tiny_model(V, seq_len=T)
+    x, y = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
+    empty = torch.full((2, T), -1)
+    # alone: a finite zero loss and no gradient
+    loss, n = sft.step_loss(model, [(x, empty)], "cpu", nullcontext)
+    assert n == 0 and loss == 0.0
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    # beside a normal micro-batch: contributes nothing
+    a = copy.deepcopy(model)
+    la, _ = sft.step_loss(a, [(x, y)], "cpu", nullcontext)
+    lb, _ = sft.step_loss(model, [(x, y), (x, empty)], "cpu", nullcontext)
+    assert la == pytest.approx(lb)
+    for name, g in _grads(a).items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g)
+
+
+# ---- chat format check ---------------------------------------------------------------------------------------------
+def test_follows_format(tok):
+    S = tok.special
+    text = tok.encode("Hello")
+    assert sft.follows_format(tok, text + [S("<|assistant_end|>")])
+    assert not sft.follows_format(tok, text)  # never ended
+    assert not sft.follows_format(tok, [S("<|assistant_end|>")])  # empty reply
+    assert not sft.follows_format(tok, text + [S("<|user_start|>")] + text + [S("<|assistant_end|>")])
+    call = [S("<|python_start|>")] + tok.encode("1+1") + [S("<|python_end|>"), S("<|output_start|>")] + \
+        tok.encode("2") + [S("<|output_end|>")]
+    assert sft.follows_format(tok, text + call + text + [S("<|assistant_end|>")])
+    assert not sft.follows_format(tok, text + call[:2] + [S("<|assistant_end|>")])  # unclosed call
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+def test_bad_conversations_named_by_line(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    good = conv("hi", "hello")
+    out_of_order = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(out_of_order) + "\n")
+    with pytest.raises(UserError, match=r"mine.jsonl line 2: message 1: role 'user' out of order"):
+        chat.load(p)
+    empty = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}
+    p.write_text(json.dumps(good) + "\n" * 3 + json.dumps(empty) + "\n")
+    with pytest.raises(UserError, match=r"mine.jsonl line 4: message 1: empty assistant turn"):
+        chat.load(p)
+    p.write_text(json.dumps(good) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"mine.jsonl line 2: no 'messages'"):
+        chat.load(p)
+    # ShareGPT rows are converted leniently: the unusable one is skipped and counted
+    p.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}) +
+                 "\n" + json.dumps({"conversations": [{"from": "human", "value": "only a question"}]}) + "\n")
+    convs, skipped = chat.load(p)
+    assert len(convs) == 1 and skipped == 1
+
+
+def test_gsm8k_row_without_answer_marker(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    rows = [{"question": "1+1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}, {"question": "2+2?", "answer": "it is 4"}]
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"train.jsonl row 2: .*####"):
+        gsm8k.load("train", root=tmp_path)
+
+
+def test_refuses_base_checkpoint_of_another_tokenizer(tmp_path, tok, capsys):
+    other = Tokenizer.train(["some other text entirely, to make another vocabulary " * 20], 300)
+    home = Path(tmp_path / "home")
+    save_base(home / "runs" / "x" / "base", tiny_model(tok.vocab_size), tok)
+    other.save(home / "runs" / "x" / "tokenizer")
+    with pytest.raises(UserError, match=r"meta_000000\.json: this base checkpoint was trained with another tokenizer"):
+        sft.load_start(home / "runs" / "x" / "base", home / "runs" / "x" / "tokenizer", torch.device("cpu"))
+
+
+# ---- the command, end to end ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory, tok):
+    """A small demo curriculum and a run folder holding the tokenizer (module-scoped: built once)."""
+    from picochat import demo
+    root = tmp_path_factory.mktemp("sftdemo")
+    demo.generate(root / "demo", seed=0, scale=0.02)
+    return root, tok
+
+
+def _home_with_run(home, demo_setup, model):
+    root, tok = demo_setup
+    shutil.copytree(root / "demo", home / "data" / "demo")
+    tok.save(home / "runs" / "t" / "tokenizer")
+    save_base(home / "runs" / "t" / "base", model, tok)
+
+
+def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
+    ensure_engine()
+    home = tmp_path / "home"
+    _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
+    flags = ["sft", "--run", "t", "--num-iterations", "4", "--device-batch-size", "4", "--grad-accum", "2",
+             "--eval-every", "0", "--eval-rows", "8", "--eval-problems", "2", "--eval-max-tokens", "8", "--log-every", "1"]
+    assert main(flags + ["--out", str(tmp_path / "a"), "--save-every", "100"]) == 0
+    full = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["stage"] == "sft" and summary["step"] == 4 and summary["train_seconds"] > 0
+    assert summary["val_loss"] is not None and summary["format_compliance"] is not None
+    assert checkpoint.latest_step(tmp_path / "a") == 4 and (tmp_path / "a" / "tokenizer").is_dir()
+
+    # interrupted right after the step-2 checkpoint, then resumed: the same losses, bit for bit
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(folder, step, *a, **kw):
+        real_save(folder, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "2"]) == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "2", "--resume"]) == 0
+    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda recs: [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    assert losses(resumed) == losses(full)
+    wa = checkpoint.load_weights(tmp_path / "a", 4)
+    wb = checkpoint.load_weights(tmp_path / "b", 4)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sft_cli_bad_jsonl_exits_with_message(tmp_path, demo_setup, capsys):
+    home = tmp_path / "home"
+    _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    assert main(["sft", "--run", "t", "--data-jsonl", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl line 1" in err and "out of order" in err
+
+
+# ---- the proof in miniature: SFT teaches the chat format ----------------------------------------------------------
+TOY_QUESTIONS = {"What is the secret number, {n}?": 7, "Tell me the secret number, {n}.": 7}
+TOY_NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Max", "Emma", "Leo", "Zoe", "Jack", "Ella"]
+
+
+def toy_curriculum(home, tokenizer, seed=0):
+    """A demo-layout curriculum small enough for a test: SFT conversations answer '#### d' with a random digit
+    (the format, but no hint of the right answer); the word problems' right answer is 7, and the held-apart
+    problems use names never seen in training. A random depth-2 base model beside it."""
+    import random
+    rng = random.Random(seed)
+
+    def jl(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    d = home / "data" / "demo"
+    convs = [{"messages": [{"role": "user", "content": rng.choice(list(TOY_QUESTIONS)).format(n=rng.choice(TOY_NAMES))},
+                           {"role": "assistant", "content": f"#### {rng.randrange(10)}"}], "source": "word_problem"}
+             for _ in range(2000)]
+    jl(d / "sft" / "train.jsonl", convs)
+    jl(d / "eval" / "chat" / "val.jsonl", convs[:40])
+
+    def problems(names):
+        return [{"question": q.format(n=n), "answer": f"#### {a}"} for n in names for q, a in TOY_QUESTIONS.items()]
+    jl(d / "eval" / "gsm8k" / "train.jsonl", problems(TOY_NAMES[:8]) * 10)
+    jl(d / "eval" / "gsm8k" / "test.jsonl", problems(TOY_NAMES[8:]) * 4)
+    tokenizer.save(home / "runs" / "t" / "tokenizer")
+    save_base(home / "runs" / "t" / "base", tiny_model(tokenizer.vocab_size, seq_len=64, depth=2, width=64), tokenizer)
+
+
+TOY_SFT = ["sft", "--run", "t", "--num-iterations", "40", "--device-batch-size", "8", "--eval-every", "0",
+           "--eval-problems", "32", "--eval-max-tokens", "16", "--log-every", "100"]
+
+
+def test_sft_teaches_the_chat_format(tmp_path, tok):
+    ensure_engine()
+    home = tmp_path / "home"
+    toy_curriculum(home, tok)
+    assert main(TOY_SFT) == 0
+    s = json.loads((home / "runs" / "t" / "sft" / "summary.json").read_text())
+    assert s["base_format_compliance"] <= 0.1  # a base model never ends a reply
+    assert s["format_compliance"] >= 0.9
+    assert s["val_loss"] < s["base_eval"]["val_loss"] / 3
