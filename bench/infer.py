@@ -3,7 +3,7 @@ requests through the continuous-batching Scheduler (what the server runs), again
 GPT.generate on the same model.
 
     python bench/infer.py                       # depth 6, width 384 (head dim 64), vocab 32768, fp32
-    python bench/infer.py --threads 1 --compile
+    python bench/infer.py --threads 2 --compile
 
 Random weights (speed does not depend on them); stop tokens are switched off so every request decodes exactly
 --tokens tokens. Timings are the best of --repeats runs (the machine may be shared).
@@ -11,6 +11,7 @@ Prints one JSON line.
 """
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -32,7 +33,9 @@ p.add_argument("--concurrent", type=int, default=8, help="requests in flight for
 p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 p.add_argument("--top-k", type=int, default=0)
 p.add_argument("--repeats", type=int, default=3)
-p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+p.add_argument("--threads", type=int, default=1,
+               help="torch threads (0 = torch's default). 1 by default: on a shared 2-core machine a 2-thread OpenMP "
+                    "team stalls on every op when the other core is busy (both engines drop to <10 tok/s)")
 p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 p.add_argument("--device", default="")
 p.add_argument("--skip-naive", action="store_true")
@@ -133,5 +136,5 @@ print(json.dumps({
     "scheduler_1_tok_s": round(one, 1),
     f"scheduler_{args.concurrent}_concurrent_tok_s": round(agg, 1),
     "concurrency_speedup": round(agg / one, 2),
-    "warmup_s": round(warmup_s, 1),
+    "warmup_s": round(warmup_s, 1), "load_avg_1m": round(os.getloadavg()[0], 2),
 }))

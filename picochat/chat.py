@@ -102,7 +102,6 @@ def stream_reply(engine, prompt, args, seed, out=None, chat=True):
     parts, kind, interrupted = [], "text", False
 
     def write(text, kind_now):
-        nonlocal kind
         if not text:
             return
         if parts and parts[-1]["type"] == kind_now:

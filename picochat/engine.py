@@ -23,8 +23,11 @@ finish reason "length" at the context's end. Callers that keep a conversation (t
 
 Speed (bench/infer.py): InferenceModel mirrors GPT.trunk with the weights re-laid for decoding: q, k and v
 fused into one matrix, every matrix stored transposed (on this machine's MKL a (1, C) @ (C, N) product streams
-the weights ~2x faster than F.linear's (N, C) layout), bf16 on GPUs, Python floats for the residual scalars,
-and masks built once per step (none at all when every row is at the same position). The cache is head-major
+the weights ~2x faster than F.linear's (N, C) layout), oneDNN-packed copies for products of several rows (MKL
+reads the weights once per row there), bf16 on GPUs, Python floats for the residual scalars, a rotary in 4 ops,
+and masks built once per step on the host (none at all when every row is at the same position). A one-token
+step on CPU computes attention with two small matmuls: torch's CPU flash-attention kernel costs far more than
+the math for a single query (and collapses with 2 OpenMP threads on a busy machine). The cache is head-major
 (B, H_kv, T, D) so decode attention reads each head's keys contiguously, and attention covers only the filled
 prefix of the cache (or, compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip the
 soft-cap of the full vocabulary: it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py

@@ -353,7 +353,7 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(queue, reqs, request, stream):
+async def _events(queue, request, stream):
     """(index, event) from the scheduler; None every second of silence (a keep-alive for streams, a
     disconnect check otherwise)."""
     while True:
@@ -522,7 +522,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
             if stream:
                 for i in range(len(reqs)):
                     yield _sse(chunk(i, {"role": "assistant", "content": ""}))
-            async for item in _events(queue, reqs, request, stream):
+            async for item in _events(queue, request, stream):
                 if item is None:
                     if stream:
                         yield ": keep-alive\n\n"
@@ -572,7 +572,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request):
         prompts = _prompts(body.prompt, tokenizer, limits, engine.vocab_size)
-        requested = svc.check_sampling(body, scheduler.max_len)
+        svc.check_sampling(body, scheduler.max_len)
         stops = _stops(body.stop, limits)
         bos = tokenizer.bos_id
         model_prompts = [ids if ids and ids[0] == bos else [bos] + ids for ids, _ in prompts]
@@ -623,12 +623,13 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
             lps = [None if sc is None else sc[0] for sc in scored[k]]
             return text, {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-        def choice_logprobs(c, base_text, base_lp):
+        def choice_logprobs(c, base_lp):
             if top_n is None:
                 return None
             out = base_lp or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             out = {key: list(v) for key, v in out.items()}
-            dec, pos = StreamDecoder(tokenizer, keep=TOOL_TAGS), len(base_text)
+            # offsets count from the start of the prompt, echoed or not (as OpenAI's do)
+            dec, pos = StreamDecoder(tokenizer, keep=TOOL_TAGS), len(prompts[c // body.n][1])
             for tok, lp in tokens[c]:
                 out["text_offset"].append(pos)
                 pos += len(dec.feed(tok))
@@ -650,7 +651,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
                     yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
                                 "choices": [{"index": c, "text": prompts[c // body.n][1], "logprobs": None,
                                              "finish_reason": None}]})
-            async for item in (_events(queue, reqs, request, stream) if remaining else _nothing()):
+            async for item in (_events(queue, request, stream) if remaining else _nothing()):
                 if item is None:
                     if stream:
                         yield ": keep-alive\n\n"
@@ -691,7 +692,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
             for c in range(n_choices):
                 base_text, base_lp = echo_part(c // body.n)
                 choices.append({"index": c, "text": base_text + texts[c].text,
-                                "logprobs": choice_logprobs(c, base_text, base_lp), "finish_reason": finish[c]})
+                                "logprobs": choice_logprobs(c, base_lp), "finish_reason": finish[c]})
             yield {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                    "choices": choices, "usage": usage()}
 

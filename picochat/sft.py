@@ -217,7 +217,7 @@ def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):
                 finished.release()
         return emit
 
-    sched = Scheduler(engine, slots=min(slots, len(todo))).start()
+    sched = Scheduler(engine, slots=min(slots, len(todo)), max_queue=len(todo)).start()
     try:
         for i in todo:
             sched.submit(Request(prompt=ids[i], max_tokens=max_tokens, temperature=0.0, emit=emitter(i)))

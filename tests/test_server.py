@@ -1,5 +1,4 @@
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,6 +133,21 @@ def test_completions_echo_logprobs_match_the_model(client, model, tok):
         assert c.logprobs.token_logprobs[-1] == pytest.approx(max(c.logprobs.top_logprobs[-1].values()))
     r = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=3, n=2, temperature=1, seed=1)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+
+
+def test_completions_generate_stream_and_stop(client):
+    full = client.completions.create(model="tiny", prompt="Once upon", max_tokens=12, temperature=0, logprobs=1)
+    text = full.choices[0].text
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12
+    assert full.choices[0].logprobs.text_offset[0] == len("Once upon")  # offsets count from the prompt's start
+    assert len(full.choices[0].logprobs.tokens) == 12
+    pieces = [c.text for chunk in client.completions.create(model="tiny", prompt="Once upon", max_tokens=12,
+                                                              temperature=0, stream=True, echo=True)
+              for c in chunk.choices]
+    assert "".join(pieces) == "Once upon" + text
+    stop = text[4:6]
+    r = client.completions.create(model="tiny", prompt="Once upon", max_tokens=12, temperature=0, stop=stop)
+    assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
