@@ -6,7 +6,8 @@ GPT.generate on the same model.
     python bench/infer.py --threads 2 --compile
 
 Random weights (speed does not depend on them); stop tokens are switched off so every request decodes exactly
---tokens tokens. Timings are the best of --repeats runs (the machine may be shared).
+--tokens tokens. Each figure is the best of --repeats rounds, the measurements interleaved round by round (the machine
+may be shared).
 Prints one JSON line.
 """
 import argparse
@@ -67,16 +68,12 @@ top_k = args.top_k or None
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def best(fn):
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        n = fn()
-        sync()
-        times.append((time.perf_counter() - t0, n))
-    dt, n = min(times)
-    return n / dt, dt
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    n = fn()
+    sync()
+    return n / (time.perf_counter() - t0)
 
 
 def engine_run():
@@ -118,13 +115,19 @@ def scheduler_run(k, sched):
 t0 = time.perf_counter()
 engine_run()  # warm-up (and compile)
 warmup_s = time.perf_counter() - t0
-b1, b1_dt = best(engine_run)
-naive = best(naive_run)[0] if not args.skip_naive else None
 sched = Scheduler(engine, slots=args.concurrent).start()
 scheduler_run(1, sched)
-one = best(lambda: scheduler_run(1, sched))[0]
-agg = best(lambda: scheduler_run(args.concurrent, sched))[0]
+# rounds of every measurement, best of each: on a shared machine the load moves between phases
+runs = {"b1": lambda: engine_run(), "one": lambda: scheduler_run(1, sched),
+        "agg": lambda: scheduler_run(args.concurrent, sched)}
+if not args.skip_naive:
+    runs["naive"] = naive_run
+res = {k: 0.0 for k in runs}
+for _ in range(args.repeats):
+    for k, fn in runs.items():
+        res[k] = max(res[k], timed(fn))
 sched.stop()
+b1, one, agg, naive = res["b1"], res["one"], res["agg"], res.get("naive")
 print(json.dumps({
     "bench": "infer", "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
     "model": f"d{args.depth} w{config.n_embd} h{config.n_head}x{config.head_dim} V{args.vocab_size}",

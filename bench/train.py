@@ -27,7 +27,9 @@ p.add_argument("--value-embeds", action="store_true")
 p.add_argument("--no-resid-scalars", action="store_true")
 p.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
 p.add_argument("--warmup", type=int, default=2)
-p.add_argument("--compile", action="store_true")
+p.add_argument("--compile", action="store_true", help="compile the model, the loss kernel and the Muon update, as "
+                                                     "`picochat pretrain --compile` does")
+p.add_argument("--loss-chunk", type=int, default=0, help="rows per loss chunk (0: the model's default)")
 p.add_argument("--device", default="")
 args = p.parse_args()
 
@@ -38,8 +40,12 @@ config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_l
                               window_pattern=args.window_pattern, value_embeds=args.value_embeds,
                               resid_scalars=not args.no_resid_scalars)
 model = GPT(config).to(device).init_weights(seed=0)
+model.loss_chunk = args.loss_chunk
 opt = build_optimizer(model)
 fwd = torch.compile(model, dynamic=False) if args.compile else model
+if args.compile:
+    model.compile_loss()
+    opt.compile()
 gen = torch.Generator().manual_seed(0)
 x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.seq_len + 1), generator=gen).to(device)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -72,7 +78,7 @@ mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
 print(json.dumps({
     "bench": "train", "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
     "depth": args.depth, "width": config.n_embd, "seq_len": args.seq_len, "batch": args.device_batch_size,
-    "vocab": args.vocab_size, "compile": args.compile, "dtype": str(dtype).split(".")[-1],
+    "vocab": args.vocab_size, "compile": args.compile, "loss_chunk": args.loss_chunk, "dtype": str(dtype).split(".")[-1],
     "params": model.num_params(), "tokens_per_sec": round(tokens / dt, 1), "step_ms": round(dt * 1000, 1),
     "model_flops_per_sec": round(model.flops_per_token() * tokens / dt / 1e9, 2) * 1e9,
     "measured_matmul_peak": round(peak / 1e9, 2) * 1e9, "mfu": round(model.flops_per_token() * tokens / dt / peak, 4),

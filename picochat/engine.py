@@ -107,9 +107,9 @@ class InferenceModel:
         self.refresh()
         # dynamic shapes: batch and cache length change from step to step
         self._hidden = torch.compile(self._hidden_impl, dynamic=True) if compile else self._hidden_impl
+        self.gqa = self.config.n_head != self.config.n_kv_head  # a plain bool: dynamo must not make it symbolic
         # fixed-shape attention over the whole cache: what a compiled GPU step wants (no recompiles as the
         # context grows); on CPUs reading the unused part of the cache costs more than it saves
-        self.gqa = self.config.n_head != self.config.n_kv_head
         self.static = compile and self.device.type == "cuda"
         self.use_packed = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
                            and torch.backends.mkldnn.is_available())

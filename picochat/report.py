@@ -120,7 +120,7 @@ def stage_cost(summary, price):
     hours = summary["train_seconds"] / 3600
     device = str(summary.get("device", ""))
     if not device.startswith("cuda"):
-        return 0, hours, None, f"on {device or 'CPU'}: no GPU cost"
+        return 0, hours, None, f"on {(device or 'cpu').upper()}: no GPU cost"
     gpus = int(summary.get("num_gpus") or summary.get("world_size") or 1)
     return gpus, hours, gpus * hours * price, f"{gpus} GPU x {hours:.2f} h x ${price:.2f}"
 
@@ -272,6 +272,9 @@ def _headline(stage, info):
             h[k] = v
     if "val_bpb" in eb:
         h["val_bpb"] = eb["val_bpb"]
+    first_bpb = next((r["val_bpb"] for r in info["metrics"] if "val_bpb" in r), None)
+    if first_bpb is not None:  # before any training: "bpb fell" is start_val_bpb > val_bpb
+        h["start_val_bpb"] = first_bpb
     if "core" in eb:
         h.update(core=eb["core"], core_label=eb.get("core_label", "CORE"),
                  core_tasks_scored=eb.get("core_num_scored"), core_tasks_total=eb.get("core_num_tasks"))
@@ -328,6 +331,13 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
            f"Total training wall time {format_duration(total_s)}; " +
            (f"estimated cost ${total_cost:.2f} at ${price:.2f} per GPU-hour (GPU count x hours x price)."
             if any_gpu else "trained on CPU: no GPU cost."), ""]
+
+    stage_times = _read_json(run_dir / "speedrun.json")  # wall time of every speedrun stage, evals included
+    if isinstance(stage_times, dict) and stage_times:
+        report["speedrun_seconds"] = stage_times
+        md += ["## Speedrun stages", "", "| stage | wall time |", "|---|---|",
+               *[f"| {k} | {format_duration(v)} |" for k, v in stage_times.items()],
+               f"| **total** | {format_duration(sum(stage_times.values()))} |", ""]
 
     gpu = f"{hw['gpu_count']} x {hw['gpu']}" if hw["gpu_count"] else "none"
     md += ["## Environment", "", "| | |", "|---|---|",

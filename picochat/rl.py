@@ -1,7 +1,8 @@
 """`picochat rl`: on-policy reinforcement learning on word problems (GSM8K, or the demo curriculum's).
 
 Each step takes a few training problems; for each, one batched engine call samples a group of replies with
-the Python tool live. A reply earns reward 1 if its final answer ('#### N') is right. Its advantage is the
+the Python tool live. A reply earns reward 1 if it ends (<|assistant_end|>) and its final answer ('#### N') is
+right. Its advantage is the
 reward minus the group's mean (optionally divided by the group's std), and the loss is
     -sum_t A * log p(token_t)  over sampled tokens only (prompt and tool-output tokens are masked),
 divided by the number of sampled tokens in the step. Options: several updates per batch with PPO's clipped
@@ -236,7 +237,8 @@ def add_parser(sub):
     g.add_argument("--embedding-lr", type=float, default=0.2)
     g.add_argument("--unembedding-lr", type=float, default=0.004)
     g.add_argument("--scalar-lr", type=float, default=0.1)
-    g.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are multiplied by this")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are multiplied by this (Muon's "
+                   "update has a fixed size however small the gradient: at 0.2 the demo's RL unlearns its SFT)")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=20, help="greedy accuracy and pass@k every N steps (0: start and end)")
@@ -268,9 +270,16 @@ def sample_groups(engine, tokenizer, problems, idx, step, args, model):
         for si, mi in zip(s, m):
             seqs.append(list(si))
             masks.append(list(mi))
-            rewards.append(float(gsm8k.check(item, reply_text(tokenizer, si[len(ids):]))))
+            rewards.append(reward(tokenizer, item, si[len(ids):]))
             groups.append(g)
     return seqs, masks, rewards, groups
+
+
+def reward(tokenizer, item, completion):
+    """1 for a reply that ends (<|assistant_end|>) with the right final answer, else 0. A reply cut off at the
+    length limit earns nothing even if its answer is in it: otherwise RL would unlearn ending replies."""
+    ended = bool(completion) and completion[-1] == tokenizer.special("<|assistant_end|>")
+    return float(ended and gsm8k.check(item, reply_text(tokenizer, completion)))
 
 
 def group_advantages(rewards, groups, std_norm):

@@ -36,6 +36,7 @@ def fake_run():
                 [{"step": 20, "val_loss": 1.5}])
     (sft / "summary.json").write_text(json.dumps({"stage": "sft", "step": 20, "train_seconds": 120.0,
                                                   "device": "cpu", "world_size": 1, "val_loss": 1.5}))
+    (run / "speedrun.json").write_text(json.dumps({"data": 5.0, "pretrain": 3600.0, "sft": 120.0}))
     (sft / "eval_chat.json").write_text(json.dumps({"step": 20, "chatcore": 0.1, "chatcore_label": "ChatCORE (2 tasks)",
         "tasks": {"ARC-Easy": {"total": 40, "accuracy": 0.325, "pass@1": 0.325, "baseline": 0.25, "centered": 0.1},
                   "DemoProblems": {"total": 20, "accuracy": 0.1, "pass@1": 0.1, "baseline": 0.0, "centered": 0.1}}}))
@@ -62,6 +63,8 @@ def test_report_card_renders(fake_run, capsys):
     report = json.loads((out_dir / "report.json").read_text())
     base, sft, rl = (report["stages"][s] for s in ("base", "sft", "rl"))
     assert base["status"] == "done" and base["core"] == 0.05 and base["val_bpb"] == 1.9
+    assert base["start_val_bpb"] == 2.5  # the first validation, before training
+    assert report["speedrun_seconds"]["pretrain"] == 3600.0 and "| **total** | 1h02m" in md
     assert base["cost_usd"] == pytest.approx(8 * 1.0 * 2.5) and base["gpus"] == 8
     assert sft["cost_usd"] is None and "no GPU cost" in sft["cost_note"] and sft["chatcore"] == 0.1
     assert sft["chat"] == {"ARC-Easy": 0.325, "DemoProblems": 0.1}

@@ -175,19 +175,20 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
 
 
 def test_rl_raises_held_apart_accuracy(tmp_path, tok):
-    """The proof in miniature: after SFT on replies with random answers, RL finds the answer that earns reward:
-    on held-apart problems (unseen names) sampled accuracy goes from chance to nearly all."""
+    """The proof in miniature: after SFT on replies with random answers, RL finds the answers that earn reward
+    (which depend on the question): on held-apart problems (unseen names) sampled accuracy goes from chance to
+    nearly all, and replies still end properly."""
     from test_sft import toy_curriculum, TOY_SFT
     ensure_engine()
     home = tmp_path / "home"
     toy_curriculum(home, tok)
     assert main(TOY_SFT) == 0
-    assert main(["rl", "--run", "t", "--num-steps", "16", "--prompts-per-step", "8", "--num-samples", "16",
+    assert main(["rl", "--run", "t", "--num-steps", "40", "--prompts-per-step", "8", "--num-samples", "16",
                  "--max-tokens", "8", "--eval-every", "0", "--final-eval-problems", "32", "--pass-k", "4",
                  "--pass-problems", "8", "--init-lr-frac", "0.5"]) == 0
     s = json.loads((home / "runs" / "t" / "rl" / "summary.json").read_text())
     # sampled replies: right ~1 time in 10 before (chance), nearly always after. (Greedy, the SFT model's most
-    # likely digit may be 7 by luck, so greedy accuracy is only checked at the end.)
+    # likely digit may be right by luck for one template, so greedy accuracy is only checked at the end.)
     assert s["start_eval"]["pass@1"] <= 0.3 and s["eval"]["pass@1"] >= 0.7, s
     assert s["accuracy"] >= 0.9 and s["format_compliance"] >= 0.9, s
     assert s["eval_problems"] == 32

@@ -331,14 +331,15 @@ def test_sft_cli_bad_jsonl_exits_with_message(tmp_path, demo_setup, capsys):
 
 
 # ---- the proof in miniature: SFT teaches the chat format ----------------------------------------------------------
-TOY_QUESTIONS = {"What is the secret number, {n}?": 7, "Tell me the secret number, {n}.": 7}
+TOY_QUESTIONS = {"What is the secret number, {n}?": 7, "Tell me the other secret, {n}.": 2}
 TOY_NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Max", "Emma", "Leo", "Zoe", "Jack", "Ella"]
 
 
 def toy_curriculum(home, tokenizer, seed=0):
     """A demo-layout curriculum small enough for a test: SFT conversations answer '#### d' with a random digit
-    (the format, but no hint of the right answer); the word problems' right answer is 7, and the held-apart
-    problems use names never seen in training. A random depth-2 base model beside it."""
+    (the format, but no hint of the right answer); the word problems' right answer depends on the question
+    (7 or 2, by template), and the held-apart problems use names never seen in training. A random depth-2 base
+    model beside it."""
     import random
     rng = random.Random(seed)
 
@@ -348,7 +349,7 @@ def toy_curriculum(home, tokenizer, seed=0):
 
     d = home / "data" / "demo"
     convs = [{"messages": [{"role": "user", "content": rng.choice(list(TOY_QUESTIONS)).format(n=rng.choice(TOY_NAMES))},
-                           {"role": "assistant", "content": f"#### {rng.randrange(10)}"}], "source": "word_problem"}
+                           {"role": "assistant", "content": f"#### {rng.randrange(10)}"}], "source": "toy"}
              for _ in range(2000)]
     jl(d / "sft" / "train.jsonl", convs)
     jl(d / "eval" / "chat" / "val.jsonl", convs[:40])
