@@ -21,9 +21,9 @@ TIMING_KEYS = {"train_seconds", "tokens_per_sec", "mfu", "hours", "cost_usd", "c
 def start(home):
     # one thread each: the two runs share the machine, and the same thread count gives the same numbers
     env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
-    log = open(home.parent / f"{home.name}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", "--preset", "smoke"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(home.parent / f"{home.name}.log", "a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", "--preset", "smoke"], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_when(proc, path, timeout=900):
@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
     a = start(straight)
     b = start(killed)
     run = killed / "runs" / "smoke"
-    kill_when(b, run / "base" / "meta_000080.json")   # pretraining: 160 steps, checkpoints every 40
+    kill_when(b, run / "base" / "meta_000080.json")   # pretraining: 240 steps, checkpoints every 40
     b = start(killed)
     kill_when(b, run / "rl" / "meta_000010.json")     # RL: 30 steps, checkpoints every 10
     b = start(killed)
