@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from picochat.common import UserError, atomic_save, atomic_write_json, dist_info
+from picochat.common import UserError, atomic_save, atomic_write_json, dist_info, print0
 from picochat.model import GPT, GPTConfig, config_to_dict
 from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
 
@@ -140,6 +140,19 @@ def load_rank_shards(folder, meta, optimizer=None):
     if meta["world_size"] != world or not state_path.exists():
         return None
     return load_torch(state_path)
+
+
+def resume_finetune(folder, meta, stage, optimizer):
+    """Restore a fine-tuning stage (sft, rl) cut off in folder: its optimizer shard and RNG state. Returns the step
+    to go on from."""
+    if meta.get("stage") != stage:
+        raise UserError(f"{folder} holds a {meta.get('stage')} checkpoint, not an {stage.upper()} one: "
+                        f"pick another --out")
+    state = load_rank_shards(folder, meta, optimizer)
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+    print0(f"resumed from step {meta['step']} in {folder}")
+    return meta["step"]
 
 
 def copy_tokenizer(src_folder, dst_folder):

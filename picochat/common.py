@@ -110,6 +110,28 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def metrics_logger(path, step, rank, redone=()):
+    """A function that appends one record to a stage's metrics.jsonl (on rank 0). A run resumed at `step` first
+    drops the records past it, and at it those with a key in `redone` (what the resumed run measures there
+    again), so the curve has no duplicates."""
+    if rank == 0:
+        records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        keep = [r for r in records
+                if r.get("step", 0) < step or r.get("step", 0) == step and not set(redone) & r.keys()]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep if step).encode())
+
+    def log(record):
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return log
+
+
+def vars_json(args):
+    """A run's argparse flags as JSON-safe values, for checkpoints and summaries."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
 def atomic_save(path, save_fn):
     """Like atomic_write_bytes for writers that want a path (torch.save, safetensors.save_file, ...)."""
     path = Path(path)

@@ -10,7 +10,6 @@ steps; micro-batch k always comes from data stream k, so the data does not depen
 checkpoint written by W ranks resumes exactly on any W' that divides S, a single process included.
 """
 import argparse
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
-                             format_duration, atomic_write_json, atomic_write_bytes, raise_on_rank0)
+                             format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.model import GPT, GPTConfig, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from picochat.loader import StepLoader, fixed_batches, split_shards
@@ -230,10 +229,8 @@ def _train(args, st, ddp, rank, world, device):
     out, tokenizer, model, optimizer, loader = st["out"], st["tokenizer"], st["model"], st["optimizer"], st["loader"]
     dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
     total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
+    # the resumed run evaluates again at the step it starts from
+    log = metrics_logger(out / "metrics.jsonl", start_step, rank, redone={"val_bpb"})
     if ddp:  # every rank starts from rank 0's weights, however they were made
         for p in model.parameters():
             torch.distributed.broadcast(p.data, src=0)
@@ -258,11 +255,6 @@ def _train(args, st, ddp, rank, world, device):
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
         log({"step": step, "val_bpb": bpb})
         return bpb
-
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     t_train, tokens_seen, smooth, val_bpb = 0.0, 0, None, None
     step = start_step
@@ -332,22 +324,6 @@ def save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=2, 
                                rank_state={"loader": loader.state_dict(), "rng": torch.get_rng_state()},
                                meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args), **(extra or {})},
                                tokenizer=tokenizer, keep=keep)
-
-
-def vars_json(args):
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-
-
-def _truncate_metrics(path, step):
-    """On resume, drop log lines past the checkpoint so the curve has no duplicates. The evaluation at the
-    checkpoint's own step is dropped too: the resumed run evaluates there again before training on."""
-    if not path.exists():
-        return
-    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    keep = [r for r in records if r.get("step", 0) < step or (r.get("step", 0) == step and "val_bpb" not in r)]
-    if step == 0:
-        keep = []
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "2 + 3 =", "The opposite of hot is"]

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, format_duration
+from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
+                             format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
 from picochat import checkpoint
-from picochat.sft import load_start, reply_text, follows_format, greedy_replies, vars_json, _truncate_metrics
+from picochat.sft import load_start, reply_text, follows_format, greedy_replies
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks
 
@@ -318,23 +319,8 @@ def run(args):
     lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                scalar_lr=args.scalar_lr)
     optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()})
-    step, metrics_path = 0, out / "metrics.jsonl"
-    if resuming:
-        if start_meta.get("stage") != STAGE:
-            raise UserError(f"{out} holds a {start_meta.get('stage')} checkpoint, not an RL one: pick another --out")
-        state = checkpoint.load_rank_shards(out, start_meta, optimizer)
-        if state is not None:
-            torch.set_rng_state(state["rng"])
-        step = start_meta["step"]
-        print0(f"resumed from step {step} in {out}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
-
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
+    log = metrics_logger(out / "metrics.jsonl", step, rank)
 
     def run_eval(step, n_problems):
         rec = {"step": step}

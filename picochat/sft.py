@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, format_duration
+from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
+                             format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
 from picochat.tokenizer import Tokenizer
 from picochat import checkpoint
@@ -432,24 +433,8 @@ def run(args):
                scalar_lr=args.scalar_lr)
     optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()},
                                 weight_decay=args.weight_decay)
-    step, metrics_path = 0, out / "metrics.jsonl"
-    if resuming:
-        meta = start_meta
-        if meta.get("stage") != STAGE:
-            raise UserError(f"{out} holds a {meta.get('stage')} checkpoint, not an SFT one: pick another --out")
-        state = checkpoint.load_rank_shards(out, meta, optimizer)
-        if state is not None:
-            torch.set_rng_state(state["rng"])
-        step = meta["step"]
-        print0(f"resumed from step {step} in {out}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
-
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
+    log = metrics_logger(out / "metrics.jsonl", step, rank)
 
     def evaluate(step):
         model.eval()
@@ -517,15 +502,3 @@ def lr_multiplier(step, num_steps, warmup_steps=0, final_frac=0.0):
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
     return 1.0 - progress * (1.0 - final_frac)
-
-
-def vars_json(args):
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-
-
-def _truncate_metrics(path, step):
-    """On resume, drop log lines past the checkpoint so the curve has no duplicates."""
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    path.write_text("".join(l + "\n" for l in keep) if step else "")

@@ -1,4 +1,4 @@
-import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,3 +29,34 @@ def webtext_tokenizer(tmp_path_factory, shared_data):
     folder = tmp_path_factory.mktemp("tok")
     tok.save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tok(webtext_tokenizer):
+    from picochat.tokenizer import Tokenizer
+    return Tokenizer.load(webtext_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def demo_setup(tmp_path_factory, tok):
+    """A small demo curriculum (built once) and the tokenizer to pair it with."""
+    from picochat import demo
+    root = tmp_path_factory.mktemp("sftdemo")
+    demo.generate(root / "demo", seed=0, scale=0.02)
+    return root, tok
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end speedrun (test_speedrun.py) runs for minutes on one core: start it now, in the background,
+    so that it runs beside the other tests, and move the tests that read it to the end."""
+    e2e = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
+    if e2e:
+        items[:] = [item for item in items if item not in e2e] + e2e
+        config.smoke_module = e2e[0].module
+        config.smoke_module.start_in_background(Path(tempfile.mkdtemp(prefix="picochat-smoke-")))
+
+
+def pytest_sessionfinish(session):
+    module = getattr(session.config, "smoke_module", None)
+    if module is not None:
+        module.stop_background(keep_files=session.testsfailed > 0)

@@ -2,7 +2,6 @@
 update raises the log-probability of rewarded replies, pass@k, bad input, and exact resume of `picochat rl`."""
 import copy
 import json
-import math
 import shutil
 from contextlib import nullcontext
 from itertools import combinations
@@ -13,7 +12,7 @@ import torch
 from picochat import checkpoint, rl
 from picochat.cli import main
 from picochat.optim import build_optimizer
-from test_sft import tiny_model, save_base, ensure_engine, demo_setup, tok  # noqa: F401 (fixtures)
+from test_sft import tiny_model, save_base
 
 
 def test_advantages():
@@ -141,7 +140,6 @@ def test_gsm8k_row_without_answer_marker_named(tmp_path, capsys):
 
 
 def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
-    ensure_engine()
     root, tokenizer = demo_setup
     home = tmp_path / "home"
     shutil.copytree(root / "demo", home / "data" / "demo")
@@ -179,7 +177,6 @@ def test_rl_raises_held_apart_accuracy(tmp_path, tok):
     (which depend on the question): on held-apart problems (unseen names) sampled accuracy goes from chance to
     nearly all, and replies still end properly."""
     from test_sft import toy_curriculum, TOY_SFT
-    ensure_engine()
     home = tmp_path / "home"
     toy_curriculum(home, tok)
     assert main(TOY_SFT) == 0

@@ -3,8 +3,6 @@ that a short SFT run teaches a small model the chat format."""
 import copy
 import json
 import shutil
-import sys
-import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,13 +13,13 @@ import torch.nn.functional as F
 from picochat import checkpoint, sft
 from picochat.cli import main
 from picochat.common import UserError
-from picochat.model import GPT, GPTConfig, KVCache
+from picochat.model import GPT, GPTConfig
 from picochat.tasks import chat, gsm8k
 from picochat.tasks.mixture import Mixture, Source
 from picochat.tokenizer import Tokenizer
 
 
-# ---- helpers shared with test_rl.py ----------------------------------------------------------------------------
+# ---- helpers shared with test_rl.py (the fixtures tok and demo_setup are in conftest.py) ---------------------------
 def tiny_model(vocab, seq_len=64, depth=1, width=32, seed=0):
     cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=2, n_kv_head=2, n_embd=width)
     return GPT(cfg).init_weights(seed=seed)
@@ -29,74 +27,6 @@ def tiny_model(vocab, seq_len=64, depth=1, width=32, seed=0):
 
 def save_base(folder, model, tokenizer, stage="base"):
     checkpoint.save_checkpoint(folder, 0, model, meta={"stage": stage}, tokenizer=tokenizer)
-
-
-def ensure_engine():
-    """picochat.engine if it exists; else a minimal batched sampler with the same generate_batch contract, so
-    these tests run while the engine is being written."""
-    try:
-        import picochat.engine  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    class Engine:
-        def __init__(self, model, tokenizer, tool=True):
-            self.model, self.tok, self.tool = model, tokenizer, tool
-
-        @torch.no_grad()
-        def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None,
-                           top_p=None, seed=0):
-            from picochat.sandbox import evaluate_expression
-            S, m, n = self.tok.special, self.model, num_samples
-            max_len = min(m.config.sequence_len, len(prompt_ids) + max_tokens)
-            cache = KVCache(m.config, 1, max_len, "cpu", torch.float32)
-            gen = torch.Generator().manual_seed(seed)
-            logits = m(torch.tensor([prompt_ids]), kv_cache=cache)[:, -1].expand(n, -1)
-            cache.expand(n)
-            seqs = [list(prompt_ids) for _ in range(n)]
-            masks = [[0] * len(prompt_ids) for _ in range(n)]
-            done, queue, start = [False] * n, [[] for _ in range(n)], [None] * n
-            for pos in range(len(prompt_ids), max_len):
-                if temperature <= 0:
-                    nxt = logits.argmax(-1)
-                else:
-                    lg = logits / temperature
-                    if top_k:
-                        v, _ = torch.topk(lg, min(top_k, lg.shape[-1]))
-                        lg = lg.masked_fill(lg < v[:, -1:], -float("inf"))
-                    nxt = torch.multinomial(torch.softmax(lg, -1), 1, generator=gen)[:, 0]
-                feed = []
-                for i in range(n):
-                    if done[i]:
-                        feed.append(self.tok.bos_id)
-                        continue
-                    forced = bool(queue[i])
-                    t = queue[i].pop(0) if forced else int(nxt[i])
-                    seqs[i].append(t)
-                    masks[i].append(0 if forced else 1)
-                    feed.append(t)
-                    if t == S("<|python_start|>"):
-                        start[i] = len(seqs[i])
-                    elif t == S("<|python_end|>") and self.tool and start[i] is not None and not forced:
-                        res = evaluate_expression(self.tok.decode(seqs[i][start[i]:-1]))
-                        start[i] = None
-                        if res is not None:
-                            queue[i] = [S("<|output_start|>")] + self.tok.encode(res) + [S("<|output_end|>")]
-                    done[i] = done[i] or (not forced and t in (S("<|assistant_end|>"), self.tok.bos_id))
-                if all(done) or pos + 1 >= max_len:
-                    break
-                logits = m(torch.tensor([[t] for t in feed]), kv_cache=cache)[:, -1]
-            return seqs, masks
-
-    mod = types.ModuleType("picochat.engine")
-    mod.Engine = Engine
-    sys.modules["picochat.engine"] = mod
-
-
-@pytest.fixture(scope="module")
-def tok(webtext_tokenizer):
-    return Tokenizer.load(webtext_tokenizer)
 
 
 def conv(q, a):
@@ -272,15 +202,6 @@ def test_refuses_base_checkpoint_of_another_tokenizer(tmp_path, tok, capsys):
 
 
 # ---- the command, end to end ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_setup(tmp_path_factory, tok):
-    """A small demo curriculum and a run folder holding the tokenizer (module-scoped: built once)."""
-    from picochat import demo
-    root = tmp_path_factory.mktemp("sftdemo")
-    demo.generate(root / "demo", seed=0, scale=0.02)
-    return root, tok
-
-
 def _home_with_run(home, demo_setup, model):
     root, tok = demo_setup
     shutil.copytree(root / "demo", home / "data" / "demo")
@@ -289,7 +210,6 @@ def _home_with_run(home, demo_setup, model):
 
 
 def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
-    ensure_engine()
     home = tmp_path / "home"
     _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
     flags = ["sft", "--run", "t", "--num-iterations", "4", "--device-batch-size", "4", "--grad-accum", "2",
@@ -367,7 +287,6 @@ TOY_SFT = ["sft", "--run", "t", "--num-iterations", "40", "--device-batch-size",
 
 
 def test_sft_teaches_the_chat_format(tmp_path, tok):
-    ensure_engine()
     home = tmp_path / "home"
     toy_curriculum(home, tok)
     assert main(TOY_SFT) == 0

@@ -1,32 +1,75 @@
 """The speedrun end to end: the smoke preset (the demo pipeline at a fraction of its budget) from an empty home,
-once straight through and once killed (SIGKILL) in the middle of pretraining and of RL and started again with
-the same command. Both must leave a report whose numbers show each stage working, and the same numbers."""
+SIGKILLed in the middle of pretraining and of RL and started again with the same command.
+
+It runs for minutes on one core, so conftest.py starts it in the background before the other tests run (they
+use the other core) and puts the tests that read it last. The report must show every stage working, and the RL
+stage that was killed and resumed must end with exactly the weights and numbers of the same stage run straight
+through beside it. (Pretraining's kill and resume is bit-identical by tests/test_pretrain.py.)"""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from picochat import speedrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # every figure a stage reports except timings, which differ from run to run
 TIMING_KEYS = {"train_seconds", "tokens_per_sec", "mfu", "hours", "cost_usd", "cost_note", "eval_seconds"}
+SPEEDRUN = ["speedrun", "--preset", "smoke"]
+BACKGROUND = {}  # the run driven in the background: root, env, procs, thread, error, exit codes
 
 
-def start(home):
-    # one thread each: the two runs share the machine, and the same thread count gives the same numbers
-    env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
-    with open(home.parent / f"{home.name}.log", "a") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", "--preset", "smoke"], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def start_in_background(root):
+    """Start the smoke speedrun from an empty home under root on a thread that kills it twice and restarts it;
+    once SFT is done, the RL stage also runs straight through into root/rl_straight."""
+    # one thread: the other core is the other tests'; a fixed thread count also fixes the numbers
+    env = dict(os.environ, PICOCHAT_HOME=str(root / "home"), OMP_NUM_THREADS="1")
+    run = root / "home" / "runs" / "smoke"
+
+    def drive():
+        try:
+            kill_when(launch(env, root, SPEEDRUN), run / "base" / "meta_000080.json")  # pretraining: 240 steps
+            kill_when(launch(env, root, SPEEDRUN), run / "rl" / "meta_000010.json")    # RL: 20 steps
+            straight = launch(env, root, ["rl", "--run", "smoke", *speedrun.PRESETS["smoke"]["rl"],
+                                          "--out", str(root / "rl_straight")], "rl_straight.log")
+            BACKGROUND["exit"] = launch(env, root, SPEEDRUN).wait(), straight.wait()
+        except BaseException as e:  # reported by the fixture, in the test's own failure
+            BACKGROUND["error"] = e
+
+    BACKGROUND.update(root=root, env=env, procs=[], error=None, exit=None,
+                      thread=threading.Thread(target=drive, daemon=True))
+    BACKGROUND["thread"].start()
 
 
-def kill_when(proc, path, timeout=900):
+def stop_background(keep_files):
+    """Kill what is still running (an interrupted session); remove the run's files unless a test failed."""
+    if not BACKGROUND:
+        return
+    for proc in BACKGROUND["procs"]:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if not keep_files:
+        shutil.rmtree(BACKGROUND["root"], ignore_errors=True)
+
+
+def launch(env, root, argv, log_name="speedrun.log"):
+    with open(root / log_name, "a") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "picochat", *argv], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    BACKGROUND["procs"].append(proc)
+    return proc
+
+
+def kill_when(proc, path, timeout=1200):
     """SIGKILL the speedrun and its stage process as soon as `path` exists (a checkpoint mid-stage)."""
     t0 = time.time()
     while not path.exists():
@@ -37,45 +80,53 @@ def kill_when(proc, path, timeout=900):
     proc.wait()
 
 
-def numbers(report):
-    return {stage: {k: v for k, v in h.items() if k not in TIMING_KEYS} for stage, h in report["stages"].items()}
+def numbers(summary):
+    return {k: numbers(v) if isinstance(v, dict) else v for k, v in summary.items()
+            if k not in TIMING_KEYS and k != "args"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speedrun")
-    straight, killed = root / "straight", root / "killed"
-    a = start(straight)
-    b = start(killed)
-    run = killed / "runs" / "smoke"
-    kill_when(b, run / "base" / "meta_000080.json")   # pretraining: 240 steps, checkpoints every 40
-    b = start(killed)
-    kill_when(b, run / "rl" / "meta_000010.json")     # RL: 30 steps, checkpoints every 10
-    b = start(killed)
-    assert a.wait(timeout=1800) == 0, (root / "straight.log").read_text()[-3000:]
-    assert b.wait(timeout=1800) == 0, (root / "killed.log").read_text()[-3000:]
-    load = lambda home: json.loads((home / "runs" / "smoke" / "report" / "report.json").read_text())
-    return dict(straight=load(straight), killed=load(killed), root=root)
+def smoke_run(tmp_path_factory):
+    if not BACKGROUND:  # conftest.py starts it; this covers a session that did not
+        start_in_background(tmp_path_factory.mktemp("speedrun"))
+    BACKGROUND["thread"].join(timeout=2400)
+    root = BACKGROUND["root"]
+    log, rl_log = ((root / name).read_text() if (root / name).exists() else ""
+                   for name in ("speedrun.log", "rl_straight.log"))
+    if BACKGROUND["error"] is not None:
+        raise AssertionError(f"the smoke run in {root} did not go as planned: {BACKGROUND['error']}\n{log[-3000:]}")
+    assert BACKGROUND["exit"] == (0, 0), f"{root}: exit codes {BACKGROUND['exit']}\n{log[-3000:]}\n{rl_log[-2000:]}"
+    run = root / "home" / "runs" / "smoke"
+    return dict(report=json.loads((run / "report" / "report.json").read_text()), log=log, run=run, **BACKGROUND)
 
 
-def test_every_stage_runs_and_shows_its_effect(runs):
-    s = runs["straight"]["stages"]
+def test_every_stage_runs_and_shows_its_effect(smoke_run):
+    s = smoke_run["report"]["stages"]
     assert all(s[k]["status"] == "done" for k in ("base", "sft", "rl")), s
     assert s["base"]["val_bpb"] < 0.6 * s["base"]["start_val_bpb"], s["base"]       # pretraining: bpb fell
     assert s["sft"]["base_format_compliance"] <= 0.1 and s["sft"]["format_compliance"] >= 0.8, s["sft"]
-    # RL ran its 30 steps and was evaluated on 200 held-apart problems. At this scale its gain is not asserted:
-    # the short SFT leaves word-problem accuracy anywhere from 3% to 30% (it moves with the thread count's
-    # rounding), too little signal for 30 steps. The gain is asserted by tests/test_rl.py on a toy curriculum
-    # and measured on the full demo (+22 points on 500 problems).
-    assert s["rl"]["step"] == 30 and s["rl"]["eval_problems"] == 200 and s["rl"]["format_compliance"] >= 0.5, s["rl"]
-    assert set(runs["straight"]["speedrun_seconds"]) >= {"data", "tokenizer", "pretrain", "sft", "rl", "rl eval"}
+    # RL ran its 20 steps and was evaluated on 200 held-apart problems. At this scale its gain is not asserted
+    # (see the smoke preset): it is asserted by tests/test_rl.py on a toy curriculum and measured on the demo.
+    assert s["rl"]["step"] == 20 and s["rl"]["eval_problems"] == 200 and s["rl"]["format_compliance"] >= 0.8, s["rl"]
+    assert set(smoke_run["report"]["speedrun_seconds"]) >= {"data", "tokenizer", "pretrain", "sft", "rl", "rl eval"}
 
 
-def test_killed_and_rerun_ends_with_the_same_numbers(runs):
-    log = (runs["root"] / "killed.log").read_text()
-    assert "[data] done already" in log and "[pretrain] done already" in log  # the reruns skipped finished stages
-    assert "resumed from step 10" in log                                            # and resumed RL mid-stage
-    assert numbers(runs["killed"]) == numbers(runs["straight"])
+def test_reruns_skip_finished_stages_and_resume_cut_ones(smoke_run):
+    log = smoke_run["log"]
+    assert log.count("[data] done already") == 2 and log.count("[tokenizer] done already") == 2
+    assert "[pretrain] done already" in log and "[sft] done already" in log
+    assert "resumed from step 80" in log and "resumed from step 10" in log
+
+
+def test_resumed_rl_equals_rl_run_straight(smoke_run):
+    """The RL stage, killed at step 10 and resumed, against the same command run straight into another folder."""
+    out = smoke_run["root"] / "rl_straight"
+    resumed = json.loads((smoke_run["run"] / "rl" / "summary.json").read_text())
+    straight = json.loads((out / "summary.json").read_text())
+    assert numbers(resumed) == numbers(straight)
+    a = load_file(smoke_run["run"] / "rl" / "model_000020.safetensors")
+    b = load_file(out / "model_000020.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_dry_run_lists_every_stage(capsys):
