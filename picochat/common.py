@@ -202,20 +202,24 @@ def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
 
 
 def peak_flops(device, dtype=torch.float32):
-    """Peak FLOP/s for MFU: a table for known GPUs, a measured matmul peak elsewhere (cached per machine)."""
+    """Peak FLOP/s for MFU: a table for known GPUs, a measured matmul peak elsewhere (the best per machine)."""
     if device.type == "cuda":
         flops = gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
         return flops if flops is not None else measure_matmul_flops(device, dtype, n=4096)
+    # measured on every start (1 s) and the best kept: a machine busy with other work measures low, and a low
+    # peak would inflate every MFU after it
     cache = home_dir() / f"matmul_peak_{device.type}_{str(dtype).split('.')[-1]}_{torch.get_num_threads()}t.json"
     try:
-        return json.loads(cache.read_text())["flops"]
+        best = json.loads(cache.read_text())["flops"]
     except (OSError, ValueError, KeyError):
-        flops = measure_matmul_flops(device, dtype)
+        best = 0.0
+    flops = measure_matmul_flops(device, dtype)
+    if flops > best:
         try:
             atomic_write_json(cache, {"flops": flops})
         except OSError:
             pass
-        return flops
+    return max(flops, best)
 
 
 def format_duration(seconds):

@@ -172,15 +172,16 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
-def softcap_ce_chunk(z, targets, weights, softcap: float):
-    """For one chunk of raw logits z (n, V) fp32: the weighted loss sum and its gradient w.r.t. z.
-    Plain elementwise code, so torch.compile can fuse it into a couple of passes over the chunk."""
-    t = torch.tanh(z / softcap)
+def softcap_ce_chunk(zt, targets, weights, softcap: float):
+    """For one chunk of raw logits laid out vocab-major, zt (V, n) fp32: the weighted loss sum and its gradient
+    w.r.t. zt, in the same layout. Plain elementwise code, so torch.compile can fuse it into a couple of passes
+    over the chunk."""
+    t = torch.tanh(zt / softcap)  # not 1 - 2/(e^(2z/c) + 1): one exp fewer, but it loses t's precision near 0
     logits = softcap * t
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * weights).sum()
-    g = torch.exp(logits - lse[:, None]) * weights[:, None]
-    g = g.scatter_add(1, targets[:, None], -weights[:, None])
+    lse = softcap + torch.log(torch.exp(logits - softcap).sum(0))  # logits <= softcap: no pass for the max
+    loss = ((lse - logits.gather(0, targets[None, :]).squeeze(0)) * weights).sum()
+    g = torch.exp(logits - lse[None, :]) * weights[None, :]
+    g = g.scatter_add(0, targets[None, :], -weights[None, :])
     return loss, g * (1.0 - t * t)  # through the soft-cap
 
 
@@ -198,15 +199,16 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         Wc = W.to(h.dtype)
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
-            loss, g = kernel((hc @ Wc.t()).float(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
+            # vocab-major (V, n) logits: on CPU, W @ h^T runs ~1.4x faster than h @ W^T for these shapes
+            loss, g = kernel((Wc @ hc.t()).float(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
             total += loss
             if need_grad:
                 g = g.to(h.dtype)
-                torch.mm(g, Wc, out=grad_h[s:s + chunk])
+                torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
                 if g.dtype == torch.float32:
-                    grad_W.addmm_(g.t(), hc)
+                    grad_W.addmm_(g, hc)
                 else:
-                    grad_W.add_((g.t() @ hc).float())
+                    grad_W.add_((g @ hc).float())
         if need_grad:
             ctx.save_for_backward(grad_h, grad_W)
         return total

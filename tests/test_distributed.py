@@ -183,10 +183,11 @@ def test_rl_two_ranks_equal_one_process(tmp_path, webtext_tokenizer):
     a, b = load_file(tmp_path / "one" / "model_000002.safetensors"), load_file(tmp_path / "two" / "model_000002.safetensors")
     base = load_file(next((home / "runs" / "t" / "sft").glob("model_*.safetensors")))
     assert any(not torch.equal(a[k], base[k]) for k in a)  # the update moved the weights
-    # per tensor, the largest difference relative to the largest weight: fp32 sums in another order, and
-    # Adam's normalised updates carry that roundoff into the embedding rows
+    # per tensor, the gap between the runs against how far the two steps moved the weights: fp32 sums in
+    # another order (a lost or doubled rank's gradient would make it ~0.1-1), which Adam's normalised updates
+    # carry into a few embedding entries at full size, so no elementwise bound
     for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max(), k
+        assert (a[k] - b[k]).norm() <= 1e-4 * (a[k] - base[k]).norm(), k
 
 
 def one_error_line(r):

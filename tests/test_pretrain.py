@@ -45,6 +45,17 @@ def test_derived_hyperparameters():
     assert scaling_params(20, 32768) == 20 * 12 * 1280 ** 2 + 1280 * 32768
 
 
+def test_mfu_peak_keeps_the_best_measurement(monkeypatch):
+    """A start on a busy machine measures a low matmul peak: it must not replace the better one on record
+    (every MFU after it would be inflated)."""
+    import torch
+    from picochat import common
+    cpu = torch.device("cpu")
+    for measured, expected in ((100e9, 100e9), (40e9, 100e9), (120e9, 120e9), (50e9, 120e9)):
+        monkeypatch.setattr(common, "measure_matmul_flops", lambda *a, **k: measured)
+        assert common.peak_flops(cpu) == expected
+
+
 def test_loss_falls_on_webtext(setup):
     home, data = setup
     # LRs scale with sqrt(batch / 2^19); at this tiny batch, raise the base LRs to move in 40 steps
