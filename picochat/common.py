@@ -117,8 +117,8 @@ def metrics_logger(path, step, rank, redone=()):
     if rank == 0:
         records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
         keep = [r for r in records
-                if r.get("step", 0) < step or r.get("step", 0) == step and not set(redone) & r.keys()]
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep if step).encode())
+                if r.get("step", 0) < step or r.get("step", 0) == step and not set(redone) & r.keys()] if step else []
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def log(record):
         if rank == 0:

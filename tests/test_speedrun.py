@@ -86,9 +86,8 @@ def numbers(summary):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    if not BACKGROUND:  # conftest.py starts it; this covers a session that did not
-        start_in_background(tmp_path_factory.mktemp("speedrun"))
+def smoke_run():
+    # started by conftest.py when it collects a test that uses this fixture
     BACKGROUND["thread"].join(timeout=2400)
     root = BACKGROUND["root"]
     log, rl_log = ((root / name).read_text() if (root / name).exists() else ""
