@@ -34,16 +34,19 @@ p.add_argument("--concurrent", type=int, default=8, help="requests in flight for
 p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 p.add_argument("--top-k", type=int, default=0)
 p.add_argument("--repeats", type=int, default=3)
-p.add_argument("--threads", type=int, default=1,
-               help="torch threads (0 = torch's default). 1 by default: on a shared 2-core machine a 2-thread OpenMP "
-                    "team stalls on every op when the other core is busy (both engines drop to <10 tok/s)")
+p.add_argument("--threads", type=int, default=0,
+               help="torch threads of the thread that runs the model (0 = torch's default). Use 1 on a busy machine: "
+                    "a 2-thread OpenMP team stalls on every op when the other core is busy (both engines drop to "
+                    "<10 tok/s)")
 p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 p.add_argument("--device", default="")
 p.add_argument("--skip-naive", action="store_true")
 args = p.parse_args()
 
-if args.threads:
-    torch.set_num_threads(args.threads)
+# every measurement runs in the scheduler's thread, as in the server; this one keeps one torch thread (see
+# engine.Scheduler: a second OpenMP team in the process would slow both)
+threads = args.threads or torch.get_num_threads()
+torch.set_num_threads(1)
 device = torch.device(args.device or autodetect_device())
 config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim)
 model = GPT(config).to(device).init_weights(seed=0).eval()
@@ -112,16 +115,16 @@ def scheduler_run(k, sched):
     return sum(counts)
 
 
+sched = Scheduler(engine, slots=args.concurrent, threads=threads).start()
 t0 = time.perf_counter()
-engine_run()  # warm-up (and compile)
+sched.run_job(engine_run).result()  # warm-up (and compile)
 warmup_s = time.perf_counter() - t0
-sched = Scheduler(engine, slots=args.concurrent).start()
 scheduler_run(1, sched)
 # rounds of every measurement, best of each: on a shared machine the load moves between phases
-runs = {"b1": lambda: engine_run(), "one": lambda: scheduler_run(1, sched),
+runs = {"b1": lambda: sched.run_job(engine_run).result(), "one": lambda: scheduler_run(1, sched),
         "agg": lambda: scheduler_run(args.concurrent, sched)}
 if not args.skip_naive:
-    runs["naive"] = naive_run
+    runs["naive"] = lambda: sched.run_job(naive_run).result()
 res = {k: 0.0 for k in runs}
 for _ in range(args.repeats):
     for k, fn in runs.items():
@@ -129,7 +132,7 @@ for _ in range(args.repeats):
 sched.stop()
 b1, one, agg, naive = res["b1"], res["one"], res["agg"], res.get("naive")
 print(json.dumps({
-    "bench": "infer", "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
+    "bench": "infer", "device": str(device), "threads": threads, "compile": args.compile,
     "model": f"d{args.depth} w{config.n_embd} h{config.n_head}x{config.head_dim} V{args.vocab_size}",
     "params": model.num_params(), "dtype": str(engine.net.dtype).split(".")[-1],
     "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens, "temperature": args.temperature,

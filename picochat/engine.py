@@ -21,18 +21,18 @@ Context-length policy: a prompt must leave room for at least one new token (else
 context_length_exceeded); max_tokens is clipped to what the context has left, so a long generation ends with
 finish reason "length" at the context's end. Callers that keep a conversation (the CLI) drop old turns first.
 
-Speed (bench/infer.py): InferenceModel mirrors GPT.trunk with the weights re-laid for decoding: q, k and v
-fused into one matrix, every matrix stored transposed (on this machine's MKL a (1, C) @ (C, N) product streams
-the weights ~2x faster than F.linear's (N, C) layout), oneDNN-packed copies for products of several rows (MKL
-reads the weights once per row there), bf16 on GPUs, Python floats for the residual scalars, a rotary in 4 ops,
-and masks built once per step on the host (none at all when every row is at the same position). A one-token
-step on CPU computes attention with two small matmuls: torch's CPU flash-attention kernel costs far more than
-the math for a single query (and collapses with 2 OpenMP threads on a busy machine). The cache is head-major
-(B, H_kv, T, D) so decode attention reads each head's keys contiguously, and attention covers only the filled
-prefix of the cache (or, compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip the
-soft-cap of the full vocabulary: it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py
-checks the layout token for token against GPT.forward. The prepared weights are rebuilt when the model's
-parameters change (RL updates them in place between generations).
+Speed (bench/infer.py): InferenceModel mirrors GPT.trunk with the weights re-laid for decoding: q, k and v fused
+into one matrix, every matrix in the layout a one-row product streams fastest, cut into one block of columns per CPU
+thread so that all cores pull weights from memory (decode_layout), oneDNN-packed copies for products of several rows
+(MKL reads the weights once per row there), bf16 on GPUs, Python floats for the residual scalars, a rotary in 4 ops,
+and masks built once per step on the host (none at all when every row is at the same position). A one-token step on
+CPU computes attention with two small matmuls: torch's CPU flash-attention kernel costs far more than the math for a
+single query (and collapses with 2 OpenMP threads on a busy machine). The cache is head-major (B, H_kv, T, D) so
+decode attention reads each head's keys contiguously, and attention covers only the filled prefix of the cache (or,
+compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip the soft-cap of the full vocabulary:
+it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py checks the layout token for token
+against GPT.forward. The prepared weights are rebuilt when the model's parameters change (RL updates them in place
+between generations) or the decoding thread's thread count does.
 """
 import codecs
 import re
@@ -104,6 +104,7 @@ class InferenceModel:
         self.dtype = dtype or inference_dtype(self.device)
         self._fingerprint = None
         self._lock = threading.Lock()
+        self.compiled = compile
         self.refresh()
         # dynamic shapes: batch and cache length change from step to step
         self._hidden = torch.compile(self._hidden_impl, dynamic=True) if compile else self._hidden_impl
@@ -114,21 +115,29 @@ class InferenceModel:
         self.use_packed = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
                            and torch.backends.mkldnn.is_available())
 
-    def _params_fingerprint(self):
-        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+    def _fingerprint_now(self):
+        """What the layout depends on: the parameters, and on CPU the calling thread's torch thread count (the
+        number of column blocks, see decode_layout)."""
+        parts = torch.get_num_threads() if self.device.type == "cpu" and not self.compiled else 1
+        return parts, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def _linear_weights(self):
+        """Per layer, its four matrices in nn.Linear's (out, in) layout, q, k and v fused into one."""
+        for block in self.model.blocks:
+            a = block.attn
+            yield dict(qkv=torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight]), wo=a.c_proj.weight,
+                       fc=block.mlp.c_fc.weight, proj=block.mlp.c_proj.weight)
 
     @torch.no_grad()
     def refresh(self):
-        """(Re)build the decode layout if the model's parameters changed since the last build."""
+        """(Re)build the decode layout if the model's parameters (or the thread count) changed since the last build."""
         with self._lock:
-            fp = self._params_fingerprint()
+            fp = self._fingerprint_now()
             if fp == self._fingerprint:
                 return
             m, dt = self.model, self.dtype
-
-            def t(w):  # transposed and contiguous: x @ t(W) == F.linear(x, W)
-                return w.detach().t().to(dt).contiguous()
-
+            self.parts = fp[0]
+            t = lambda w, parts=self.parts: decode_layout(w.detach().to(dt), parts)
             self.wte = m.wte.weight.detach().to(dt)
             self.head = t(m.lm_head.weight)
             # rotary as x * [cos, cos] + [x2, x1] * [sin, -sin]: the same products and sums as apply_rotary
@@ -137,12 +146,11 @@ class InferenceModel:
             self.sin = torch.cat([m.sin, -m.sin], dim=-1).to(dt)
             self.resid = (m.resid_lambdas.tolist(), m.x0_lambdas.tolist()) if self.config.resid_scalars else None
             self.layers = []
-            for i, block in enumerate(m.blocks):
+            for i, (block, mats) in enumerate(zip(m.blocks, self._linear_weights())):
                 a = block.attn
                 self.layers.append(dict(
-                    qkv=t(torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight])),
-                    wo=t(a.c_proj.weight), fc=t(block.mlp.c_fc.weight), proj=t(block.mlp.c_proj.weight),
-                    gate=t(a.ve_gate.weight) if a.ve_gate is not None else None,
+                    {k: t(w) for k, w in mats.items()},
+                    gate=t(a.ve_gate.weight, 1) if a.ve_gate is not None else None,
                     gate_channels=a.ve_gate_channels,
                     ve=m.value_embeds[str(i)].weight.detach().to(dt) if str(i) in m.value_embeds else None,
                     window=m.windows[i]))
@@ -158,9 +166,9 @@ class InferenceModel:
             return None
         if self._packed is None:
             try:
-                pack = lambda wt: torch.ops.mkldnn._reorder_linear_weight(wt.t().contiguous(), 8)
-                self._packed = dict(head=pack(self.head),
-                                    layers=[{k: pack(ly[k]) for k in ("qkv", "wo", "fc", "proj")} for ly in self.layers])
+                pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(self.dtype).contiguous(), 8)
+                self._packed = dict(head=pack(self.model.lm_head.weight),
+                                    layers=[{k: pack(w) for k, w in mats.items()} for mats in self._linear_weights()])
             except Exception:  # no oneDNN in this build: the plain layout works everywhere
                 self._packed, self.use_packed = None, False
                 return None
@@ -232,7 +240,7 @@ class InferenceModel:
 
             def mm(a, key):
                 if pk is None:
-                    return a @ ly[key]
+                    return matmul(a, ly[key])
                 return torch.ops.mkldnn._linear_pointwise(a, pk[key], None, "none", [], "")
 
             if self.resid is not None:
@@ -242,7 +250,7 @@ class InferenceModel:
             qk = qkv[..., :(H + Hk) * D].view(B, T, H + Hk, D)
             v = qkv[..., (H + Hk) * D:].view(B, T, Hk, D)
             if ly["ve"] is not None:
-                gate = 2 * torch.sigmoid(h[..., :ly["gate_channels"]] @ ly["gate"])  # (B, T, H_kv)
+                gate = 2 * torch.sigmoid(matmul(h[..., :ly["gate_channels"]], ly["gate"]))  # (B, T, H_kv)
                 v = v + gate.unsqueeze(-1) * F.embedding(ids, ly["ve"]).view(B, T, Hk, D)
             d = D // 2  # rotary, then QK-norm, per head: q and k go through together
             qk = norm(qk * cos + torch.cat([qk[..., d:], qk[..., :d]], dim=-1) * sin)
@@ -270,10 +278,35 @@ class InferenceModel:
 
     def logits(self, h):
         """Raw logits in fp32, before the soft-cap (apply softcap() for the model's actual logits)."""
-        packed = self.packed(h.numel() // h.shape[-1])
+        rows = h.numel() // h.shape[-1]
+        packed = self.packed(rows)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(h, packed["head"], None, "none", [], "")
-        return (h @ self.head).float()
+        return matmul(h, self.head).float()
+
+
+def decode_layout(w, parts=1):
+    """A weight w (out, in) laid out for the one-row products of decoding (matmul() computes F.linear(x, w)
+    with it). Measured on the 2-core EPYC, d6, weights not in cache:
+    - One thread: short side first, the layout MKL's matrix-vector product streams fastest. W^T stored (in, out)
+      when out >= in (fc 384 -> 1536: 142 us against 247 for F.linear's layout; lm_head: 2.1 ms against 5.7),
+      nn.Linear's own (out, in) when out < in (proj 1536 -> 384: 153 us against 247).
+    - `parts` threads: W^T cut into `parts` blocks of columns, (parts, in, out / parts), multiplied with one
+      bmm, whose OpenMP threads stream a block each. MKL does not thread a single-row product, so this is
+      what puts the second core's memory bandwidth to work: with 2 threads lm_head takes 0.95 ms against
+      1.9 ms as one product, fc 96 us against 130, proj 166 us against 242."""
+    if parts > 1 and w.shape[0] % parts == 0:
+        return w.t().reshape(w.shape[1], parts, w.shape[0] // parts).transpose(0, 1).contiguous()
+    return (w.t() if w.shape[0] >= w.shape[1] else w).contiguous()
+
+
+def matmul(x, w):
+    """F.linear(x, W) for w = decode_layout(W)."""
+    if w.dim() == 3:  # column blocks: (parts, rows, out / parts) -> (rows, out)
+        y = torch.bmm(x.reshape(1, -1, x.shape[-1]).expand(w.shape[0], -1, -1), w)
+        return y.permute(1, 0, 2).reshape(*x.shape[:-1], -1)
+    # a square W is stored transposed, as is any W with out > in
+    return x @ w if w.shape[0] == x.shape[-1] else F.linear(x, w)
 
 
 def decode_attention(q, k, v, mask=None):
@@ -554,8 +587,14 @@ class Scheduler:
     step covers rows [0, highest busy slot]; idle rows in between get a dummy token at their own position,
     which is overwritten before it is ever attended to."""
 
-    def __init__(self, engine: Engine, slots=8, max_queue=256, max_len=None):
+    def __init__(self, engine: Engine, slots=8, max_queue=256, max_len=None, threads=0):
         self.engine = engine
+        # torch threads of the scheduler's thread (0: torch's default). Give the caller's thread one thread
+        # before it touches the model (serve does): libgomp keeps a team per thread that ever ran a parallel
+        # region, and once a process's OpenMP threads outnumber its cores it cuts every team's spin-wait to ~100
+        # spins, so each of a decode step's parallel products waits for a wake-up (measured: 2-thread batch-1
+        # decode 210 -> 120 tok/s once a second thread had run a 2-thread region).
+        self.threads = threads
         self.net = engine.net
         self.num_slots = slots
         self.max_queue = max_queue
@@ -627,6 +666,8 @@ class Scheduler:
 
     # ---- the scheduler thread --------------------------------------------------------------------------------
     def _run(self):
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self.cond:
                 while not (self._stopping or self.pending or self.jobs or any(self.slots)):

@@ -367,7 +367,7 @@ async def _events(queue, request, stream):
 
 # ---- the app --------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=None, slots=8, max_queue=256,
-               tool=True, compile=False, engine=None):
+               tool=True, compile=False, engine=None, threads=0):
     """The FastAPI app (UI + API) around one Engine and one Scheduler. The scheduler thread starts now and stops
     at the app's shutdown (app.state.scheduler.stop() does it by hand)."""
     from fastapi import Depends, FastAPI, Request
@@ -378,7 +378,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
 
     limits = limits or Limits()
     engine = engine or Engine(model, tokenizer, tool=tool, compile=compile)
-    scheduler = Scheduler(engine, slots=slots, max_queue=max_queue).start()
+    scheduler = Scheduler(engine, slots=slots, max_queue=max_queue, threads=threads).start()
     svc = Service(engine, scheduler, limits, model_name, api_key)
 
     async def lifespan(app):
@@ -836,18 +836,23 @@ def add_parser(sub):
 
 
 def serve_cli(args):
+    import torch
     import uvicorn
     from picochat.chat import load_chat_model
     if args.port < 0 or args.port > 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.slots < 1 or args.max_queue < 0:
         raise UserError("--slots must be at least 1 and --max-queue at least 0")
+    # the model runs in the scheduler's thread only, with all the threads; this one loads it with one thread
+    # so that it never starts an OpenMP team of its own (see Scheduler)
+    threads, args.threads = args.threads or torch.get_num_threads(), 1
     model, tokenizer, info = load_chat_model(args)
     limits = Limits(max_messages=args.max_messages, max_chars=args.max_chars, max_tokens=args.max_tokens_limit,
                     max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     name = args.model_name or f"picochat-{info['run']}-{info['stage']}"
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or None, limits=limits,
-                     slots=args.slots, max_queue=args.max_queue, tool=not args.no_tool, compile=args.compile)
+                     slots=args.slots, max_queue=args.max_queue, tool=not args.no_tool, compile=args.compile,
+                     threads=threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host

@@ -7,7 +7,7 @@ import torch
 import picochat.engine as engine_mod
 from picochat.common import UserError
 from picochat.engine import (Engine, InferenceModel, Request, Scheduler, StaticCache, StreamDecoder, ToolState,
-                             parse_reply, sample, softcap)
+                             decode_layout, matmul, parse_reply, sample, softcap)
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
@@ -65,12 +65,36 @@ def greedy_reference(model, prompt, n, stops=(), forced_script=None, tool=None):
     return out
 
 
+@pytest.fixture
+def threads(request):
+    """Run the test with torch at request.param threads (the decode layout follows the thread count)."""
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(1)
+
+
 # ---- the decode layout ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out_f,in_f", [(12, 8), (8, 12), (8, 8), (10, 8), (9, 6)])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_decode_layout_computes_linear(out_f, in_f, parts):
+    w = torch.randn(out_f, in_f)
+    stored = decode_layout(w, parts)
+    # column blocks only when they divide the outputs evenly
+    assert stored.dim() == (3 if parts > 1 and out_f % parts == 0 else 2)
+    for shape in [(1, in_f), (5, in_f), (2, 3, in_f), (1, 1, in_f)]:
+        x = torch.randn(shape)
+        y = matmul(x, stored)
+        assert y.shape == (*shape[:-1], out_f)
+        assert torch.allclose(y, torch.nn.functional.linear(x, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3},
                                 {"n_kv_head": 1, "depth": 4}, {"resid_scalars": False}])
-def test_inference_model_matches_model_forward(kw):
+def test_inference_model_matches_model_forward(kw, threads):
     model = tiny(**kw)
     net = InferenceModel(model)
+    assert net.parts == threads  # one column block per thread (see decode_layout)
     x = torch.randint(0, 300, (3, 40))
     with torch.no_grad():
         ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
@@ -103,6 +127,32 @@ def test_static_cache_attends_over_the_whole_cache():
         parts = [net.logits(net.hidden(x[:, :12], cache, slice(0, 2), [0, 0]))]
         parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 2), [t, t])) for t in range(12, 20)]
     assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-5)
+
+
+def test_layout_follows_the_thread_count(tok):
+    """The layout is rebuilt for the thread count of the thread that decodes (the server's scheduler runs with
+    its own), and gives the same tokens."""
+    engine = Engine(tiny(vocab=tok.vocab_size), tok, tool=False)
+    engine.stop_ids = frozenset()
+    runs = {}
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            runs.setdefault(n, []).append([t[0] for t, _ in engine.generate([5, 6, 7], 1, 12, temperature=0)])
+            assert engine.net.parts == n
+    finally:
+        torch.set_num_threads(1)
+    assert runs[1][0] == runs[1][1] == runs[2][0]
+
+
+def test_scheduler_runs_with_its_own_thread_count(tok):
+    engine = Engine(tiny(vocab=tok.vocab_size), tok)
+    sched = Scheduler(engine, slots=2, threads=2).start()
+    try:
+        assert sched.run_job(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 1  # the caller's thread keeps its own
+    finally:
+        sched.stop()
 
 
 def test_layout_follows_in_place_weight_updates():
