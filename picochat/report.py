@@ -250,7 +250,7 @@ def plot_chat(evals, path):
 
 
 # ---- the card -----------------------------------------------------------------------------------------------
-def _fmt(v, digits=4):
+def fmt(v, digits=4):
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -317,10 +317,10 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
             rows.append(f"| {stage} | not run | - | - | - | - |")
             continue
         key = ("core_label", "core") if "core" in h else ("chatcore_label", "chatcore") if "chatcore" in h else None
-        headline = f"{h[key[0]]} {_fmt(h[key[1]])}" if key else "-"
-        bpb = f"bpb {_fmt(h['val_bpb'])}" if "val_bpb" in h else ""
+        headline = f"{h[key[0]]} {fmt(h[key[1]])}" if key else "-"
+        bpb = f"bpb {fmt(h['val_bpb'])}" if "val_bpb" in h else ""
         numbers = ", ".join(x for x in (bpb, headline) if x and x != "-") or "-"
-        rows.append(f"| {stage} | {h['status']} | {_fmt(h.get('step'))} | "
+        rows.append(f"| {stage} | {h['status']} | {fmt(h.get('step'))} | "
                     f"{format_duration(hours * 3600) if hours is not None else '-'} | "
                     f"{'$%.2f' % cost if cost is not None else note} | {numbers} |")
     report["total_train_seconds"] = total_s
@@ -368,11 +368,11 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
                      "train_seconds", "core_label", "chatcore_label", "core_tasks_scored", "core_tasks_total"):
                 continue
             if k == "core":
-                facts.append((h["core_label"], _fmt(v)))
+                facts.append((h["core_label"], fmt(v)))
             elif k == "chatcore":
-                facts.append((h["chatcore_label"], _fmt(v)))
+                facts.append((h["chatcore_label"], fmt(v)))
             else:
-                facts.append((k, _fmt(v)))
+                facts.append((k, fmt(v)))
         md += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
         if info["metrics"] and plot_curves(stage, info["metrics"], out / f"curves_{stage}.png"):
             md += [f"![{stage} curves](curves_{stage}.png)", ""]
@@ -403,9 +403,9 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
         md += ["| task | " + " | ".join(chat_evals) + " |", "|---|" + "---|" * len(chat_evals)]
         names = list(dict.fromkeys(t for ev in chat_evals.values() for t in ev["tasks"]))
         for t in names:
-            md.append(f"| {t} | " + " | ".join(_fmt(ev["tasks"][t]["accuracy"]) if t in ev["tasks"] else "-"
+            md.append(f"| {t} | " + " | ".join(fmt(ev["tasks"][t]["accuracy"]) if t in ev["tasks"] else "-"
                                               for ev in chat_evals.values()) + " |")
-        md.append("| **ChatCORE** | " + " | ".join(_fmt(ev.get("chatcore")) for ev in chat_evals.values()) + " |")
+        md.append("| **ChatCORE** | " + " | ".join(fmt(ev.get("chatcore")) for ev in chat_evals.values()) + " |")
         md += [""]
 
     md_path, json_path = out / "report.md", out / "report.json"

@@ -344,11 +344,6 @@ class Service:
         return self.tokenizer.enc.decode_single_token_bytes(t).decode("utf-8", "replace")
 
 
-async def _nothing():
-    return
-    yield
-
-
 def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -363,6 +358,40 @@ async def _events(queue, request, stream):
             if not stream and await request.is_disconnected():
                 raise ConnectionError("client disconnected")
             yield None
+
+
+async def _choices(queue, request, stream, reqs, texts, scheduler):
+    """The scheduler's events as the endpoints answer them, choice by choice: ("token", i, piece, token, lp)
+    with the text the token added to choice i ("" while a stop string may be starting) and its logprobs (None
+    once the choice stopped); ("done", i, tail, finish_reason); ("sse", text) to pass to a stream as it is (a
+    keep-alive, an error). A choice that reaches a stop string is cancelled at once; a failed generation raises
+    a 500 when not streaming. Ends once every choice is done."""
+    remaining = len(reqs)
+    if not remaining:
+        return
+    async for item in _events(queue, request, stream):
+        if item is None:
+            if stream:
+                yield ("sse", ": keep-alive\n\n")
+            continue
+        i, ev = item
+        if ev[0] == "token":
+            _, tok, _forced, lp = ev
+            piece = texts[i].feed(tok)
+            if texts[i].stopped:
+                scheduler.cancel(reqs[i])
+            yield ("token", i, piece, tok, None if texts[i].stopped else lp)
+            continue
+        reason = ev[1]
+        remaining -= 1
+        tail = texts[i].finish()
+        if reason.startswith("error"):
+            if not stream:
+                raise APIError(500, reason, "server_error")
+            yield ("sse", _sse(error_body(reason, "server_error")))
+        yield ("done", i, tail, _finish_reason(reason, texts[i]))
+        if remaining == 0:
+            return
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
@@ -518,42 +547,26 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
 
         async def run(stream):
             """Yields SSE strings (stream) or collects into results (returned at the end)."""
-            remaining, finish, lps = len(reqs), [None] * len(reqs), [[] for _ in reqs]
+            finish, lps = [None] * len(reqs), [[] for _ in reqs]
             if stream:
                 for i in range(len(reqs)):
                     yield _sse(chunk(i, {"role": "assistant", "content": ""}))
-            async for item in _events(queue, request, stream):
-                if item is None:
-                    if stream:
-                        yield ": keep-alive\n\n"
-                    continue
-                i, ev = item
-                if ev[0] == "token":
-                    _, tok, forced, lp = ev
-                    piece = texts[i].feed(tok)
-                    if texts[i].stopped:
-                        scheduler.cancel(reqs[i])
-                    entry = lp_entry(tok, lp) if lp is not None and not texts[i].stopped else None
+            async for ev in _choices(queue, request, stream, reqs, texts, scheduler):
+                if ev[0] == "sse":
+                    yield ev[1]
+                elif ev[0] == "token":
+                    _, i, piece, tok, lp = ev
+                    entry = lp_entry(tok, lp) if lp is not None else None
                     if entry is not None:
                         lps[i].append(entry)
                     if stream and (piece or entry):
                         yield _sse(chunk(i, {"content": piece}, logprobs={"content": [entry]} if entry else None))
-                    continue
-                _, reason, _n = ev
-                remaining -= 1
-                tail = texts[i].finish()
-                finish[i] = _finish_reason(reason, texts[i])
-                if reason.startswith("error"):
+                else:
+                    _, i, tail, finish[i] = ev
                     if stream:
-                        yield _sse(error_body(reason, "server_error"))
-                    else:
-                        raise APIError(500, reason, "server_error")
-                if stream:
-                    if tail:
-                        yield _sse(chunk(i, {"content": tail}))
-                    yield _sse(chunk(i, {}, finish[i]))
-                if remaining == 0:
-                    break
+                        if tail:
+                            yield _sse(chunk(i, {"content": tail}))
+                        yield _sse(chunk(i, {}, finish[i]))
             if stream:
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -643,45 +656,28 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
             done = sum(r.generated for r in reqs)
             return {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}
 
+        def text_chunk(c, text, finish=None):
+            return _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                         "choices": [{"index": c, "text": text, "logprobs": None, "finish_reason": finish}]})
+
         async def run(stream):
             finish = ["length"] * n_choices
-            remaining = len(reqs)
             if stream and body.echo:
                 for c in range(n_choices):
-                    yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [{"index": c, "text": prompts[c // body.n][1], "logprobs": None,
-                                             "finish_reason": None}]})
-            async for item in (_events(queue, request, stream) if remaining else _nothing()):
-                if item is None:
-                    if stream:
-                        yield ": keep-alive\n\n"
-                    continue
-                c, ev = item
-                if ev[0] == "token":
-                    _, tok, forced, lp = ev
-                    piece = texts[c].feed(tok)
-                    if texts[c].stopped:
-                        scheduler.cancel(reqs[c])
-                    elif lp is not None:
+                    yield text_chunk(c, prompts[c // body.n][1])
+            async for ev in _choices(queue, request, stream, reqs, texts, scheduler):
+                if ev[0] == "sse":
+                    yield ev[1]
+                elif ev[0] == "token":
+                    _, c, piece, tok, lp = ev
+                    if lp is not None:
                         tokens[c].append((tok, lp))
                     if stream and piece:
-                        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                                    "choices": [{"index": c, "text": piece, "logprobs": None, "finish_reason": None}]})
-                    continue
-                _, reason, _n = ev
-                remaining -= 1
-                tail = texts[c].finish()
-                finish[c] = _finish_reason(reason, texts[c])
-                if reason.startswith("error"):
+                        yield text_chunk(c, piece)
+                else:
+                    _, c, tail, finish[c] = ev
                     if stream:
-                        yield _sse(error_body(reason, "server_error"))
-                    else:
-                        raise APIError(500, reason, "server_error")
-                if stream:
-                    yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [{"index": c, "text": tail, "logprobs": None, "finish_reason": finish[c]}]})
-                if remaining == 0:
-                    break
+                        yield text_chunk(c, tail, finish[c])
             if stream:
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,

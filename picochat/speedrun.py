@@ -9,7 +9,7 @@ stopped and ends with the same numbers.
 
 Presets pick the scale (default: from the hardware):
   demo  no GPU: depth 4 on the synthetic curriculum (or --data), ~25 min on a 2-core CPU, offline
-  smoke the demo at a fraction of its budget, ~6 min on one core: a check that every stage works (CI runs it)
+  smoke the demo at a fraction of its budget, ~6 min on one core: a check that every stage works (the tests)
   d12   1 GPU: depth 12, GPT-1 size, ~1 h on an H100 (estimated from FLOPs, as below)
   d20   8 GPUs: depth 20, the reference's "$100" tier, ~1.7 h on 8xH100
   gpt2  8 GPUs: depth 24, aims at GPT-2's CORE (0.2565), ~3.6 h on 8xH100
@@ -27,6 +27,7 @@ import torch
 
 from picochat.common import UserError, home_dir, format_duration, atomic_write_json
 from picochat.pretrain import derive_hparams
+from picochat.report import fmt
 from picochat.launch import torchrun_command
 
 CHARS_PER_TOKEN = 4.8  # web text with a 32K vocab; sizes the download
@@ -47,11 +48,12 @@ PRESETS = {
         rl=["--task", "demo"],
         eval_chat=["-t", "demo", "--max-problems", "200"],
     ),
-    # the demo at a fraction of its budget (~6 min on one core): what CI runs end to end. Every stage shows its
-    # effect except RL's: at this scale (depth 3, a quarter of the demo's pretraining tokens) the SFT model's
-    # word-problem errors are not ones 20 RL steps fix (measured in dev/LOG.md); the demo's base model is needed
+    # the demo at a fraction of its budget (~6 min on one core): what the tests run end to end, killed and
+    # resumed. Every stage shows its effect except RL's: at this scale (depth 3, a quarter of the demo's
+    # pretraining tokens) the SFT model's word-problem errors are not ones 20 RL steps fix (measured in
+    # dev/LOG.md); the demo's base model is needed, so the RL gain is checked on the demo (CI runs it too)
     "smoke": dict(
-        gpus=0, vocab=4096, tokenizer_chars=10_000_000,
+        gpus=0, vocab=4096, tokenizer_chars=10_000_000, check_rl_gain=False,
         pretrain=[*DEMO_MODEL, "--depth", "3", "--device-batch-size", "16", "--total-batch-size", "4096",
                   "--num-iterations", "240", "--warmup-steps", "10", "--eval-every", "80", "--eval-tokens", "32768",
                   "--save-every", "40"],
@@ -93,6 +95,7 @@ def add_parser(sub):
                                               "demo curriculum or the web download")
     p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour for the cost estimate")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
+    p.add_argument("--check", action="store_true", help="exit 1 unless the report card passes its checks (for CI)")
     p.set_defaults(func=run)
 
 
@@ -175,6 +178,11 @@ def run(args):
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         atomic_write_json(timings_path, timings)
         print(f"[{name}] finished in {format_duration(time.time() - t0)}", flush=True)
+    checks = check_report(json.loads((run_dir / "report" / "report.json").read_text())["stages"],
+                          rl_gain=cfg.get("check_rl_gain", True))
+    print("\nchecks:")
+    for ok, text in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'} {text}")
     total = sum(timings.values())
     gpu_hours = max(1, n_gpus) * total / 3600 if n_gpus else 0.0
     print(f"\nspeedrun finished: {format_duration(total)} of stage time"
@@ -182,7 +190,32 @@ def run(args):
     print(f"report card: {run_dir / 'report' / 'report.md'}")
     print(f"talk to it:  picochat chat --run {run_name}")
     print(f"in a browser: picochat serve --run {run_name}   (then open http://127.0.0.1:8000)")
+    if args.check and not all(ok for ok, _ in checks):
+        print("speedrun --check: the report card failed a check (above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_report(stages, rl_gain=True):
+    """The report card's bars, [(passed, text)]: every stage finished, pretraining cut the validation bpb below
+    0.6x its start, SFT taught the chat format (at least 90% of replies well formed), and (rl_gain) RL raised
+    the accuracy on held-apart problems by more than 3 standard errors of the difference."""
+    checks = [(stages[k]["status"] == "done", f"{k}: {stages[k]['status']}") for k in ("base", "sft", "rl")]
+    base, sft, rl = stages["base"], stages["sft"], stages["rl"]
+    b0, b1 = base.get("start_val_bpb"), base.get("val_bpb")
+    checks.append((None not in (b0, b1) and b1 < 0.6 * b0,
+                   f"pretraining: validation bpb {fmt(b0, 3)} -> {fmt(b1, 3)} (bar: below 0.6x the start)"))
+    f0, f1 = sft.get("base_format_compliance"), sft.get("format_compliance")
+    checks.append((f1 is not None and f1 >= 0.9, f"SFT: format compliance {fmt(f0, 3)} -> {fmt(f1, 3)} (bar: at least 0.9)"))
+    if rl_gain:
+        a0, a1, n = rl.get("start_accuracy"), rl.get("accuracy"), rl.get("eval_problems")
+        if None in (a0, a1, n):
+            checks.append((False, "RL: the report has no accuracy before and after on held-apart problems"))
+        else:
+            se = math.sqrt((a0 * (1 - a0) + a1 * (1 - a1)) / n)
+            checks.append((a1 - a0 > 3 * se, f"RL: accuracy on {n} held-apart problems {a0:.3f} -> {a1:.3f} "
+                                             f"(bar: a gain above 3 standard errors, {3 * se:.3f})"))
+    return checks
 
 
 def command(distributed, argv, n_gpus):

@@ -208,6 +208,28 @@ def test_errors_are_openai_shaped(server, client, tok):
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
+def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch):
+    """A decode step that raises fails its requests: a 500 when not streaming, an error event then the choice's
+    finish and [DONE] when streaming; the server goes on serving."""
+    app = create_app(model, tok, slots=2)
+    with ServerThread(app) as url:
+        net = app.state.engine.net
+        real = net.hidden
+        monkeypatch.setattr(net, "hidden", lambda ids, *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+                            if ids.shape[1] == 1 else real(ids, *a, **k))  # prefill works, decoding fails
+        for path, body in [("/v1/chat/completions", {"messages": HELLO}), ("/v1/completions", {"prompt": "Hi"})]:
+            body = dict(body, max_tokens=5)
+            r = httpx.post(url + path, json=body, timeout=30)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+            assert "boom" in r.json()["error"]["message"]
+            lines = [x for x in httpx.post(url + path, json=dict(body, stream=True), timeout=30).text.split("\n") if x]
+            events = [json.loads(x[6:]) for x in lines[:-1]]
+            assert lines[-1] == "data: [DONE]" and "boom" in events[-2]["error"]["message"], lines
+            assert events[-1]["choices"][0]["finish_reason"] is not None
+        monkeypatch.setattr(net, "hidden", real)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
+
+
 def test_api_key_and_queue_limit(model, tok):
     app = create_app(model, tok, api_key="sekret", slots=1, max_queue=0, limits=Limits(max_n=2))
     app.state.scheduler.min_step_time = 0.02
