@@ -278,8 +278,7 @@ class InferenceModel:
 
     def logits(self, h):
         """Raw logits in fp32, before the soft-cap (apply softcap() for the model's actual logits)."""
-        rows = h.numel() // h.shape[-1]
-        packed = self.packed(rows)
+        packed = self.packed(h.numel() // h.shape[-1])
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(h, packed["head"], None, "none", [], "")
         return matmul(h, self.head).float()

@@ -142,8 +142,8 @@ def demo_stages(bpb=(3.19, 0.15), fmt=(0.0, 1.0), acc=(0.682, 0.904), n=500):
     (demo_stages(bpb=(3.19, 2.5)), "pretraining"),
     (demo_stages(bpb=(3.19, None)), "pretraining"),
     (demo_stages(fmt=(0.0, 0.85)), "SFT"),
-    (demo_stages(acc=(0.682, 0.72)), "RL"),       # +3.8 points on 500 problems: within noise (3 SE = 8.3)
-    (demo_stages(acc=(0.682, 0.80), n=40), "RL"),  # +12 points on 40 problems: within noise too
+    (demo_stages(acc=(0.682, 0.72)), "RL"),       # +3.8 points on 500 problems: within noise (3 SE = 8.7)
+    (demo_stages(acc=(0.682, 0.80), n=40), "RL"),  # +12 points on 40 problems: within noise too (3 SE = 29)
     (demo_stages(acc=(None, 0.9)), "RL"),
     (dict(demo_stages(), rl={"status": "partial"}), "rl"),
 ])
