@@ -1,6 +1,6 @@
 """`picochat chat`: talk to a trained model in the terminal.
 
-    picochat chat                          # a conversation with run "default" (its latest stage: rl, else sft, else base)
+    picochat chat                          # the run trained most recently (its latest stage: rl, else sft, else base)
     picochat chat -p "What is 12 * 7?"     # one reply, then exit
     picochat chat --stage sft --temperature 0 --max-tokens 200
     picochat chat --checkpoint path/to/stage_folder --step 1200
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, autodetect_device, home_dir
+from picochat.common import UserError, autodetect_device, home_dir, pick_run
 
 STAGES = ("rl", "sft", "base")  # most trained first: the default is the first that has a checkpoint
 
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--run", default="default", help="run name under $PICOCHAT_HOME/runs")
+    g.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
     g.add_argument("--stage", choices=STAGES, default=None,
                    help="which checkpoint of the run (default: the latest stage that has one: rl, else sft, else base)")
     g.add_argument("--checkpoint", default="", help="a stage folder to load instead of --run/--stage")
@@ -62,10 +62,11 @@ def resolve_checkpoint(run, stage=None, checkpoint=""):
 
 def load_chat_model(args):
     """(model, tokenizer, info) for chat and serve: weights in bf16 on GPUs (the engine decodes in bf16 there)."""
-    from picochat.checkpoint import load_model
+    from picochat.checkpoint import load_model, training_notes
     from picochat.engine import inference_dtype
     from picochat.model import describe
-    folder, stage = resolve_checkpoint(args.run, args.stage, args.checkpoint)
+    run = "" if args.checkpoint else pick_run(args.run)
+    folder, stage = resolve_checkpoint(run, args.stage, args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or autodetect_device())
@@ -73,8 +74,9 @@ def load_chat_model(args):
     dtype = inference_dtype(device)
     if dtype != torch.float32:
         model.to(dtype=dtype)
-    info = {"run": args.run if not args.checkpoint else folder.parent.name, "stage": stage, "folder": str(folder),
-            "step": meta["step"], "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}"}
+    info = {"run": run or folder.parent.name, "stage": stage, "folder": str(folder),
+            "step": meta["step"], "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}",
+            **training_notes(meta)}
     return model, tokenizer, info
 
 
@@ -183,6 +185,8 @@ def chat_cli(args):
 
     style = Style(sys.stdout)
     print(f"{style.dim}picochat: {info['description']}")
+    print(f"trained on {info['trained_on']}")
+    print("try: " + " | ".join(info["examples"]))
     print(f"{'continuing plain text (base model)' if base else 'chat'}; /new starts over, /system TEXT sets a "
           f"system prompt, /exit quits, Ctrl-C stops a reply{style.reset}")
     messages, system, turn = [], args.system, 0

@@ -160,3 +160,25 @@ def copy_tokenizer(src_folder, dst_folder):
     dst.mkdir(parents=True, exist_ok=True)
     for name in (RANKS_FILE, META_FILE, HF_FILE):
         shutil.copy2(Path(src_folder) / name, dst / name)
+
+
+# prompts that show a chat model trained on the full mixture (conversations, GSM8K, multiple choice) at work
+GENERAL_EXAMPLES = ("What is the capital of France?", "Tom has 5 apples and buys 3 more. How many apples does he have?",
+                    "Why is the sky blue?")
+
+
+def training_notes(meta):
+    """{"trained_on": one line, "examples": prompts worth trying} for a stage's checkpoint meta: the demo
+    curriculum's own description for a model trained on it, the data folder and mixture otherwise."""
+    from picochat import demo
+    args = meta.get("args") or {}
+    if args.get("mixture") == "demo" or args.get("task") == "demo" or "/data/demo/" in str(args.get("data", "")):
+        return {"trained_on": demo.ABOUT, "examples": list(demo.EXAMPLES)}
+    stage = meta.get("stage", "base")
+    if stage == "base":
+        return {"trained_on": f"plain text from {args.get('data') or 'the pretraining shards'} (a base model "
+                              f"continues text; it does not follow a chat format)",
+                "examples": ["The capital of France is", "Once upon a time"]}
+    then = {"sft": f"the {args.get('mixture', 'SFT')} chat mixture",
+            "rl": f"chat fine-tuning and RL on {args.get('task', 'word problems')}"}
+    return {"trained_on": f"pretraining text, then {then.get(stage, stage)}", "examples": list(GENERAL_EXAMPLES)}

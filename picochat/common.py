@@ -18,6 +18,22 @@ def home_dir() -> Path:
     return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
 
 
+def pick_run(run: str = "") -> str:
+    """The run a command works on: `run` when the user named one, else the run trained most recently (the one
+    with the newest checkpoint of any stage), announced on stderr so the user knows which model they got."""
+    if run:
+        return run
+    runs = home_dir() / "runs"
+    metas = [(m.stat().st_mtime, m.parent.parent.name) for m in runs.glob("*/*/meta_*.json")]
+    if not metas:
+        raise UserError(f"no trained run in {runs}: train one first (`picochat speedrun`), or name one with --run")
+    name = max(metas)[1]
+    others = sorted({n for _, n in metas} - {name})
+    print(f"run {name!r}: the most recently trained" + (f" (others: {', '.join(others)}; pick one with --run)"
+                                                       if others else ""), file=sys.stderr, flush=True)
+    return name
+
+
 def autodetect_device() -> str:
     if torch.cuda.is_available():
         return "cuda"

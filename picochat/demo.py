@@ -31,6 +31,14 @@ from pathlib import Path
 from picochat.common import UserError, atomic_write_bytes, atomic_write_json
 from picochat.data import data_dir, extract_answer, write_shards, temp_dir_beside, _install
 
+# What a model trained on this curriculum knows, and prompts in the shapes it learned (chat, serve and the
+# speedrun show them, so that a user does not mistake "knows only this" for "broken")
+ABOUT = ("the demo's synthetic curriculum only: simple stories about a made-up world, small arithmetic word "
+         "problems (solved with the Python tool), spelling and letter counting, greetings; it knows nothing else")
+EXAMPLES = ("Tom has 5 apples and buys 3 more. How many apples does he have now?",
+            "How many r are in strawberry?", "Who are you?")
+
+
 # ---- the world's vocabulary (kept small on purpose) ----------------------------------------------------------
 NAMES = ("Tom Anna Ben Lily Sam Mia Max Emma Leo Zoe Jack Ella Noah Ava Finn Ruby Owen Ivy Luke Rosa Adam Nora "
          "Eli Jane Hugo Lucy Omar Sara Paul Kate Ivan Maya Theo Nina Carl Lena Dan Ada Ray Eve Otto Amy Kai June "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json
+from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, pick_run
 
 
 @torch.no_grad()
@@ -267,7 +267,7 @@ def add_parser(sub):
                         description="Bits per byte on the data folder's validation shard and CORE (DCLM) over "
                                     "the eval bundle. Tasks whose data is missing are skipped and the score says "
                                     "how many it covers, e.g. 'CORE (20/22 tasks)'.")
-    b.add_argument("--run", default="default", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base")
+    b.add_argument("--run", default="", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base (default: the run trained most recently)")
     b.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/base)")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     b.add_argument("--max-per-task", type=int, default=None, help="items per CORE task (default: all); a fixed "
@@ -291,7 +291,7 @@ def add_parser(sub):
                                     "generation). Results accumulate in runs/<run>/<stage>/eval_chat.json.")
     c.add_argument("-t", "--task", default="all", help="task name, comma list, 'demo' (the demo curriculum's "
                                                        "tasks), 'arc' (both) or 'all' (every task whose data exists)")
-    c.add_argument("--run", default="default")
+    c.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
     c.add_argument("--stage", default="sft", choices=["base", "sft", "rl"], help="which checkpoint folder")
     c.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/<stage>)")
     c.add_argument("--step", type=int, default=None)
@@ -319,7 +319,7 @@ def base_cli(args):
     from picochat.core import evaluate_core
     from picochat.loader import fixed_batches, split_shards
     ddp, rank, _, world, device = init_runtime(args.device)
-    folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / args.run / "base"
+    folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / "base"
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)
     autocast = _autocast(device)
     out = {"stage": meta.get("stage", "base"), "step": meta["step"], "checkpoint": str(folder)}
@@ -394,7 +394,7 @@ def chat_cli(args):
     if args.num_samples < 1:
         raise UserError("-k/--num-samples must be at least 1")
     ddp, rank, _, world, device = init_runtime(args.device)
-    folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / args.run / args.stage
+    folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / args.stage
     tasks = select_chat_tasks(args.task, args.data or None)
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)
     autocast = _autocast(device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json
+from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, pick_run
 from picochat.checkpoint import load_model, latest_step
 from picochat.model import describe
 
@@ -161,7 +161,7 @@ def tokenizer_files(tok, stage, max_len):
 
 
 # ---- the export -----------------------------------------------------------------------------------------
-def resolve_checkpoint(run="default", stage="", checkpoint=""):
+def resolve_checkpoint(run, stage="", checkpoint=""):
     """The stage folder to export: --checkpoint, or runs/<run>/<stage>, or the last trained stage of the run."""
     if checkpoint:
         return Path(checkpoint), stage or Path(checkpoint).name
@@ -301,7 +301,7 @@ def add_parser(sub):
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must be empty or absent, see --force)")
-    p.add_argument("--run", default="default", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage>")
+    p.add_argument("--run", default="", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage> (default: the run trained most recently)")
     p.add_argument("--stage", default="", help="base, sft or rl (default: the last stage the run has trained)")
     p.add_argument("--checkpoint", default="", metavar="FOLDER", help="a stage folder to export (overrides --run/--stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -316,7 +316,7 @@ def add_parser(sub):
 
 
 def run(args):
-    folder, stage = resolve_checkpoint(args.run, args.stage, args.checkpoint)
+    folder, stage = resolve_checkpoint(args.run if args.checkpoint else pick_run(args.run), args.stage, args.checkpoint)
     t0 = time.time()
     s = export_hf(folder, args.hf, args.step, args.dtype, args.force, args.remote_code, args.verify, stage)
     how = ("transformers' nanochat model (no custom code)" if s["target"] == "nanochat" else

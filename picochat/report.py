@@ -15,11 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, format_duration
+from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, format_duration, pick_run
 
 STAGES = ("base", "sft", "rl")
 STAGE_TITLES = {"base": "Pretraining (base model)", "sft": "Supervised fine-tuning (chat model)",
-                "rl": "Reinforcement learning (GSM8K)"}
+                "rl": "Reinforcement learning"}
+RL_TASKS = {"demo": "the demo's word problems", "gsm8k": "GSM8K"}  # rl --task, as the card names it
 # metrics.jsonl keys that are bookkeeping, not curves
 NOT_CURVES = {"step", "dt", "lr_mult", "lr", "tok_per_sec", "mfu", "epoch", "time", "tokens"}
 NOT_CURVE_SUFFIXES = ("_seconds", "_tokens", "_problems", "_replies", "_rows")
@@ -251,10 +252,13 @@ def plot_chat(evals, path):
 
 # ---- the card -----------------------------------------------------------------------------------------------
 def fmt(v, digits=4):
+    """A number as people read it: 5,457 tokens/s, 412.3 s, 0.1523 bpb."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
@@ -355,12 +359,13 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
     chat_evals = {}
     for stage in STAGES:
         info, h = stages[stage], report["stages"][stage]
-        md += [f"## {STAGE_TITLES[stage]}", ""]
+        task = (info["summary"] or {}).get("task")
+        md += [f"## {STAGE_TITLES[stage]}" + (f" ({RL_TASKS.get(task, task)})" if stage == "rl" and task else ""), ""]
         if h["status"] == "not run":
             md += ["not run", ""]
             continue
         s = info["summary"] or {}
-        facts = [("status", h["status"]), ("device", f"{s.get('device', '?')} x {s.get('world_size', 1)}"),
+        facts = [("status", h["status"]), ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
                  ("wall time", format_duration(h["hours"] * 3600) if h["hours"] is not None else "unknown"),
                  ("cost", f"${h['cost_usd']:.2f} ({h['cost_note']})" if h["cost_usd"] is not None else h["cost_note"])]
         for k, v in h.items():
@@ -417,7 +422,7 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
 def add_parser(sub):
     p = sub.add_parser("report", help="write the report card of a run (markdown + plots + JSON)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="default", help="run name: reads $PICOCHAT_HOME/runs/<run>")
+    p.add_argument("--run", default="", help="run name: reads $PICOCHAT_HOME/runs/<run> (default: the run trained most recently)")
     p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour for the cost estimate")
     p.add_argument("--out", default="", help="output folder (default runs/<run>/report)")
     p.set_defaults(func=report_cli)
@@ -426,7 +431,7 @@ def add_parser(sub):
 def report_cli(args):
     if args.price < 0:
         raise UserError(f"--price must be >= 0, got {args.price}")
-    md_path, json_path, report = build_report(args.run, args.price, out_dir=args.out or None)
+    md_path, json_path, report = build_report(pick_run(args.run), args.price, out_dir=args.out or None)
     for stage, h in report["stages"].items():
         bits = [f"{stage}: {h['status']}"]
         for k in ("val_bpb", "core", "chatcore"):

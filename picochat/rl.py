@@ -401,7 +401,8 @@ def run(args):
                    f"pass@{args.pass_k}": end.get(f"pass@{args.pass_k}"),
                    f"start_pass@{args.pass_k}": start.get(f"pass@{args.pass_k}"),
                    "format_compliance": end.get("format"), "eval_problems": end.get("eval_problems"),
-                   "eval": end, "start_eval": start, "args": vars_json(args)}
+                   "eval": end, "start_eval": start, "args": vars_json(args),
+                   "device": str(device), "world_size": world}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {step} steps in {format_duration(t_train)}; held-apart greedy accuracy "
                f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; checkpoint in {out}")

@@ -14,6 +14,8 @@ Endpoints:
                               local-completions model needs for multiple choice. prompt: a string, a list of
                               strings, a list of token ids or a list of lists of token ids.
   GET  /v1/models, /health, /metrics (Prometheus text: requests, tokens, queue depth, active slots, latency)
+  GET  /info                  what the web UI adapts to: context, max_tokens cap, tool on or off, what the model was
+                              trained on and prompts worth trying
 
 Tool calls in chat completions: the assistant text carries them inline, as the special tokens' own text:
 "... <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|> ...". Every OpenAI client shows them
@@ -131,7 +133,7 @@ def error_body(message, type="invalid_request_error", code=None, param=None):
 
 
 # ---- metrics and the request guard ----------------------------------------------------------------------------
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+KNOWN_PATHS = {"/", "/health", "/info", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
 
 class Metrics:
@@ -396,9 +398,10 @@ async def _choices(queue, request, stream, reqs, texts, scheduler):
 
 # ---- the app --------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=None, slots=8, max_queue=256,
-               tool=True, compile=False, engine=None, threads=0):
+               tool=True, compile=False, engine=None, threads=0, notes=None):
     """The FastAPI app (UI + API) around one Engine and one Scheduler. The scheduler thread starts now and stops
-    at the app's shutdown (app.state.scheduler.stop() does it by hand)."""
+    at the app's shutdown (app.state.scheduler.stop() does it by hand). notes ({"trained_on", "examples"}, from
+    checkpoint.training_notes) tell the web UI what to say about the model."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -461,6 +464,14 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
     async def health():
         return {"status": "ok", "model": model_name, "slots": scheduler.num_slots, "active": scheduler.active,
                 "queued": scheduler.queued, "context": scheduler.max_len, "auth": bool(api_key)}
+
+    @app.get("/info")
+    async def info():
+        """What the web UI adapts to: the context, the cap on max_tokens, whether the tool runs, what the
+        model was trained on and prompts worth trying."""
+        return {"model": model_name, "context": scheduler.max_len, "auth": bool(api_key),
+                "max_tokens": min(limits.max_tokens or scheduler.max_len, scheduler.max_len), "tool": engine.tool,
+                "trained_on": (notes or {}).get("trained_on", ""), "examples": list((notes or {}).get("examples", ()))}
 
     @app.get("/metrics")
     async def metrics():
@@ -848,11 +859,12 @@ def serve_cli(args):
     name = args.model_name or f"picochat-{info['run']}-{info['stage']}"
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or None, limits=limits,
                      slots=args.slots, max_queue=args.max_queue, tool=not args.no_tool, compile=args.compile,
-                     threads=threads)
+                     threads=threads, notes=info)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"picochat: {info['description']}")
+    print(f"  trained on  {info['trained_on']}")
     print(f"  web UI      http://{shown}:{args.port}/")
     print(f"  OpenAI API  http://{shown}:{args.port}/v1   (model \"{name}\")")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)

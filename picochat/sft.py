@@ -486,7 +486,8 @@ def run(args):
                    "val_loss": (last_eval or {}).get("val_loss"), "format_compliance": (last_eval or {}).get("format"),
                    "base_format_compliance": start_eval.get("format"), "eval": last_eval, "base_eval": start_eval,
                    "mixture": mixture.counts(), "rows": st["rows"], "truncated": st["truncated"],
-                   "row_fill": st["fill"], "args": vars_json(args)}
+                   "row_fill": st["fill"], "args": vars_json(args),
+                   "device": str(device), "world_size": world}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {step} steps in {format_duration(t_train)}, format compliance "
                f"{start_eval.get('format', float('nan')):.2f} -> {(last_eval or {}).get('format', float('nan')):.2f}, "

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -13,18 +14,26 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def data_root():
+    """Small slices of the real data sets, in ../shared/data's layout (tests/fixtures/data, see its PROVENANCE.md):
+    what the default suite reads, so that it runs on a fresh clone."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
 def shared_data():
+    """The full data sets beside the checkout, for the few tests about them (marked `shared`, which CI runs)."""
     if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
+        pytest.skip(f"needs the full data sets at {SHARED} (absent on a fresh clone; CI has them)")
     return SHARED
 
 
 @pytest.fixture(scope="session")
-def webtext_tokenizer(tmp_path_factory, shared_data):
-    """A 1K-vocab tokenizer trained once on the webtext training shard."""
+def webtext_tokenizer(tmp_path_factory, data_root):
+    """A 1K-vocab tokenizer trained once on the fixture prose's training shard."""
     from picochat.tokenizer import Tokenizer
     import pyarrow.parquet as pq
-    texts = pq.read_table(shared_data / "webtext" / "shards" / "shard_00000.parquet").column("text").to_pylist()
+    texts = pq.read_table(data_root / "webtext" / "shards" / "shard_00000.parquet").column("text").to_pylist()
     tok = Tokenizer.train(iter(texts), 1024, max_chars=3_000_000)
     folder = tmp_path_factory.mktemp("tok")
     tok.save(folder)
@@ -46,6 +55,13 @@ def demo_setup(tmp_path_factory, tok):
     return root, tok
 
 
+def pytest_itemcollected(item):
+    """Tests that read the full data sets get the `shared` mark: `pytest -m shared` runs just them."""
+    if "shared_data" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.shared)
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: start the smoke run only when a test needs it
 def pytest_collection_modifyitems(config, items):
     """The end-to-end speedrun (test_speedrun.py) runs for minutes on one core: start it now, in the background,
     so that it runs beside the other tests, and move the tests that read it to the end."""

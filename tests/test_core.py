@@ -20,8 +20,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def bundle(shared_data):
-    return shared_data / "eval_bundle"
+def bundle(data_root):
+    return data_root / "eval_bundle"
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,8 @@ def test_multiple_choice_prompt_by_hand(bundle):
     shots = [rows[j] for j in fewshot_indices(len(rows), 0, 2)]
     prompts = render_mc(rows[0], task["continuation_delimiter"], shots)
     expected_prefix = (
-        "Question: The first telescopes were invented hundreds of years ago. Which was discovered as a result of "
-        "this invention?\nAnswer: the moons of Jupiter\n\n"
-        "Question: Some birds fly south in the fall and return in the spring. This is an example of\nAnswer: "
-        "migration\n\n"
+        "Question: What causes sound?\nAnswer: vibrations\n\n"  # rows of the fixture's 40, by fewshot_indices(40, 0, 2)
+        "Question: Plants use sunlight to make\nAnswer: food.\n\n"
         "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer: ")
     assert prompts == [expected_prefix + c for c in [
         "Sunlight is the source of energy for nearly all ecosystems.",
@@ -84,7 +82,7 @@ def test_language_modeling_prompt_by_hand(bundle, tok):
     assert task["continuation_delimiter"] == " "
     shots = [rows[j] for j in fewshot_indices(len(rows), 3, 2)]
     prompt, full = render_lm(rows[3], " ", shots)
-    assert prompt == ("Oman shares a border with Yemen\n\nThe original country of KVN is Russia\n\n"
+    assert prompt == ("The country of Melbourne is Australia\n\nThe sport played by Ron LeFlore is baseball\n\n"
                       "The sport played by Shane Victorino is")
     assert full == prompt + " baseball"
     (ids, start, end), = build_requests(tok, "language_modeling", rows[3], shots, " ", 10_000)[0]
@@ -99,9 +97,9 @@ def test_schema_prompt_by_hand(bundle, tok):
     shots = [rows[j] for j in fewshot_indices(len(rows), 2, 1)]
     prompts = render_schema(rows[2], " ", shots)
     assert prompts == [
-        "The woman held the girl against the girl's will.\n\nThe trophy doesn't fit into the brown suitcase "
+        "Jim comforted Kevin because Kevin was so upset.\n\nThe trophy doesn't fit into the brown suitcase "
         "because the trophy is too large.",
-        "The woman held the girl against the girl's will.\n\nThe trophy doesn't fit into the brown suitcase "
+        "Jim comforted Kevin because Kevin was so upset.\n\nThe trophy doesn't fit into the brown suitcase "
         "because the suitcase is too large."]
     seqs, gold = build_requests(tok, "schema", rows[2], shots, " ", 10_000)
     assert gold == 0
@@ -227,8 +225,8 @@ def test_centered_accuracy_by_hand():
     assert core_label(22, 22) == "CORE" and core_label(20, 22) == "CORE (20/22 tasks)"
 
 
-def test_shared_bundle_skips_squad_and_coqa(bundle):
-    tasks = read_core_bundle(bundle)
+def test_shared_bundle_skips_squad_and_coqa(shared_data):
+    tasks = read_core_bundle(shared_data / "eval_bundle")
     assert len(tasks) == 22
     missing = sorted(t["label"] for t in tasks if t["missing"])
     assert missing == ["coqa", "squad"]  # the approx/ stand-ins are not the real tasks
@@ -267,14 +265,14 @@ def test_core_is_mean_of_centered_and_says_what_it_covers(bundle, tok, tmp_path)
     assert {k: v["correct"] for k, v in single["tasks"].items()} == {k: v["correct"] for k, v in res["tasks"].items()}
 
 
-def test_eval_base_command(bundle, tok, webtext_tokenizer, shared_data, tmp_path, capsys):
+def test_eval_base_command(bundle, tok, webtext_tokenizer, data_root, tmp_path, capsys):
     from picochat.common import home_dir
     model = random_model(tok.vocab_size, seq_len=128)
     folder = home_dir() / "runs" / "t" / "base"
     checkpoint.save_checkpoint(folder, 7, model, meta={"stage": "base"}, tokenizer=tok)
     b = small_bundle(bundle, tmp_path, ["copa", "bigbench_qa_wikidata", "coqa"])
     rc = main(["eval", "base", "--run", "t", "--max-per-task", "6", "--bundle", str(b), "--data",
-               str(shared_data / "webtext" / "shards"), "--eval-tokens", "2048", "--device", "cpu"])
+               str(data_root / "webtext" / "shards"), "--eval-tokens", "2048", "--device", "cpu"])
     assert rc == 0
     out = json.loads((folder / "eval_base.json").read_text())
     assert out["step"] == 7 and 0 < out["val_bpb"] < 20
@@ -287,7 +285,7 @@ def test_eval_base_command(bundle, tok, webtext_tokenizer, shared_data, tmp_path
     assert "core.yaml" in capsys.readouterr().err
 
 
-def test_eval_base_under_torchrun_matches_one_process(bundle, tok, shared_data, tmp_path):
+def test_eval_base_under_torchrun_matches_one_process(bundle, tok, data_root, tmp_path):
     """Two ranks (gloo) each score every other item and all-reduce the counts: same CORE as one process."""
     import os
     import subprocess
@@ -299,7 +297,7 @@ def test_eval_base_under_torchrun_matches_one_process(bundle, tok, shared_data, 
     checkpoint.save_checkpoint(home / "runs" / "t" / "base", 1, model, meta={"stage": "base"}, tokenizer=tok)
     b = small_bundle(bundle, tmp_path, ["copa", "winograd", "bigbench_operators"])
     args = ["eval", "base", "--run", "t", "--max-per-task", "7", "--bundle", str(b), "--data",
-            str(shared_data / "webtext" / "shards"), "--eval-tokens", "4096", "--device", "cpu"]
+            str(data_root / "webtext" / "shards"), "--eval-tokens", "4096", "--device", "cpu"]
     env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parents[1]
     out = {}

@@ -8,7 +8,6 @@ import socket
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,12 +16,6 @@ import pytest
 from picochat import data
 from picochat.cli import main
 from picochat.common import UserError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
-
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
@@ -216,9 +209,8 @@ def test_download_pretrain_layout_and_rerun(hub, home, capsys):
         data.download_pretrain(1, "fineweb-edu", endpoint=hub.url)
 
 
-@needs_shared
-def test_download_eval_sets(hub, home, monkeypatch, tmp_path):
-    gsm = data.read_gsm8k(SHARED / "gsm8k" / "train.jsonl")[:20]
+def test_download_eval_sets(hub, home, monkeypatch, tmp_path, data_root):
+    gsm = data.read_gsm8k(data_root / "gsm8k" / "train.jsonl")[:20]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(gsm), buf)
     for name in ("gsm8k", "arc", "mmlu", "humaneval"):
@@ -227,7 +219,7 @@ def test_download_eval_sets(hub, home, monkeypatch, tmp_path):
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
         for f in ("core.yaml", "eval_meta_data.csv", "eval_data/commonsense_reasoning/copa.jsonl"):
-            z.write(SHARED / "eval_bundle" / f, f"eval_bundle/{f}")
+            z.write(data_root / "eval_bundle" / f, f"eval_bundle/{f}")
     monkeypatch.setattr(data, "EVAL_BUNDLE_URL", hub.add("/eval_bundle.zip", zbuf.getvalue()))
     words = b"apple\r\nbanana\r\n"
     monkeypatch.setattr(data, "WORDS_URL", hub.add("/words_alpha.txt", words))
@@ -239,7 +231,7 @@ def test_download_eval_sets(hub, home, monkeypatch, tmp_path):
     assert data.read_words(ev / "words" / "words_alpha.txt") == ["apple", "banana"]
     tasks = data.read_core_bundle(ev / "eval_bundle")
     copa = next(t for t in tasks if t["label"] == "copa")
-    assert not copa["missing"] and len(data.read_core_task(copa["path"])) == 100
+    assert not copa["missing"] and len(data.read_core_task(copa["path"])) == 40  # the fixture's 40 rows
     assert not (ev / "eval_bundle.zip").exists()
 
 
@@ -262,9 +254,8 @@ def loader_batch(paths):
     assert x.shape == (2, 64) and (x[:, 0] == tok.bos_id).all()
 
 
-@needs_shared
-def test_import_webtext_parquet(home):
-    src = SHARED / "webtext" / "webtext_shared.parquet"
+def test_import_webtext_parquet(home, shared_data):
+    src = shared_data / "webtext" / "webtext_shared.parquet"
     assert main(["data", "import", str(src), "--shard-chars", "6000000"]) == 0
     out = home / "data" / "pretrain"
     paths = sorted(out.glob("*.parquet"))
@@ -277,9 +268,8 @@ def test_import_webtext_parquet(home):
     loader_batch(paths)
 
 
-@needs_shared
-def test_import_tinyshakespeare(tmp_path):
-    src = SHARED / "tinyshakespeare" / "input.txt"
+def test_import_tinyshakespeare(tmp_path, shared_data):
+    src = shared_data / "tinyshakespeare" / "input.txt"
     paths = data.import_text([src], out=tmp_path / "shards")
     assert len(paths) >= 2
     assert_shard_format(paths)
@@ -387,14 +377,13 @@ def test_import_chat(tmp_path, home):
 
 
 # ---- readers on the real files --------------------------------------------------------------------------------
-@needs_shared
-def test_read_conversations_sharegpt_and_hh():
+def test_read_conversations_sharegpt_and_hh(shared_data):
     from picochat.tokenizer import normalize_messages
-    convs, skipped = data.read_conversations(SHARED / "chat_sft" / "sharegpt_en.jsonl.gz")
+    convs, skipped = data.read_conversations(shared_data / "chat_sft" / "sharegpt_en.jsonl.gz")
     assert len(convs) == 11080 and skipped == {}
     for c in convs[:2000]:
         normalize_messages(c)
-    hh, skipped = data.read_conversations(SHARED / "chat_sft" / "hh_rlhf_harmless_test.jsonl.gz")
+    hh, skipped = data.read_conversations(shared_data / "chat_sft" / "hh_rlhf_harmless_test.jsonl.gz")
     assert len(hh) + sum(skipped.values()) == 2312 and len(hh) > 2000
     for c in hh:
         normalize_messages(c)
@@ -421,37 +410,62 @@ def test_read_smoltalk_parquet(tmp_path):
     assert convs == [{"messages": rows[0]["messages"]}] and skipped == {"no user/assistant exchange": 1}
 
 
-@needs_shared
-def test_read_eval_sets():
-    gsm = data.read_gsm8k(SHARED / "gsm8k" / "train.jsonl")
-    assert len(gsm) == 7473 and data.extract_answer(gsm[0]["answer"]) == "72"
+def check_eval_readers(root, n):
+    """The readers on real files under root; n: the row counts that root's files have."""
+    gsm = data.read_gsm8k(root / "gsm8k" / "train.jsonl")
+    assert len(gsm) == n["gsm8k"] and data.extract_answer(gsm[0]["answer"]) == "72"
     assert data.extract_answer("so\n#### 1,234") == "1234" and data.extract_answer("#### -3.50") == "-3.5"
     assert data.extract_answer("no answer") is None
-    arc = data.read_arc(SHARED / "arc" / "ARC-Challenge" / "test.jsonl")
-    assert len(arc) == 1172 and all(0 <= r["answer"] < len(r["choices"]) for r in arc)
-    assert {len(r["choices"]) for r in data.read_arc(SHARED / "arc" / "ARC-Easy" / "train.jsonl")} >= {3, 4}
-    mmlu = data.read_mmlu(SHARED / "mmlu" / "all" / "test.parquet")
-    assert len(mmlu) == 14042 and mmlu[0]["labels"] == ["A", "B", "C", "D"] and len({r["subject"] for r in mmlu}) == 57
-    he = data.read_humaneval(SHARED / "humaneval" / "example_problem.jsonl")
+    arc = data.read_arc(root / "arc" / "ARC-Challenge" / "test.jsonl")
+    assert len(arc) == n["arc"] and all(0 <= r["answer"] < len(r["choices"]) for r in arc)
+    mmlu = data.read_mmlu(root / "mmlu" / "all" / "test.parquet")
+    assert len(mmlu) == n["mmlu"] and mmlu[0]["labels"] == ["A", "B", "C", "D"] and len({r["subject"] for r in mmlu}) == 57
+    he = data.read_humaneval(root / "humaneval" / "example_problem.jsonl")
     assert he[0]["entry_point"] == "return1"
-    tasks = data.read_core_bundle(SHARED / "eval_bundle")
+    tasks = data.read_core_bundle(root / "eval_bundle")
     assert len(tasks) == 22
-    assert {t["label"] for t in tasks if t["missing"]} == {"squad", "coqa"}
+    assert {t["label"] for t in tasks if not t["missing"]} >= {"hellaswag", "jeopardy"} - n["core_absent"]
+    assert len([t for t in tasks if t["missing"]]) == n["core_missing"]
     hs = next(t for t in tasks if t["label"] == "hellaswag")
     assert hs["num_fewshot"] == 10 and hs["random_baseline"] == 0.25 and hs["type"] == "multiple_choice"
     assert next(t for t in tasks if t["label"] == "jeopardy")["continuation_delimiter"] == "\nAnswer: "
     assert set(data.read_core_task(hs["path"])[0]) == {"query", "choices", "gold"}
-    words = data.read_words(SHARED / "english_words" / "words_alpha.txt.gz")
-    assert len(words) == 370099 and words[:2] == ["a", "aa"]  # 370,098 line breaks, no newline at the end
+    words = data.read_words(root / "english_words" / "words_alpha.txt.gz")
+    assert len(words) == n["words"] and words[0] == "a"
+    return tasks
 
 
-@needs_shared
-def test_pretrain_readers_on_webtext_shards():
-    train, val = data.shard_files(SHARED / "webtext" / "shards")
+def test_read_eval_sets(data_root):
+    tasks = check_eval_readers(data_root, dict(gsm8k=30, arc=30, mmlu=114, words=2468, core_missing=13,
+                                               core_absent={"jeopardy"}))
+    assert {t["label"] for t in tasks if not t["missing"]} == {  # the 8 task files the fixture slices
+        "arc_easy", "bigbench_qa_wikidata", "winograd", "hellaswag", "hellaswag_zeroshot", "copa", "winogrande",
+        "lambada_openai", "bigbench_operators"}
+
+
+def test_read_eval_sets_full(shared_data):
+    tasks = check_eval_readers(shared_data, dict(gsm8k=7473, arc=1172, mmlu=14042, words=370099, core_missing=2,
+                                                 core_absent=set()))
+    assert {t["label"] for t in tasks if t["missing"]} == {"squad", "coqa"}
+    assert {len(r["choices"]) for r in data.read_arc(shared_data / "arc" / "ARC-Easy" / "train.jsonl")} >= {3, 4}
+    assert data.read_words(shared_data / "english_words" / "words_alpha.txt.gz")[:2] == ["a", "aa"]  # 370,098 line breaks, no newline at the end
+
+
+def check_shard_readers(folder, group_rows, val_rows):
+    train, val = data.shard_files(folder)
     groups = list(data.iter_row_groups(train[0]))
-    assert len(groups) == 8 and all(len(g) == 1024 for g in groups[:-1])
-    assert sum(1 for _ in data.iter_texts(val)) == 1024
+    assert len(groups) > 1 and all(len(g) == group_rows for g in groups[:-1]) and 0 < len(groups[-1]) <= group_rows
+    assert sum(1 for _ in data.iter_texts(val)) == val_rows
     assert data.check_parquet(train[0]) is None
+
+
+def test_pretrain_readers_on_webtext_shards(data_root):
+    check_shard_readers(data_root / "webtext" / "shards", 32, 100)
+
+
+def test_pretrain_readers_on_full_webtext_shards(shared_data):
+    check_shard_readers(shared_data / "webtext" / "shards", 1024, 1024)
+    assert len(list(data.iter_row_groups(data.shard_files(shared_data / "webtext" / "shards")[0][0]))) == 8
 
 
 def test_check_parquet_catches_truncation(tmp_path):

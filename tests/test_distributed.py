@@ -68,12 +68,12 @@ def checkpoint_copy(src, dst, step):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, webtext_tokenizer, shared_data):
+def runs(tmp_path_factory, webtext_tokenizer, data_root):
     """The same 20 steps twice: 2 ranks x 1 micro-batch, and 1 process x 2 accumulated micro-batches."""
     root = tmp_path_factory.mktemp("dist")
     home = root / "home"
     shutil.copytree(webtext_tokenizer, home / "runs" / "t" / "tokenizer")
-    data = str(shared_data / "webtext" / "shards")
+    data = str(data_root / "webtext" / "shards")
     common = ["pretrain", "--run", "t", "--data", data, *TINY, *STEPS]
     two = picochat(home, *common, "--out", str(root / "two"), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]

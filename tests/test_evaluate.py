@@ -81,8 +81,8 @@ def test_multiple_choice_prompt_rendering(tok):
     assert "E. e" in five and "(A, B, C, D or E)" in five
 
 
-def test_letter_argmax_follows_a_patched_model(tok, shared_data):
-    items = arc.load("ARC-Easy", "test", root=shared_data)[:24]
+def test_letter_argmax_follows_a_patched_model(tok, data_root):
+    items = arc.load("ARC-Easy", "test", root=data_root)[:24]
     model = random_model(tok.vocab_size)
     A, B, C, D, E = letter_ids(tok, "ABCDE")
     model.lm_head = Favour(model.lm_head, {C: 50.0})
@@ -101,8 +101,8 @@ def test_letter_argmax_follows_a_patched_model(tok, shared_data):
     assert math.isclose(r["centered"], (share - 0.25) / 0.75)
 
 
-def test_batched_letters_match_one_at_a_time(tok, shared_data):
-    items = mmlu.load("test", root=shared_data)[::700][:20]  # many subjects: prompt lengths vary
+def test_batched_letters_match_one_at_a_time(tok, data_root):
+    items = mmlu.load("test", root=data_root)[::6][:20]  # many subjects: prompt lengths vary
     model = random_model(tok.vocab_size, seq_len=512)
     batched = choice_predictions(model, tok, mmlu, items, CPU, batch_size=8)
     letters = letter_ids(tok, "ABCD")
@@ -125,8 +125,8 @@ def test_gsm8k_answer_extraction():
     assert gsm8k.check({"answer": "#### 3.50"}, "#### 3.5")
 
 
-def test_gsm8k_training_conversation_calls_the_tool(tok, shared_data):
-    item = gsm8k.load("train", root=shared_data)[0]
+def test_gsm8k_training_conversation_calls_the_tool(tok, data_root):
+    item = gsm8k.load("train", root=data_root)[0]
     conv = gsm8k.conversation(item)
     parts = conv["messages"][1]["content"]
     assert [p["type"] for p in parts[:4]] == ["text", "python", "python_output", "text"]
@@ -175,8 +175,8 @@ def test_generative_task_pass_at_k_with_a_fake_engine(tok):
     assert all(c["num_samples"] == 2 and c["temperature"] == 0.7 and c["max_tokens"] <= 30 for c in engine.calls)
 
 
-def test_spelling_from_a_word_list(tmp_path, shared_data):
-    words = gzip.decompress((shared_data / "english_words" / "words_alpha.txt.gz").read_bytes())
+def test_spelling_from_a_word_list(tmp_path, data_root):
+    words = gzip.decompress((data_root / "english_words" / "words_alpha.txt.gz").read_bytes())
     (tmp_path / "words").mkdir()
     (tmp_path / "words" / "words_alpha.txt").write_bytes(words)
     test, train = spelling.load("test", root=tmp_path, n=300), spelling.load("train", root=tmp_path, n=300)
@@ -190,8 +190,8 @@ def test_spelling_from_a_word_list(tmp_path, shared_data):
     assert spelling.conversation(item)["messages"][1]["content"].endswith(f"#### {m['count']}")
 
 
-def test_humaneval_runs_in_the_sandbox(shared_data):
-    item = humaneval.load("example_problem", root=shared_data)[0]
+def test_humaneval_runs_in_the_sandbox(data_root):
+    item = humaneval.load("example_problem", root=data_root)[0]
     assert humaneval.check(item, item["prompt"] + item["canonical_solution"])  # a whole definition
     assert humaneval.check(item, "    return 1\n")                               # a body that continues the prompt
     assert humaneval.check(item, "Here it is:\n```python\ndef return1():\n    return 1\n```\nDone.")
@@ -209,16 +209,16 @@ def chat_checkpoint(tok):
     return folder
 
 
-def test_eval_chat_command_accumulates_tasks(chat_checkpoint, shared_data, capsys):
+def test_eval_chat_command_accumulates_tasks(chat_checkpoint, data_root, capsys):
     rc = main(["eval", "chat", "-t", "ARC-Easy,mmlu", "--run", "t", "--max-problems", "12", "--data",
-               str(shared_data), "--device", "cpu", "--batch-size", "5"])
+               str(data_root), "--device", "cpu", "--batch-size", "5"])
     assert rc == 0
     out = json.loads((chat_checkpoint / "eval_chat.json").read_text())
     assert set(out["tasks"]) == {"ARC-Easy", "MMLU"} and out["step"] == 3
     assert all(r["total"] == 12 for r in out["tasks"].values())
     assert out["chatcore"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / 2)
     # a second task joins the first ones; 'all' picks the tasks whose data exists (no GSM8K test here)
-    assert main(["eval", "chat", "-t", "all", "--run", "t", "--max-problems", "4", "--data", str(shared_data)]) == 0
+    assert main(["eval", "chat", "-t", "all", "--run", "t", "--max-problems", "4", "--data", str(data_root)]) == 0
     out = json.loads((chat_checkpoint / "eval_chat.json").read_text())
     assert set(out["tasks"]) == {"ARC-Easy", "ARC-Challenge", "MMLU"} and out["chatcore_label"] == "ChatCORE (3 tasks)"
     assert main(["eval", "chat", "-t", "nonsense", "--run", "t"]) == 2

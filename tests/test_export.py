@@ -41,8 +41,8 @@ def tok(webtext_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data):
-    return pq.read_table(shared_data / "webtext" / "shards" / "shard_00001.parquet").column("text").to_pylist()
+def texts(data_root):
+    return pq.read_table(data_root / "webtext" / "shards" / "shard_00001.parquet").column("text").to_pylist()
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,9 @@ def served(tmp_path, webtext_tokenizer):
 
 
 @pytest.fixture
-def arc_task(tmp_path, shared_data):
+def arc_task(tmp_path, data_root):
     """(items, task folder): the first N_ITEMS ARC-Easy validation questions as a local lm-eval task."""
-    lines = (shared_data / "arc" / "ARC-Easy" / "validation.jsonl").read_text().splitlines()
+    lines = (data_root / "arc" / "ARC-Easy" / "validation.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines[:N_ITEMS]]
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()

@@ -18,10 +18,10 @@ TINY = ["--depth", "2", "--head-dim", "32", "--seq-len", "64", "--device-batch-s
 
 
 @pytest.fixture
-def setup(tmp_path, webtext_tokenizer, shared_data):
+def setup(tmp_path, webtext_tokenizer, data_root):
     home = tmp_path / "home"
     shutil.copytree(webtext_tokenizer, home / "runs" / "t" / "tokenizer")
-    return home, shared_data / "webtext" / "shards"
+    return home, data_root / "webtext" / "shards"
 
 
 def run_cli(home, *args):

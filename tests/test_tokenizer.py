@@ -38,10 +38,10 @@ def test_numbers_split_in_pairs(tok):
     assert all(len(p) <= 2 for p in pieces)
 
 
-def test_hf_export_gives_identical_ids(tok, webtext_tokenizer, shared_data):
+def test_hf_export_gives_identical_ids(tok, webtext_tokenizer, data_root):
     from tokenizers import Tokenizer as HFTokenizer
     hf = HFTokenizer.from_file(str(webtext_tokenizer / "tokenizer.json"))
-    docs = pq.read_table(shared_data / "webtext" / "shards" / "shard_00001.parquet").column("text").to_pylist()[:400]
+    docs = pq.read_table(data_root / "webtext" / "shards" / "shard_00001.parquet").column("text").to_pylist()[:400]
     docs += ["  leading spaces\n\n\ttabs", "émojis 🙂🚀 and 中文", "x=1234567.89;", "it's  DON'T   we'll\r\n"]
     for d in docs:
         assert hf.encode(d, add_special_tokens=False).ids == tok.encode(d)

@@ -20,6 +20,8 @@
   let currentId = localStorage.getItem(CURRENT) || null;
   let settings = Object.assign({}, DEFAULTS, load(SETTINGS, {}));
   let streaming = null; // {controller, conv, msg, node}
+  // what this server allows and says about its model (GET /info); null until it answers
+  let server = null;
 
   function load(key, fallback) {
     try {
@@ -180,8 +182,24 @@
       const h = document.createElement("h1");
       h.textContent = "What can I help with?";
       const p = document.createElement("p");
-      p.textContent = "Ask a question, or try some arithmetic: the model can call a calculator.";
+      p.className = "trained-on";
+      p.textContent = server && server.trained_on
+        ? "This model was trained on " + server.trained_on + "."
+        : "Ask a question, or try some arithmetic: the model can call a calculator.";
       empty.append(h, p);
+      if (server && server.examples && server.examples.length) {
+        const tries = document.createElement("div");
+        tries.className = "examples";
+        for (const text of server.examples) {
+          const b = document.createElement("button");
+          b.type = "button";
+          b.className = "example";
+          b.textContent = text;
+          b.addEventListener("click", () => send(text));
+          tries.appendChild(b);
+        }
+        empty.appendChild(tries);
+      }
       el.messages.appendChild(empty);
       return;
     }
@@ -383,7 +401,7 @@
     const msg = { role: "assistant", content: "" };
     const body = {
       model: "picochat", messages: apiMessages(conv), stream: true,
-      temperature: Number(settings.temperature), max_tokens: Math.max(1, Math.floor(Number(settings.max_tokens))),
+      temperature: Number(settings.temperature), max_tokens: maxTokens(),
     };
     const k = Math.floor(Number(settings.top_k));
     if (k > 0) body.top_k = k;
@@ -400,12 +418,11 @@
       });
       setBanner(false);
       if (!res.ok) {
-        let text = "HTTP " + res.status;
+        let err = null;
         try {
-          const err = await res.json();
-          if (err && err.error && err.error.message) text = err.error.message;
+          err = (await res.json()).error;
         } catch (e) { /* not JSON */ }
-        msg.error = text;
+        msg.error = explain(res.status, err);
       } else {
         await readStream(res, msg);
       }
@@ -488,6 +505,35 @@
     el.banner.hidden = !show;
   }
 
+  // the largest reply this server allows, and the user's setting within it
+  function maxTokens() {
+    const wanted = Math.max(1, Math.floor(Number(settings.max_tokens)) || DEFAULTS.max_tokens);
+    return server && server.max_tokens ? Math.min(wanted, server.max_tokens) : wanted;
+  }
+
+  // a failed request's message, plus what the user can change to make it work
+  function explain(status, err) {
+    const text = (err && err.message) || "HTTP " + status;
+    if (status === 401) return text + " Set the API key in Settings.";
+    if (err && err.code === "context_length_exceeded") {
+      return text + " The conversation no longer fits the model's context" +
+        (server ? " of " + server.context + " tokens" : "") + ": start a new chat, or shorten your message.";
+    }
+    if (err && err.param === "max_tokens") return text + " Lower Max tokens in Settings.";
+    if (status === 429) return text + " The server is busy: try again in a moment.";
+    return text;
+  }
+
+  async function loadInfo() {
+    try {
+      const res = await fetch("/info", { cache: "no-store" });
+      if (!res.ok) return;
+      const first = server === null;
+      server = await res.json();
+      if (first && !streaming) renderMessages();
+    } catch (e) { /* the health check shows the banner */ }
+  }
+
   async function checkHealth() {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), 4000);
@@ -499,6 +545,7 @@
         el.modelName.textContent = info.model;
         document.title = info.model;
       }
+      if (server === null) loadInfo();
       setBanner(false);
     } catch (e) {
       setBanner(true);
@@ -515,6 +562,17 @@
 
   function openSettings() {
     for (const [k, f] of Object.entries(fields)) f.value = settings[k];
+    const note = $("server-limits");
+    if (server) {
+      fields.max_tokens.max = server.max_tokens;
+      fields.max_tokens.value = maxTokens();
+      note.textContent = "This server allows at most " + server.max_tokens + " tokens per reply (the model's " +
+        "context is " + server.context + " tokens, prompt included); a larger setting is lowered to it. " +
+        "Calculator tool: " + (server.tool ? "on" : "off") + ".";
+    } else {
+      fields.max_tokens.removeAttribute("max");
+      note.textContent = "The server's limits are not known yet.";
+    }
     el.settings.showModal();
   }
 
@@ -526,7 +584,7 @@
     settings = {
       temperature: num(fields.temperature.value, DEFAULTS.temperature, 0, 2),
       top_k: Math.floor(num(fields.top_k.value, DEFAULTS.top_k, 0, 1e9)),
-      max_tokens: Math.floor(num(fields.max_tokens.value, DEFAULTS.max_tokens, 1, 1e9)),
+      max_tokens: Math.floor(num(fields.max_tokens.value, DEFAULTS.max_tokens, 1, server ? server.max_tokens : 1e9)),
       system: fields.system.value,
       api_key: fields.api_key.value.trim(),
     };
@@ -576,6 +634,7 @@
 
   if (currentId && !current()) currentId = null;
   renderAll();
+  loadInfo();
   checkHealth();
   setInterval(checkHealth, 5000);
   el.input.focus();
