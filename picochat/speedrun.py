@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from picochat.common import UserError, home_dir, format_duration, atomic_write_json
-from picochat.checkpoint import read_meta, training_notes
+from picochat.checkpoint import latest_step, read_meta, training_notes
 from picochat.pretrain import derive_hparams
 from picochat.report import fmt
 from picochat.launch import torchrun_command
@@ -189,11 +189,13 @@ def run(args):
     print(f"\nspeedrun finished: {format_duration(total)} of stage time"
           f"{f', about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour' if n_gpus else ' on CPU (no GPU cost)'}")
     print(f"report card: {run_dir / 'report' / 'report.md'}")
-    notes = training_notes(read_meta(run_dir / "rl"))
-    print(f"the model was trained on {notes['trained_on']}")
+    final = next((run_dir / s for s in ("rl", "sft", "base") if latest_step(run_dir / s) is not None), None)
+    if final is not None:
+        print(f"the model was trained on {training_notes(read_meta(final))['trained_on']}")
     print(f"talk to it:  picochat chat --run {run_name}")
     print(f"in a browser: picochat serve --run {run_name}   (then open http://127.0.0.1:8000)")
-    print("try: " + " | ".join(notes["examples"]))
+    if final is not None:
+        print("try: " + " | ".join(training_notes(read_meta(final))["examples"]))
     if args.check and not all(ok for ok, _ in checks):
         print("speedrun --check: the report card failed a check (above)", file=sys.stderr)
         return 1

@@ -110,6 +110,8 @@ def check_report_and_export(env):
     with tempfile.TemporaryDirectory() as tmp:
         r = picochat(env, "export", "--hf", str(Path(tmp) / "my-model"))
         assert "logits match picochat's" in r.stdout, r.stdout
+        r = picochat(env, "export", "--stage", "sft", "--hf", str(Path(tmp) / "my-sft"), "--dtype", "bfloat16")
+        assert "logits match picochat's" in r.stdout and "bfloat16" in r.stdout, r.stdout
 
 
 def check_after_speedrun(env, run, context):

@@ -415,6 +415,7 @@ def test_launch_main_drops_the_separator(capsys):
     assert e.value.code == 0 and "--device-batch-size" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("PICOCHAT_SLOW_TESTS"), reason="compiles a model on the CPU: ~2 min; "
                     "set PICOCHAT_SLOW_TESTS=1")
 def test_compiled_pretraining_tracks_eager(runs, tmp_path):
@@ -425,6 +426,7 @@ def test_compiled_pretraining_tracks_eager(runs, tmp_path):
     assert_same_curve(tmp_path / "eager", tmp_path / "compiled", rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("PICOCHAT_SLOW_TESTS"), reason="compiles small models on the CPU: ~2 min; "
                     "set PICOCHAT_SLOW_TESTS=1")
 def test_gpu_check_smoke_runs_on_cpu():

@@ -493,3 +493,24 @@ def test_chat_cli_one_shot_and_stage_choice(tok, tmp_path, capsys, webtext_token
                  "--temperature", "0"]) == 0
     assert main(["chat", "--run", "nope", "-p", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_commands_without_run_take_the_run_trained_last(tok, capsys):
+    """The README's `picochat chat` after `picochat speedrun` (run "demo"): no --run means the run whose newest
+    checkpoint is newest, and the command says which it took."""
+    import os
+    from picochat import checkpoint
+    from picochat.cli import main
+    from picochat.common import home_dir, pick_run
+    with pytest.raises(UserError, match="no trained run"):
+        pick_run("")
+    model = tiny(vocab=tok.vocab_size, seq=64)
+    checkpoint.save_checkpoint(home_dir() / "runs" / "old" / "sft", 3, model, tokenizer=tok)
+    os.utime(home_dir() / "runs" / "old" / "sft" / "meta_000003.json", (1e9, 1e9))  # trained long ago
+    checkpoint.save_checkpoint(home_dir() / "runs" / "demo" / "base", 5, model, tokenizer=tok)
+    assert pick_run("") == "demo" and pick_run("old") == "old"
+    assert "run 'demo': the most recently trained (others: old; pick one with --run)" in capsys.readouterr().err
+    assert main(["chat", "-p", "Hello", "--max-tokens", "4", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "run 'demo'" in captured.err and captured.out.strip()
+    assert main(["report"]) == 0 and (home_dir() / "runs" / "demo" / "report" / "report.md").exists()

@@ -24,6 +24,7 @@ def fake_run():
                 extra="{not json\n")  # a torn last line (a killed run) is skipped, not fatal
     (base / "summary.json").write_text(json.dumps({"stage": "base", "step": 60, "val_bpb": 1.9, "num_params": 123456,
                                                    "tokens": 60 * 8192, "train_seconds": 3600.0, "device": "cuda:0",
+                                                   "tokens_per_sec": 5457.263, "mfu": 0.41234,
                                                    "world_size": 8, "config": {"n_layer": 4}}))
     (base / "eval_base.json").write_text(json.dumps({
         "step": 60, "val_bpb": 1.9, "core": 0.05, "core_label": "CORE (2/3 tasks)", "core_missing": ["squad"],
@@ -57,7 +58,9 @@ def test_report_card_renders(fake_run, capsys):
             im.load()
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
     assert "CORE (2/3 tasks)" in md and "squad" in md and "ChatCORE" in md
-    assert "## Reinforcement learning (GSM8K)\n\nnot run" in md
+    assert "## Reinforcement learning\n\nnot run" in md
+    assert "| device | cuda:0 x 8 |" in md and "| device | cpu x 1 |" in md  # SFT's too
+    assert "| tokens_per_sec | 5,457 |" in md and "| mfu | 0.4123 |" in md  # readable numbers
     assert "| rl | not run |" in md
     assert "python / torch / picochat" in md and "git commit" in md and "GPU" in md
     report = json.loads((out_dir / "report.json").read_text())
@@ -107,3 +110,13 @@ def test_partial_stage_with_many_metrics():
     assert "![rl curves](curves_rl.png)" in md
     with Image.open(run / "report" / "curves_rl.png") as im:
         assert im.size[0] > 1000  # three panels side by side
+
+
+@pytest.mark.parametrize("task,title", [("demo", "Reinforcement learning (the demo's word problems)"),
+                                        ("gsm8k", "Reinforcement learning (GSM8K)")])
+def test_rl_section_names_its_task(task, title):
+    run = home_dir() / "runs" / "t"
+    (run / "rl").mkdir(parents=True)
+    (run / "rl" / "summary.json").write_text(json.dumps({"stage": "rl", "task": task, "step": 5, "device": "cpu"}))
+    assert main(["report", "--run", "t"]) == 0
+    assert f"## {title}\n" in (run / "report" / "report.md").read_text()

@@ -341,3 +341,19 @@ def test_load_and_abuse(server, tok):
     finally:
         sched.min_step_time = 0.0
     assert httpx.get(url + "/health").json()["active"] == 0
+
+
+def test_info_tells_the_ui_the_limits(model, tok):
+    """GET /info: what the web UI clamps its settings to, and what it says about the model."""
+    notes = {"trained_on": "the demo curriculum", "examples": ["Who are you?"]}
+    app = create_app(model, tok, model_name="m", limits=Limits(max_tokens=100), tool=False, notes=notes)
+    with ServerThread(app) as url:
+        info = httpx.get(url + "/info").json()
+        assert info == {"model": "m", "context": 256, "auth": False, "max_tokens": 100, "tool": False,
+                        "trained_on": "the demo curriculum", "examples": ["Who are you?"]}
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 101})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    app = create_app(model, tok, model_name="m")  # no cap: the context; no notes: empty
+    with ServerThread(app) as url:
+        info = httpx.get(url + "/info").json()
+        assert info["max_tokens"] == 256 and info["tool"] is True and info["trained_on"] == "" and info["examples"] == []
