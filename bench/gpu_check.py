@@ -14,7 +14,8 @@
    sequence length with the largest micro-batch that fits (fastpath.find_device_batch_size): tokens/s,
    MFU against the table peak, peak memory, and the first step's extra time (compilation);
    modes: eager, compile (model + Muon update), fp8 (compile + torchao Float8Linear, when available),
-   ckpt (compile + activation checkpointing).
+   ckpt (compile + activation checkpointing), flex (compile + FlexAttention for the sliding windows);
+5. FlexAttention's sliding windows against SDPA's dense mask (GPU only: outputs and q/k/v gradients).
 Random tokens: throughput does not depend on the data.
 """
 import argparse
@@ -41,7 +42,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (CPU included)")
 p.add_argument("--device", default="")
 p.add_argument("--depths", default="12,20")
-p.add_argument("--modes", default="eager,compile,fp8", help="comma list of eager, compile, fp8, ckpt")
+p.add_argument("--modes", default="eager,compile,flex,fp8", help="comma list of eager, compile, flex, fp8, ckpt")
 p.add_argument("--seq-len", type=int, default=2048)
 p.add_argument("--vocab-size", type=int, default=32768)
 p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried (rows)")
@@ -60,6 +61,7 @@ cuda = device.type == "cuda"
 dtype = compute_dtype(device.type)
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 peak = None  # FLOP/s for MFU, set by main()
+base_attention = None  # picochat.model.attention as environment() left it, set by main()
 
 
 def autocast():
@@ -252,7 +254,11 @@ def throughput(depth, mode):
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights(seed=0)
-    compile_ = mode in ("compile", "fp8", "ckpt")
+    compile_ = mode in ("compile", "fp8", "ckpt", "flex")
+    from picochat import model as model_module
+    model_module.attention = base_attention  # what environment() chose (FA3 or SDPA), not an earlier flex mode
+    if mode == "flex":
+        fastpath.use_fast_attention(device, flex=True, seq_len=T, windows=model.windows)
     if mode == "fp8":
         fastpath.enable_fp8(model, device)
     if mode == "ckpt":
@@ -298,9 +304,33 @@ def throughput(depth, mode):
     return res
 
 
+def flex_agreement():
+    """FlexAttention's block-sparse windows against SDPA with the dense mask, bf16, forward and backward."""
+    if not cuda:
+        return {"skipped": "GPU only (torch has no FlexAttention backward on CPUs)"}
+    from picochat.model import sdpa_attention
+    T, window = (256, 64) if args.smoke else (2048, 512)
+    flex = fastpath.flex_window_attention(device, T, [window])
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = [torch.randn(4, T, 8, 128, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3)]
+    out = {}
+    for name, fn in (("sdpa", sdpa_attention), ("flex", flex)):
+        y = fn(*qkv, window)
+        y.float().square().sum().backward()
+        out[name] = (y.detach().float(), [t.grad.float() for t in qkv])
+        for t in qkv:
+            t.grad = None
+    (ya, ga), (yb, gb) = out["sdpa"], out["flex"]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    return {"seq_len": T, "window": window, "out_rel_diff": rel(yb, ya),
+            "grad_rel_diff": max(rel(b, a) for a, b in zip(ga, gb))}
+
+
 def main():
-    global peak
+    global peak, base_attention
     env = environment()
+    from picochat import model as model_module
+    base_attention = model_module.attention
     peak = env.get("table_peak_tflops") and env["table_peak_tflops"] * 1e12 or env["measured_matmul_tflops"] * 1e12
     results = {"bench": "gpu_check", "smoke": args.smoke, "env": env}
     try:
@@ -313,11 +343,19 @@ def main():
     except Exception as e:
         results["optimizer"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
         free()
+    try:
+        results["flex"] = flex_agreement()
+    except Exception as e:
+        results["flex"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
+    free()
     results["throughput"] = []
     for depth in [int(d) for d in args.depths.split(",") if d]:
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             if mode == "fp8" and not (cuda and env["torchao"] and torch.cuda.get_device_capability(device) >= (8, 9)):
                 results["throughput"].append({"depth": depth, "mode": mode, "skipped": "needs torchao and sm89+"})
+                continue
+            if mode == "flex" and not cuda:
+                results["throughput"].append({"depth": depth, "mode": mode, "skipped": "no FlexAttention backward off GPUs"})
                 continue
             try:
                 results["throughput"].append(throughput(depth, mode))
@@ -346,6 +384,10 @@ def main():
               f"{o['sharded_step_ms']} ms on {o['world']}; max relative parameter difference {o['max_rel_param_diff']:.2e}")
     else:
         print(f"sharded optimizer: {o.get('skipped') or o.get('error')}")
+    f = results["flex"]
+    print(f"flex vs dense-mask SDPA: {f.get('skipped') or f.get('error') or ''}" if "out_rel_diff" not in f else
+          f"flex vs dense-mask SDPA (T {f['seq_len']}, window {f['window']}): output rel diff "
+          f"{f['out_rel_diff']:.2e}, gradient rel diff {f['grad_rel_diff']:.2e}")
     print(f"\n{'depth':>5} {'mode':<8}{'batch':>6}{'tok/s':>12}{'MFU':>8}{'step ms':>10}{'peak GB':>9}{'1st step +s':>12}")
     for r in results["throughput"]:
         if "tokens_per_sec" in r:

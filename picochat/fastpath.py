@@ -2,7 +2,8 @@
 
   checkpoint_blocks(model)        activation checkpointing: each block is recomputed in the backward pass
   enable_fp8(model, device)       fp8 matmuls in the blocks (torchao Float8Linear), compute capability 8.9+
-  use_fast_attention(device)      FlashAttention-3 (sliding windows included) on Hopper when installed
+  use_fast_attention(device)      FlashAttention-3 (sliding windows included) on Hopper when installed, else
+                                  FlexAttention for the sliding windows when asked (flex=True)
   find_device_batch_size(...)     the largest micro-batch that fits, probed with a real forward + backward
 
 The bf16 autocast path (fp32 master weights) lives in the stage commands, torch.compile of the model in
@@ -75,30 +76,77 @@ def flash_attention_3(device):
         return None
 
     def attention(q, k, v, window):
-        dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        in_dtype = v.dtype
+        dtype = in_dtype if in_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         # window w: attend to the w most recent positions, the query's own included
         out = flash_attn_interface.flash_attn_func(q, k, v, causal=True,
                                                    window_size=(-1, -1) if window is None else (window - 1, 0))
-        return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
+        out = out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
+        return out.to(in_dtype)  # fp32 in, fp32 out: a forward outside autocast (fp32 checks) must not break
 
     return attention
 
 
-def use_fast_attention(device):
-    """Route the model's training attention to FlashAttention-3 where it can run; returns what is used.
-    It swaps picochat.model.attention (the hook that model.py calls for attention without a KV cache);
-    elsewhere PyTorch's SDPA picks its flash kernel for full causal layers by itself."""
+def flex_window_attention(device, seq_len, windows):
+    """An attention(q, k, v, window) function: FlexAttention with a causal sliding-window block mask for the
+    windowed layers, so blocks outside the window are skipped rather than computed and masked, and the model's
+    own SDPA path for full layers (its flash kernel on GPUs). The block masks are built here, once per window,
+    outside any compiled graph. On a GPU flex_attention is compiled (eager, it is a slow reference
+    implementation); on a CPU it runs forward only (no CPU backward in torch 2.13)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from picochat import model as model_module
-    if os.environ.get("PICOCHAT_NO_FA3"):
-        return "sdpa"
-    fa3 = flash_attention_3(device)
+    sdpa = model_module.sdpa_attention
+    masks = {}
+    for w in {w for w in windows if w is not None and w < seq_len}:
+        def sliding(b, h, q_idx, kv_idx, w=w):  # the query and the w - 1 positions before it
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+        masks[w] = create_block_mask(sliding, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+
+    def attention(q, k, v, window):
+        T = q.shape[1]
+        if window is None or window >= T:
+            return sdpa(q, k, v, window)
+        if T != seq_len:  # masks exist for the training length only
+            return sdpa(q, k, v, window)
+        dtype = model_module.GPT.compute_dtype(q.device)  # flex is not an autocast op: cast as SDPA would be
+        q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+        y = flex(q, k, v, block_mask=masks[window], enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2)
+
+    return attention
+
+
+def use_fast_attention(device, flex=False, seq_len=0, windows=()):
+    """Route the model's training attention to FlashAttention-3 where it can run, else (flex) to
+    FlexAttention for the sliding-window layers; returns what is used. It swaps picochat.model.attention (the
+    hook that model.py calls for attention without a KV cache); elsewhere PyTorch's SDPA picks its flash kernel
+    for full causal layers by itself, and sliding windows get a dense mask (dense_window_warning)."""
+    from picochat import model as model_module
+    fa3 = None if os.environ.get("PICOCHAT_NO_FA3") else flash_attention_3(device)
     if fa3 is None:
+        if flex and any(w is not None and w < seq_len for w in windows):
+            model_module.attention = flex_window_attention(device, seq_len, windows)
+            return "flex-attention (sliding windows) + sdpa"
         return "sdpa"
     if not hasattr(model_module, "attention"):
         return "sdpa (FlashAttention-3 is installed but model.py has no attention() hook)"
     model_module.attention = fa3
     return "flash-attention-3"
+
+
+def dense_window_warning(model, device, attention):
+    """A loud warning, or None: on a GPU without FlashAttention-3, sliding-window layers run SDPA with a dense
+    (T, T) mask, which computes the full causal attention and masks it afterwards (bench/roofline.py prices
+    picochat.s d20 step at ~1.4x its FlashAttention-3 time in that case)."""
+    windowed = sum(1 for w in model.windows if w is not None and w < model.config.sequence_len)
+    if device.type != "cuda" or not windowed or attention != "sdpa":
+        return None
+    return (f"WARNING: {windowed} of {len(model.windows)} layers use sliding windows (--window-pattern "
+            f"{model.config.window_pattern}), and without FlashAttention-3 they run PyTorch SDPA with a dense "
+            f"(T, T) mask: full attention work, no speed-up from the window. Install flash_attn_interface "
+            f"(FlashAttention-3, Hopper GPUs), try --flex-attention, or train with --window-pattern L")
 
 
 def estimate_bytes_per_row(config, seq_len):

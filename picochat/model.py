@@ -95,9 +95,10 @@ class KVCache:
         self.lens = self.lens.expand(n).contiguous()
 
 
-def attention(q, k, v, window):
+def sdpa_attention(q, k, v, window):
     """Causal self-attention over (B, T, H, D) tensors, limited to the last `window` positions when set.
-    fastpath.use_fast_attention replaces this function with FlashAttention-3 where it runs."""
+    Sliding windows take a dense (T, T) mask: fastpath.use_fast_attention swaps in FlashAttention-3 or
+    FlexAttention for them (the module global `attention` below is the hook it replaces)."""
     T = q.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]
@@ -108,6 +109,9 @@ def attention(q, k, v, window):
         mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+attention = sdpa_attention
 
 
 class Attention(nn.Module):
@@ -196,19 +200,25 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_W = torch.zeros(W.shape, device=W.device, dtype=torch.float32) if need_grad else None
-        Wc = W.to(h.dtype)
+        # the matmuls in autocast's dtype (bf16 on GPUs), as a Linear would run them: autocast does not reach
+        # the out= and in-place products below, and h is fp32 (the residual stream is)
+        dtype = GPT.compute_dtype(h.device)
+        Wc = W.to(dtype)
         for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
+            hc = h[s:s + chunk].to(dtype)
             # vocab-major (V, n) logits: on CPU, W @ h^T runs ~1.4x faster than h @ W^T for these shapes
             loss, g = kernel((Wc @ hc.t()).float(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
             total += loss
             if need_grad:
-                g = g.to(h.dtype)
-                torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
+                g = g.to(dtype)
+                if dtype == h.dtype:
+                    torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
+                else:
+                    grad_h[s:s + chunk] = g.t() @ Wc
                 if g.dtype == torch.float32:
                     grad_W.addmm_(g, hc)
-                else:
-                    grad_W.add_((g @ hc).float())
+                else:  # fp32 accumulation across chunks: one (V, C) add per chunk, few chunks on a GPU
+                    grad_W.add_(g @ hc)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_W)
         return total
@@ -342,7 +352,7 @@ class GPT(nn.Module):
             return sc * torch.tanh(logits / sc)
         B, T = targets.shape
         h, flat_targets = h.reshape(B * T, -1), targets.reshape(-1)
-        chunk = self.loss_chunk or max(16, (1 << 22) // self.config.vocab_size)
+        chunk = self.loss_chunk or loss_chunk_rows(h.device, self.config.vocab_size)
         if reduction == "none":
             losses = []
             for s in range(0, B * T, chunk):
@@ -380,6 +390,13 @@ class GPT(nn.Module):
             if nxt in stop:
                 break
             x = torch.tensor([[nxt]], dtype=torch.long, device=device)
+
+
+def loss_chunk_rows(device, vocab_size):
+    """Rows per loss chunk. On a CPU, 16 MB of fp32 logits, which stay in cache. On a GPU, 512 MB: every chunk
+    reads W and read-modify-writes the fp32 (V, C) grad_W, so few large chunks (16 per 64K-token micro-batch)
+    keep that traffic small against the chunk's matmuls (bench/roofline.py prices both)."""
+    return max(16, (1 << 22 if device.type == "cpu" else 1 << 27) // vocab_size)
 
 
 @torch.compiler.disable

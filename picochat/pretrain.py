@@ -99,6 +99,9 @@ def add_parser(sub):
                    help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
     g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
                    help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); use with --compile")
+    g.add_argument("--flex-attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="sliding-window layers on FlexAttention (block-sparse) where FlashAttention-3 is missing, "
+                        "instead of SDPA with a dense mask (GPUs; not yet checked on one: see bench/gpu_check.py)")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -150,7 +153,12 @@ def _setup(args, ddp, rank, world, device):
             print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
     if args.activation_checkpointing:
         fastpath.checkpoint_blocks(model)
-    attention = fastpath.use_fast_attention(device)
+    if args.flex_attention and device.type != "cuda":
+        raise_on_rank0(UserError("--flex-attention needs a CUDA GPU (torch has no FlexAttention backward elsewhere)"))
+    attention = fastpath.use_fast_attention(device, flex=args.flex_attention, seq_len=args.seq_len,
+                                            windows=model.windows)
+    if warning := fastpath.dense_window_warning(model, device, attention):
+        print0(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n")
 
     meta = None
     if args.resume and checkpoint.latest_step(out) is not None:
@@ -250,7 +258,8 @@ def _train(args, st, ddp, rank, world, device):
                                              max(1, args.eval_tokens // (B * args.seq_len))))
         model.eval()
         mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
-        bpb = bits_per_byte(fwd, mine, token_bytes, autocast if dtype != torch.float32 else None)
+        # the eager model: compiled, the per-token loss's chunk loop would be unrolled and traced at step 0
+        bpb = bits_per_byte(model, mine, token_bytes, autocast if dtype != torch.float32 else None)
         model.train()
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
         log({"step": step, "val_bpb": bpb})

@@ -134,6 +134,44 @@ def test_bf16_autocast_close_to_fp32():
     assert abs(low.item() - ref.item()) / ref.item() < 2e-2
 
 
+def test_loss_matmuls_run_in_the_autocast_dtype():
+    """Under autocast (bf16 on GPUs) the chunked loss's products run in bf16, fp32-accumulated into grad_W, and
+    agree with the fp32 loss and gradients to bf16 precision; without autocast nothing changes."""
+    from picochat.model import loss_chunk_rows
+    model = tiny()
+    model.loss_chunk = 16
+    x, y = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2, 40))
+    ref = model(x, y)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, y)
+    low.backward()
+    assert abs(low.item() - ref.item()) / ref.item() < 2e-2
+    for n in ("lm_head.weight", "wte.weight"):
+        g, r = model.get_parameter(n).grad, ref_grads[n]
+        assert g.dtype == torch.float32 and (g - r).norm() / r.norm() < 5e-2, n
+    assert loss_chunk_rows(torch.device("cpu"), 32768) == 128 and loss_chunk_rows(torch.device("cuda"), 32768) == 4096
+    # every product of the loss itself, fp32 hidden states in: bf16 operands under autocast, fp32 without
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from picochat.model import fused_loss, softcap_ce_chunk
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_, torch.ops.aten.addmm):
+                seen.add(args[-2].dtype)
+            return func(*args, **(kwargs or {}))
+
+    h, W = torch.randn(40, 64, requires_grad=True), torch.randn(300, 64, requires_grad=True)
+    t, w = torch.randint(0, 300, (40,)), torch.ones(40)
+    for autocast, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
+        seen = set()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), MatmulDtypes():
+            fused_loss(h, W, t, w, 15.0, 16, softcap_ce_chunk)
+        assert seen == want, (autocast, seen)
+
+
 def test_compile_matches_eager():
     model = tiny(depth=1, vocab_size=128, head_dim=16)
     x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))

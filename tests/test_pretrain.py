@@ -118,6 +118,7 @@ def test_bad_inputs_give_one_clear_line(setup, tmp_path, capsys):
         (["--total-batch-size", "1000"], "not a multiple"),
         (["--window-pattern", "SXL"], "window-pattern"),
         (["--tokenizer", str(tmp_path / "none")], "no tokenizer"),
+        (["--flex-attention", "--window-pattern", "SL"], "--flex-attention needs a CUDA GPU"),
     ]
     notext = tmp_path / "notext"
     notext.mkdir()
