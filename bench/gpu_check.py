@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from picochat import fastpath
+from picochat import model as model_module
 from picochat.common import autodetect_device, compute_dtype, gpu_peak_flops, measure_matmul_flops
 from picochat.model import GPT, GPTConfig
 from picochat.optim import build_optimizer
@@ -255,7 +256,6 @@ def throughput(depth, mode):
     model.to_empty(device=device)
     model.init_weights(seed=0)
     compile_ = mode in ("compile", "fp8", "ckpt", "flex")
-    from picochat import model as model_module
     model_module.attention = base_attention  # what environment() chose (FA3 or SDPA), not an earlier flex mode
     if mode == "flex":
         fastpath.use_fast_attention(device, flex=True, seq_len=T, windows=model.windows)
@@ -308,13 +308,12 @@ def flex_agreement():
     """FlexAttention's block-sparse windows against SDPA with the dense mask, bf16, forward and backward."""
     if not cuda:
         return {"skipped": "GPU only (torch has no FlexAttention backward on CPUs)"}
-    from picochat.model import sdpa_attention
     T, window = (256, 64) if args.smoke else (2048, 512)
     flex = fastpath.flex_window_attention(device, T, [window])
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = [torch.randn(4, T, 8, 128, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3)]
     out = {}
-    for name, fn in (("sdpa", sdpa_attention), ("flex", flex)):
+    for name, fn in (("sdpa", model_module.sdpa_attention), ("flex", flex)):
         y = fn(*qkv, window)
         y.float().square().sum().backward()
         out[name] = (y.detach().float(), [t.grad.float() for t in qkv])
@@ -329,7 +328,6 @@ def flex_agreement():
 def main():
     global peak, base_attention
     env = environment()
-    from picochat import model as model_module
     base_attention = model_module.attention
     peak = env.get("table_peak_tflops") and env["table_peak_tflops"] * 1e12 or env["measured_matmul_tflops"] * 1e12
     results = {"bench": "gpu_check", "smoke": args.smoke, "env": env}

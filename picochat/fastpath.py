@@ -105,10 +105,7 @@ def flex_window_attention(device, seq_len, windows):
     flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
 
     def attention(q, k, v, window):
-        T = q.shape[1]
-        if window is None or window >= T:
-            return sdpa(q, k, v, window)
-        if T != seq_len:  # masks exist for the training length only
+        if window not in masks or q.shape[1] != seq_len:  # full layers; masks exist for the training length only
             return sdpa(q, k, v, window)
         dtype = model_module.GPT.compute_dtype(q.device)  # flex is not an autocast op: cast as SDPA would be
         q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))

@@ -359,12 +359,12 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
     chat_evals = {}
     for stage in STAGES:
         info, h = stages[stage], report["stages"][stage]
-        task = (info["summary"] or {}).get("task")
+        s = info["summary"] or {}
+        task = s.get("task")
         md += [f"## {STAGE_TITLES[stage]}" + (f" ({RL_TASKS.get(task, task)})" if stage == "rl" and task else ""), ""]
         if h["status"] == "not run":
             md += ["not run", ""]
             continue
-        s = info["summary"] or {}
         facts = [("status", h["status"]), ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
                  ("wall time", format_duration(h["hours"] * 3600) if h["hours"] is not None else "unknown"),
                  ("cost", f"${h['cost_usd']:.2f} ({h['cost_note']})" if h["cost_usd"] is not None else h["cost_note"])]

@@ -408,7 +408,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    limits = limits or Limits()
+    limits, notes = limits or Limits(), notes or {}
     engine = engine or Engine(model, tokenizer, tool=tool, compile=compile)
     scheduler = Scheduler(engine, slots=slots, max_queue=max_queue, threads=threads).start()
     svc = Service(engine, scheduler, limits, model_name, api_key)
@@ -471,7 +471,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
         model was trained on and prompts worth trying."""
         return {"model": model_name, "context": scheduler.max_len, "auth": bool(api_key),
                 "max_tokens": min(limits.max_tokens or scheduler.max_len, scheduler.max_len), "tool": engine.tool,
-                "trained_on": (notes or {}).get("trained_on", ""), "examples": list((notes or {}).get("examples", ()))}
+                "trained_on": notes.get("trained_on", ""), "examples": list(notes.get("examples", ()))}
 
     @app.get("/metrics")
     async def metrics():

@@ -190,12 +190,13 @@ def run(args):
           f"{f', about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour' if n_gpus else ' on CPU (no GPU cost)'}")
     print(f"report card: {run_dir / 'report' / 'report.md'}")
     final = next((run_dir / s for s in ("rl", "sft", "base") if latest_step(run_dir / s) is not None), None)
-    if final is not None:
-        print(f"the model was trained on {training_notes(read_meta(final))['trained_on']}")
+    notes = training_notes(read_meta(final)) if final is not None else None
+    if notes:
+        print(f"the model was trained on {notes['trained_on']}")
     print(f"talk to it:  picochat chat --run {run_name}")
     print(f"in a browser: picochat serve --run {run_name}   (then open http://127.0.0.1:8000)")
-    if final is not None:
-        print("try: " + " | ".join(training_notes(read_meta(final))["examples"]))
+    if notes:
+        print("try: " + " | ".join(notes["examples"]))
     if args.check and not all(ok for ok, _ in checks):
         print("speedrun --check: the report card failed a check (above)", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import readme_flow
 from picochat import speedrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,19 +133,17 @@ def test_resumed_rl_equals_rl_run_straight(smoke_run):
 def test_readme_commands_after_the_speedrun(smoke_run):
     """What the README tells a newcomer to run next, in its order and without --run, on the model the smoke run
     trained: chat -p, a chat session, serve (its /info gives the model's real context), report, export."""
-    import readme_flow
     env = dict(smoke_run["env"], NO_COLOR="1")
     readme_flow.check_chat(env, "smoke")
     readme_flow.check_serve(env, "smoke", 256, browser=False)
     readme_flow.check_report_and_export(env)
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"),
-                    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(not os.path.exists(readme_flow.CHROMIUM),
+                    reason=f"needs Debian's chromium at {readme_flow.CHROMIUM} (apt-get install -y chromium)")
 def test_browser_gets_a_reply_with_default_settings(smoke_run):
     """The web UI, fresh (its default max_tokens of 512), against the smoke model's context of 256: the UI learns
     the limit from /info and the first example prompt it offers gets a streamed reply, not an error."""
-    import readme_flow
     reply = readme_flow.check_serve(dict(smoke_run["env"], NO_COLOR="1"), "smoke", 256)
     assert reply.strip()
 

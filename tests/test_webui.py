@@ -11,9 +11,7 @@ from picochat.model import GPT, GPTConfig
 from picochat.server import ServerThread, create_app
 from picochat.tokenizer import Tokenizer
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from readme_flow import CHROMIUM, CHROMIUM_ARGS as ARGS
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),

@@ -634,8 +634,7 @@
 
   if (currentId && !current()) currentId = null;
   renderAll();
-  loadInfo();
-  checkHealth();
+  checkHealth(); // loads /info once the server answers
   setInterval(checkHealth, 5000);
   el.input.focus();
 
