@@ -62,6 +62,12 @@ class GPTConfig:
 
 
 def norm(x):
+    """RMSNorm that keeps x's dtype. Under autocast, rms_norm is on the fp32 list: it would turn the bf16
+    residual stream back into fp32 before every projection (twice the bytes, and a cast per matmul). The
+    kernel accumulates in fp32 either way."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, (x.size(-1),))
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -162,7 +168,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = F.relu(self.c_fc(x))
+        return self.c_proj(h * h)  # not .square(): pow is on autocast's fp32 list, h * h stays bf16
 
 
 class Block(nn.Module):
@@ -177,16 +184,17 @@ class Block(nn.Module):
 
 
 def softcap_ce_chunk(zt, targets, weights, softcap: float):
-    """For one chunk of raw logits laid out vocab-major, zt (V, n) fp32: the weighted loss sum and its gradient
-    w.r.t. zt, in the same layout. Plain elementwise code, so torch.compile can fuse it into a couple of passes
-    over the chunk."""
-    t = torch.tanh(zt / softcap)  # not 1 - 2/(e^(2z/c) + 1): one exp fewer, but it loses t's precision near 0
+    """For one chunk of raw logits laid out vocab-major, zt (V, n): the weighted loss sum (fp32) and its
+    gradient w.r.t. zt, in zt's layout and dtype; the math runs in fp32. Plain elementwise code, so
+    torch.compile fuses it, the up- and down-casts of bf16 logits included, into a couple of passes."""
+    dtype = zt.dtype
+    t = torch.tanh(zt.float() / softcap)  # not 1 - 2/(e^(2z/c) + 1): one exp fewer, but it loses t's precision near 0
     logits = softcap * t
     lse = softcap + torch.log(torch.exp(logits - softcap).sum(0))  # logits <= softcap: no pass for the max
     loss = ((lse - logits.gather(0, targets[None, :]).squeeze(0)) * weights).sum()
     g = torch.exp(logits - lse[None, :]) * weights[None, :]
     g = g.scatter_add(0, targets[None, :], -weights[None, :])
-    return loss, g * (1.0 - t * t)  # through the soft-cap
+    return loss, (g * (1.0 - t * t)).to(dtype)  # through the soft-cap
 
 
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
@@ -201,16 +209,15 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         grad_W = torch.zeros(W.shape, device=W.device, dtype=torch.float32) if need_grad else None
         # the matmuls in autocast's dtype (bf16 on GPUs), as a Linear would run them: autocast does not reach
-        # the out= and in-place products below, and h is fp32 (the residual stream is)
+        # the out= and in-place products below (h is already in that dtype: the residual stream is)
         dtype = GPT.compute_dtype(h.device)
         Wc = W.to(dtype)
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk].to(dtype)
             # vocab-major (V, n) logits: on CPU, W @ h^T runs ~1.4x faster than h @ W^T for these shapes
-            loss, g = kernel((Wc @ hc.t()).float(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
+            loss, g = kernel(Wc @ hc.t(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
             total += loss
             if need_grad:
-                g = g.to(dtype)
                 if dtype == h.dtype:
                     torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
                 else:
@@ -326,12 +333,14 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         dtype = self.compute_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = norm(self.wte(idx))
+        # the residual stream in the compute dtype (bf16 under autocast on GPUs, as the projections' outputs
+        # are): fp32 would double its bytes and saved activations and add a cast before every matmul
+        x = norm(self.wte(idx).to(dtype))
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, self.windows[i], ve, kv_cache, positions)
         if kv_cache is not None:
             kv_cache.lens += T
