@@ -56,9 +56,20 @@ def dist_info():
     return False, 0, 0, 1
 
 
+# torch >= 2.9 reads the first; the others are its older, device-specific names
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
 def init_runtime(device_type: str = ""):
     """Pick the device, join the process group under torchrun, seed nothing (callers seed).
-    Returns (ddp, rank, local_rank, world_size, device)."""
+    Returns (ddp, rank, local_rank, world_size, device).
+
+    Unless the user configured the CUDA allocator (PYTORCH_ALLOC_CONF, or the older PYTORCH_CUDA_ALLOC_CONF),
+    sets PYTORCH_ALLOC_CONF=expandable_segments:True: the caching allocator then grows segments in place
+    instead of fragmenting memory across the changing shapes of training, evaluation and generation. torch
+    reads it when CUDA is first used, so it is set here, first; a user's setting under either name wins."""
+    if not any(os.environ.get(k) for k in ALLOC_CONF_VARS):
+        os.environ[ALLOC_CONF_VARS[0]] = "expandable_segments:True"
     device_type = device_type or autodetect_device()
     ddp, rank, local_rank, world = dist_info()
     if device_type == "cuda":

@@ -10,9 +10,10 @@ steps; micro-batch k always comes from data stream k, so the data does not depen
 checkpoint written by W ranks resumes exactly on any W' that divides S, a single process included.
 """
 import argparse
+import gc
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from picochat.evaluate import bits_per_byte
 from picochat import checkpoint
 
 D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
+GC_EVERY = 1000  # steps between garbage collections once the GC is frozen and disabled after the first step
 
 
 def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
@@ -93,8 +95,9 @@ def add_parser(sub):
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="", help="cuda, cpu or mps (default: best available)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model and the optimizer's Muon update (minutes of compilation first)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model and the optimizer's Muon update (minutes of compilation first; "
+                        "default: on for CUDA GPUs, off elsewhere)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
     g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
@@ -115,13 +118,26 @@ def batch_size_arg(text):
         raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
 
 
+def resolve_compile(flag, device):
+    """--compile as given, or when not given (None) on for CUDA, where compiling pays for its minutes many
+    times over in a run, and off elsewhere (CPU and MPS runs are short; compilation would dominate them)."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
 def run(args):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
+    args.compile = resolve_compile(args.compile, device)  # the resolved value is printed and saved with the run
     try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
         setup = _setup(args, ddp, rank, world, device)
     except UserError as e:
         raise_on_rank0(e)
-    return _train(args, setup, ddp, rank, world, device)
+    gc_was_enabled = gc.isenabled()
+    try:
+        return _train(args, setup, ddp, rank, world, device)
+    finally:  # _train freezes and disables the GC after its first step (see there); a caller gets it back
+        gc.unfreeze()
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _setup(args, ddp, rank, world, device):
@@ -258,8 +274,10 @@ def _train(args, st, ddp, rank, world, device):
                                              max(1, args.eval_tokens // (B * args.seq_len))))
         model.eval()
         mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
-        # the eager model: compiled, the per-token loss's chunk loop would be unrolled and traced at step 0
-        bpb = bits_per_byte(model, mine, token_bytes, autocast if dtype != torch.float32 else None)
+        # the eager model: compiled, the per-token loss's chunk loop would be unrolled and traced at step 0;
+        # and without fp8, whose eager per-call scaling is slow and whose rounding the bpb should not carry
+        with bf16_linears(model):
+            bpb = bits_per_byte(model, mine, token_bytes, autocast if dtype != torch.float32 else None)
         model.train()
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
         log({"step": step, "val_bpb": bpb})
@@ -267,6 +285,7 @@ def _train(args, st, ddp, rank, world, device):
 
     t_train, tokens_seen, smooth, val_bpb = 0.0, 0, None, None
     step = start_step
+    x, y = loader.next_batch() if step < num_steps else (None, None)  # each step finds its first micro-batch ready
     while True:
         last = step == num_steps
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
@@ -282,12 +301,20 @@ def _train(args, st, ddp, rank, world, device):
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = loader.next_batch()
+        for k in range(grad_accum):
+            if k:
+                x, y = loader.next_batch()  # packed while the GPU runs the previous backward
             with autocast():
                 loss = fwd(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
+        saving = (step + 1) % args.save_every == 0 or step + 1 == num_steps
+        # a checkpoint resumes from the loader as it is now, before it hands out the next step's first batch
+        loader_state = loader.state_dict() if saving else None
+        if step + 1 < num_steps:
+            # that batch is packed, and its copy to the GPU started, while the GPU still runs this step's
+            # backward, rather than after the host has waited for this step's loss (below)
+            x, y = loader.next_batch()
         optimizer.step()  # averages the gradients across ranks, then updates (sharded, see optim.py)
         model.zero_grad(set_to_none=True)
         if ddp:
@@ -299,6 +326,16 @@ def _train(args, st, ddp, rank, world, device):
         if step > start_step + 1:  # the first step pays for compilation and warm-up
             t_train += dt
             tokens_seen += total_batch
+        if step == start_step + 1:
+            # warm-up done (compilation, first allocations): what lives now (model, optimizer, compiled code,
+            # data buffers) lives to the end, so the GC stops scanning it (freeze), and stops interrupting
+            # steps at random (disable: one rank's pause stalls all ranks); the steps make almost no cyclic
+            # garbage, and a collection every GC_EVERY steps bounds what they make
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % GC_EVERY == 0:
+            gc.collect()
         smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
         tps = total_batch / dt
         mfu = flops_per_step / dt / peak
@@ -308,8 +345,8 @@ def _train(args, st, ddp, rank, world, device):
             print0(f"step {step:05d}/{num_steps} | loss {loss_val:.4f} (avg {smooth:.4f}) | lr x{mult:.2f} | "
                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | {dt * 1000:.0f} ms | "
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
-        if step % args.save_every == 0 or step == num_steps:
-            save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=args.keep,
+        if saving:
+            save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=args.keep,
                  extra={"device_batch_size": B, "num_streams": st["num_streams"]})
 
     if rank == 0:
@@ -328,9 +365,9 @@ def _train(args, st, ddp, rank, world, device):
     return 0
 
 
-def save(out, step, model, optimizer, loader, tokenizer, args, val_bpb, keep=2, extra=None):
+def save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=2, extra=None):
     checkpoint.save_checkpoint(out, step, model, optimizer,
-                               rank_state={"loader": loader.state_dict(), "rng": torch.get_rng_state()},
+                               rank_state={"loader": loader_state, "rng": torch.get_rng_state()},
                                meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args), **(extra or {})},
                                tokenizer=tokenizer, keep=keep)
 
@@ -342,7 +379,25 @@ def sample(model, tokenizer, autocast):
     model.eval()
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend_bos=True)
-        with autocast():
+        with autocast(), bf16_linears(model):
             out = list(model.generate(ids, 16, stop=(tokenizer.bos_id,)))
         print0(f"  {prompt!r} -> {tokenizer.decode([t for t in out if t != tokenizer.bos_id])!r}")
     model.train()
+
+
+@contextmanager
+def bf16_linears(model):
+    """Inside the block, the Linear layers that torchao swapped in for --fp8 (Float8Linear) run as the plain
+    nn.Linear they were made from, on the same weight and bias objects (nothing is copied): evaluation and
+    sampling get autocast's bf16 matmuls instead of fp8 with per-call scaling, which runs eager (slow: the
+    model is compiled for training only) and would put fp8's rounding into the validation bpb. The layers are
+    torchao's again on exit, an exception included. A model without them passes through unchanged."""
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and type(m) is not torch.nn.Linear and type(m).__module__.startswith("torchao.")]
+    for m, _ in swapped:
+        m.__class__ = torch.nn.Linear
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls

@@ -20,9 +20,11 @@ Both take --data-jsonl (your own {"messages": [...]} conversations) and --task-e
 import argparse
 import json
 import time
+from array import array
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,33 +69,32 @@ def plan_rows(lengths, row_len, buffer_size=64):
         rows.append(sorted(row))
 
 
-def render_rows(tokenizer, convs_per_row, row_len):
-    """Rows of conversations -> (x, y) LongTensors (B, row_len - 1): inputs, and targets that are -1 wherever
-    the next token is not supervised (user turns, tool outputs, padding)."""
-    B = len(convs_per_row)
-    ids = torch.full((B, row_len), tokenizer.bos_id, dtype=torch.long)
-    mask = torch.zeros((B, row_len), dtype=torch.bool)
-    for b, convs in enumerate(convs_per_row):
-        pos = 0
-        for conv in convs:
-            t, m = tokenizer.render_conversation(conv)
-            t, m = t[:row_len - pos], m[:row_len - pos]
-            ids[b, pos:pos + len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[b, pos:pos + len(m)] = torch.tensor(m, dtype=torch.bool)
-            pos += len(t)
-    x = ids[:, :-1]
-    y = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -1))
-    return x.contiguous(), y.contiguous()
-
-
 class SFTLoader:
     """Batches of packed rows for step s, micro-batch k, on this rank. Rows of a step are split between ranks
-    and micro-batches by position, so a step's data does not depend on how it is divided."""
+    and micro-batches by position, so a step's data does not depend on how it is divided.
 
-    def __init__(self, convs, tokenizer, row_len, device_batch, grad_accum, rank=0, world=1, buffer_size=64):
-        self.convs, self.tokenizer, self.row_len = convs, tokenizer, row_len
+    Every conversation is rendered once, here, into two flat arrays (token ids, 2 bytes each when the vocabulary
+    fits in 16 bits, else 4; the loss mask, 1 byte each), and no more of it than a row holds: a batch is then
+    a gather and a pad. A batch is (x, y) int64 (rows, row_len - 1), targets -1 wherever the next token is not
+    supervised (user turns, tool outputs, padding); with device on CUDA both are in pinned memory, for
+    `.to(device, non_blocking=True)`."""
+
+    def __init__(self, convs, tokenizer, row_len, device_batch, grad_accum, rank=0, world=1, buffer_size=64,
+                 device=None):
+        self.row_len, self.bos = row_len, tokenizer.bos_id
         self.device_batch, self.grad_accum, self.rank, self.world = device_batch, grad_accum, rank, world
-        self.lengths = [len(tokenizer.render_conversation(convs[i])[0]) for i in range(len(convs))]
+        self.pin = device is not None and torch.device(device).type == "cuda"
+        wide = tokenizer.vocab_size > 2 ** 16
+        ids, mask, self.lengths = array("i" if wide else "H"), array("B"), []
+        for i in range(len(convs)):
+            t, m = tokenizer.render_conversation(convs[i])
+            self.lengths.append(len(t))
+            ids.extend(t[:row_len])  # a longer conversation gets a row alone, truncated to it
+            mask.extend(m[:row_len])
+        self.ids = np.frombuffer(ids, dtype=np.int32 if wide else np.uint16)
+        self.mask = np.frombuffer(mask, dtype=np.bool_)
+        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)  # conversation i: offsets[i]:offsets[i+1]
+        np.cumsum(np.minimum(self.lengths, row_len), out=self.offsets[1:])
         self.truncated = sum(n > row_len for n in self.lengths)
         self.rows = plan_rows(self.lengths, row_len, buffer_size)
         self.rows_per_step = device_batch * grad_accum * world
@@ -105,8 +106,26 @@ class SFTLoader:
     def micro_batch(self, step, k):
         """(x, y) of micro-batch k of optimizer step `step` for this rank (wraps around past the last row)."""
         first = step * self.rows_per_step + (k * self.world + self.rank) * self.device_batch
-        idx = [(first + j) % len(self.rows) for j in range(self.device_batch)]
-        return render_rows(self.tokenizer, [[self.convs[i] for i in self.rows[r]] for r in idx], self.row_len)
+        return self.batch([(first + j) % len(self.rows) for j in range(self.device_batch)])
+
+    def batch(self, rows):
+        """(x, y) of the packed rows with these indices (into self.rows), conversations laid end to end from
+        the start of each row, the rest padded with <|bos|>."""
+        ids = np.full((len(rows), self.row_len), self.bos, dtype=np.int64)
+        mask = np.zeros((len(rows), self.row_len), dtype=np.bool_)
+        for b, r in enumerate(rows):
+            pos = 0
+            for i in self.rows[r]:
+                a, e = self.offsets[i], self.offsets[i + 1]
+                ids[b, pos:pos + e - a] = self.ids[a:e]
+                mask[b, pos:pos + e - a] = self.mask[a:e]
+                pos += e - a
+        # written straight into the (pinned) tensors that are copied to the device
+        x = torch.empty((len(rows), self.row_len - 1), dtype=torch.long, pin_memory=self.pin)
+        y = torch.full((len(rows), self.row_len - 1), -1, dtype=torch.long, pin_memory=self.pin)
+        np.copyto(x.numpy(), ids[:, :-1])
+        np.copyto(y.numpy(), ids[:, 1:], where=mask[:, 1:])
+        return x, y
 
     def stats(self):
         tokens = sum(min(n, self.row_len) for n in self.lengths)
@@ -126,7 +145,7 @@ def step_loss(model, batches, device, autocast, ddp=False):
     denom = count.clamp(min=1.0) / world
     total = torch.zeros((), device=device)
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # async from pinned memory
         with autocast():
             loss = model(x, y, reduction="sum")
         (loss / denom).backward()
@@ -143,10 +162,9 @@ def eval_loss(model, loader, device, autocast, max_rows=None):
     rows = range(loader.rank * loader.device_batch, min(len(loader.rows), max_rows or len(loader.rows)),
                  loader.world * loader.device_batch)
     for first in rows:
-        idx = list(range(first, min(first + loader.device_batch, len(loader.rows))))
-        x, y = render_rows(loader.tokenizer, [[loader.convs[i] for i in loader.rows[r]] for r in idx], loader.row_len)
+        x, y = loader.batch(range(first, min(first + loader.device_batch, len(loader.rows))))
         with autocast():
-            total += model(x.to(device), y.to(device), reduction="sum").double()
+            total += model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), reduction="sum").double()
         count += (y >= 0).sum().double()
     if dist.is_initialized():
         both = torch.stack([total, count])
@@ -418,8 +436,10 @@ def run(args):
     dtype = compute_dtype(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
 
-    loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world)
-    val_loader = SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world) if val_convs else None
+    loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world,
+                       device=device)
+    val_loader = (SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world, device=device)
+                  if val_convs else None)
     num_steps = args.num_iterations if args.num_iterations > 0 else loader.steps_per_epoch
     st = loader.stats()
     print0(f"mixture: {mixture.describe()}")

@@ -130,3 +130,136 @@ def test_bad_inputs_give_one_clear_line(setup, tmp_path, capsys):
         assert main(argv) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and len(err.splitlines()) == 1, (extra, err)
+
+
+# ---- the GPU-first habits of the step loop, checked on the CPU ---------------------------------------------------
+def test_compile_is_on_by_default_for_cuda_only():
+    import torch
+    from picochat.pretrain import resolve_compile
+    cuda, cpu, mps = torch.device("cuda", 0), torch.device("cpu"), torch.device("mps")
+    assert resolve_compile(None, cuda) is True
+    assert resolve_compile(None, cpu) is False and resolve_compile(None, mps) is False
+    assert resolve_compile(False, cuda) is False and resolve_compile(True, cpu) is True  # a flag given wins
+    import argparse
+    from picochat import pretrain
+    p = argparse.ArgumentParser()
+    pretrain.add_parser(p.add_subparsers())
+    assert p.parse_args(["pretrain"]).compile is None
+    assert p.parse_args(["pretrain", "--no-compile"]).compile is False
+    assert p.parse_args(["pretrain", "--compile"]).compile is True
+
+
+def test_allocator_default_never_overrides_the_user(monkeypatch):
+    """init_runtime asks for expandable segments unless the user configured the allocator, under either name."""
+    from picochat.common import ALLOC_CONF_VARS, init_runtime
+    for name in ALLOC_CONF_VARS:  # set, then removed: monkeypatch restores each as it was
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    init_runtime("cpu")
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")
+    init_runtime("cpu")
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:256"
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    init_runtime("cpu")
+    assert "PYTORCH_ALLOC_CONF" not in os.environ  # it would take precedence over the user's older name
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+
+
+def fake_float8_class(calls):
+    """A stand-in for torchao's Float8Linear (an nn.Linear subclass from a torchao module) whose forward is
+    recorded in calls and adds 1000, so that a forward that goes through it shows."""
+    import gc
+    import torch.nn as nn
+
+    class Float8Linear(nn.Linear):
+        def forward(self, x):
+            calls.append({"training": self.training, "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count() > 0})
+            return super().forward(x) + 1000.0
+
+    Float8Linear.__module__ = "torchao.float8.float8_linear"
+    return Float8Linear
+
+
+def test_bf16_linears_runs_fp8_layers_as_plain_linears():
+    import copy
+    import torch
+    import torch.nn as nn
+    from picochat.model import GPT, GPTConfig
+    from picochat.pretrain import bf16_linears
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)).init_weights(seed=0)
+    ref = copy.deepcopy(model)
+    calls = []
+    fp8 = fake_float8_class(calls)
+
+    class Other(nn.Linear):  # an nn.Linear subclass of someone else's: not touched
+        pass
+    converted = [m for name, m in model.named_modules() if name.startswith("blocks.") and type(m) is nn.Linear]
+    for m in converted:
+        m.__class__ = fp8  # what torchao's swap amounts to: the same weights in a Float8Linear
+    model.lm_head.__class__ = Other
+    params = [id(p) for p in model.parameters()]
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        want = ref(x)
+        assert not torch.allclose(model(x), want)
+        with bf16_linears(model):
+            assert all(type(m) is nn.Linear for m in converted) and type(model.lm_head) is Other
+            calls.clear()
+            torch.testing.assert_close(model(x), want)
+            assert not calls
+        assert all(type(m) is fp8 for m in converted) and not torch.allclose(model(x), want)
+        with pytest.raises(RuntimeError), bf16_linears(model):
+            raise RuntimeError
+        assert all(type(m) is fp8 for m in converted)
+    assert [id(p) for p in model.parameters()] == params and model.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_step_loop_prefetches_freezes_gc_and_validates_without_fp8(setup, monkeypatch, capsys):
+    """In-process, on the CPU, with a stand-in for torchao's fp8 layers: (1) each step's first micro-batch is
+    packed before the previous step's loss is read and logged; (2) the GC is frozen and disabled after the first
+    step, and given back after the run; (3) validation never runs the fp8 layers; (4) the config line shows
+    --compile as resolved (off on a CPU)."""
+    import gc
+    import torch.nn as nn
+    from picochat import fastpath, loader as loader_module, pretrain
+    home, data = setup
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    calls, events = [], []
+    fp8 = fake_float8_class(calls)
+
+    def enable_fp8(model, device):
+        for name, m in model.named_modules():
+            if name.startswith("blocks.") and type(m) is nn.Linear:
+                m.__class__ = fp8
+        return model
+    monkeypatch.setattr(fastpath, "enable_fp8", enable_fp8)
+    real_next = loader_module.StepLoader.next_batch
+    monkeypatch.setattr(loader_module.StepLoader, "next_batch", lambda self: events.append("batch") or real_next(self))
+    real_logger = pretrain.metrics_logger
+
+    def metrics_logger(*a, **k):
+        log = real_logger(*a, **k)
+        return lambda rec: (events.append("loss") if "loss" in rec else None, log(rec))
+    monkeypatch.setattr(pretrain, "metrics_logger", metrics_logger)
+    real_forward = fp8.forward
+
+    def forward(self, x):  # one "fwd" per training forward (all fp8 layers of it)
+        if self.training and (not events or events[-1] != "fwd"):
+            events.append("fwd")
+        return real_forward(self, x)
+    fp8.forward = forward
+    assert main(["pretrain", "--run", "t", "--data", str(data), *TINY, "--num-iterations", "3", "--eval-every", "2",
+                 "--save-every", "100", "--fp8", "--out", str(home / "out")]) == 0
+    # 3 steps of 2 micro-batches: the next step's first batch comes before this step's loss
+    assert events == ["batch", "fwd", "batch", "fwd", "batch", "loss", "fwd", "batch", "fwd", "batch", "loss",
+                      "fwd", "batch", "fwd", "loss"]
+    assert calls and all(c["training"] for c in calls)  # 3 validations ran, none through the fp8 layers
+    per_step = len(calls) // 3
+    assert all(c["gc_enabled"] and not c["frozen"] for c in calls[:per_step])
+    assert all(not c["gc_enabled"] and c["frozen"] for c in calls[per_step:])
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    out = capsys.readouterr().out
+    assert "compile False" in out and "fp8 True" in out
+    assert json.loads((home / "out" / "meta_000003.json").read_text())["args"]["compile"] is False

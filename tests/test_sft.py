@@ -6,6 +6,7 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,26 @@ def save_base(folder, model, tokenizer, stage="base"):
 
 def conv(q, a):
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def render_rows(tokenizer, convs_per_row, row_len):
+    """The reference for SFTLoader's batches (what it computed before it rendered each conversation once):
+    rows of conversations -> (x, y) LongTensors (B, row_len - 1), targets -1 wherever the next token is not
+    supervised."""
+    B = len(convs_per_row)
+    ids = torch.full((B, row_len), tokenizer.bos_id, dtype=torch.long)
+    mask = torch.zeros((B, row_len), dtype=torch.bool)
+    for b, convs in enumerate(convs_per_row):
+        pos = 0
+        for c in convs:
+            t, m = tokenizer.render_conversation(c)
+            t, m = t[:row_len - pos], m[:row_len - pos]
+            ids[b, pos:pos + len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[b, pos:pos + len(m)] = torch.tensor(m, dtype=torch.bool)
+            pos += len(t)
+    x = ids[:, :-1]
+    y = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return x.contiguous(), y.contiguous()
 
 
 # ---- mixtures ----------------------------------------------------------------------------------------------------
@@ -62,11 +83,11 @@ def test_plan_rows_packs_whole_conversations():
     assert sft.plan_rows(lengths, 64, 4) == rows
 
 
-def test_render_rows_masks_and_padding(tok):
+def test_batch_masks_and_padding(tok):
     c = conv("Hi there", "Hello!")
     ids, mask = tok.render_conversation(c)
     row_len = len(ids) + 5
-    x, y = sft.render_rows(tok, [[c]], row_len)
+    x, y = sft.SFTLoader([c], tok, row_len, device_batch=1, grad_accum=1).micro_batch(0, 0)
     assert x.shape == y.shape == (1, row_len - 1)
     assert x[0, :len(ids)].tolist() == ids and x[0, len(ids):].tolist() == [tok.bos_id] * 4
     for t in range(row_len - 1):
@@ -80,10 +101,75 @@ def test_render_rows_masks_and_padding(tok):
     tc = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [
         {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "#### 4"}]}]}
     ids, mask = tok.render_conversation(tc)
-    x, y = sft.render_rows(tok, [[tc]], len(ids))
+    x, y = sft.SFTLoader([tc], tok, len(ids), device_batch=1, grad_accum=1).micro_batch(0, 0)
     sup = [int(v) for v in y[0] if v >= 0]
     assert tok.special("<|output_start|>") not in sup and tok.special("<|output_end|>") not in sup
     assert tok.special("<|python_start|>") in sup and tok.special("<|python_end|>") in sup
+
+
+class CountingTokenizer:
+    """A tokenizer's conversation rendering, counted; with shift, every id (bos included) moves up by it and the
+    vocabulary is declared 2^17, so the ids need more than 16 bits."""
+
+    def __init__(self, tok, shift=0):
+        self.tok, self.shift, self.calls = tok, shift, 0
+        self.bos_id = tok.bos_id + shift
+        self.vocab_size = 2 ** 17 if shift else tok.vocab_size
+
+    def render_conversation(self, c):
+        self.calls += 1
+        ids, mask = self.tok.render_conversation(c)
+        return [t + self.shift for t in ids], mask
+
+
+def varied_conversations():
+    tool = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [
+        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "#### 4"}]}]}
+    convs = [conv("word " * (i % 13), "yes " * (i % 7) + str(i)) for i in range(40)]
+    convs[5] = convs[23] = tool
+    convs[11] = conv("word " * 120, "far too long for a row")  # truncated, in a row alone
+    convs[30] = {"messages": convs[2]["messages"] + convs[3]["messages"]}  # two turns
+    return convs
+
+
+@pytest.mark.parametrize("shift", [0, 70_000])
+def test_batches_are_the_rendered_rows_with_each_conversation_rendered_once(tok, shift):
+    """The loader's batches, for every micro-batch of every step (past the wrap-around) on each of 2 ranks, and
+    for the validation rows, are exactly what rendering the conversations of those rows gives (render_rows
+    above, the loader's code before it rendered each conversation once); the conversations are rendered once,
+    at construction. shift: ids above 2^16, kept in 32-bit arrays."""
+    convs = varied_conversations()
+    row_len, B, accum, world = 48, 3, 2, 2
+    ref = CountingTokenizer(tok, shift)
+    for rank in range(world):
+        counting = CountingTokenizer(tok, shift)
+        loader = sft.SFTLoader(convs, counting, row_len, device_batch=B, grad_accum=accum, rank=rank, world=world)
+        assert counting.calls == len(convs) and loader.stats()["truncated"] == 1
+        assert loader.ids.dtype == (np.int32 if shift else np.uint16)
+        assert loader.ids.size == sum(min(len(tok.render_conversation(c)[0]), row_len) for c in convs)
+        for step in range(loader.steps_per_epoch + 2):
+            for k in range(accum):
+                first = step * loader.rows_per_step + (k * world + rank) * B
+                idx = [(first + j) % len(loader.rows) for j in range(B)]
+                want = render_rows(ref, [[convs[i] for i in loader.rows[r]] for r in idx], row_len)
+                got = loader.micro_batch(step, k)
+                for g, w in zip(got, want):
+                    assert g.dtype == torch.long and g.shape == (B, row_len - 1) and torch.equal(g, w), (step, k)
+        for first in range(0, len(loader.rows), B):  # what eval_loss asks for, the last batch short
+            idx = range(first, min(first + B, len(loader.rows)))
+            want = render_rows(ref, [[convs[i] for i in loader.rows[r]] for r in idx], row_len)
+            assert all(torch.equal(g, w) for g, w in zip(loader.batch(idx), want))
+        assert counting.calls == len(convs)  # batches never render again
+
+
+def test_batches_are_pinned_only_for_cuda(tok):
+    """Pinned host memory (for asynchronous copies) only where the device is CUDA: pinning needs a GPU."""
+    c = [conv("a", "b")]
+    assert not sft.SFTLoader(c, tok, 16, 1, 1).pin and not sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").pin
+    assert sft.SFTLoader(c, tok, 16, 1, 1, device=torch.device("cuda", 0)).pin
+    assert sft.SFTLoader(c, tok, 16, 1, 1, device="cuda").pin
+    x, y = sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").micro_batch(0, 0)
+    assert not x.is_pinned() and not y.is_pinned()
 
 
 def test_long_conversation_truncated_and_counted(tok):
