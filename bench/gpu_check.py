@@ -19,7 +19,8 @@ when it failed, "error"; a failure is caught and the next section runs):
                  largest power of two that fits, compiled; compile seconds (the warm-up steps beyond their steady
                  time), forward+backward ms, optimizer ms, tokens/s, MFU against 989.4 TFLOP/s, peak memory
  5 decode        picochat.engine's InferenceModel (what Engine.generate runs) at d20 shape, random weights:
-                 prefill, decode tokens/s at batch 1 and 16, CUDA kernels per decode step (torch.profiler)
+                 prefill, decode tokens/s at batch 1 and 16, eager and compiled (the one-token steps as CUDA
+                 graphs), CUDA kernels per eager decode step (torch.profiler)
  6 validation    pretrain's validation (bits_per_byte on the eager model, reduction="none") at d20, B=8: its
                  time, and the dynamo frame count before and after (no compile may be triggered)
  7 d12_step      as 4 for the preset d12, if time remains
@@ -71,7 +72,7 @@ H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM: the MFU denominat
 # seconds per section: on an H100, and for --smoke on a 2-core CPU (d12's GPU figure is replaced by 0.7 x the d20
 # section's measured time once that has run)
 ESTIMATES = {"environment": (10, 2), "agreement": (90, 8), "micro": (60, 4), "d20_step": (180, 6),
-             "decode": (30, 3), "validation": (20, 2), "d12_step": (120, 6), "sharded_opt": (40, 10)}
+             "decode": (90, 3), "validation": (20, 2), "d12_step": (120, 6), "sharded_opt": (40, 10)}
 SECTIONS = list(ESTIMATES)
 
 # agreement bars (relative differences; gradients: the largest over parameters of |g - g_ref| / |g_ref|)
@@ -94,7 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps in the step sections (compile included)")
     p.add_argument("--steps", type=int, default=0, help="timed steps in the step sections (default 5; 2 with --smoke)")
     p.add_argument("--compile-backend", default="", help="torch.compile backend (default inductor; aot_eager with --smoke)")
-    p.add_argument("--decode-compile", action="store_true", help="also time the compiled decode step (~1 min more)")
+    p.add_argument("--decode-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the compiled decode (CUDA graphs for the one-token steps; ~1 min more; "
+                        "default: on a GPU, not with --smoke)")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.smoke else 5)
     args.device = args.device or ("cpu" if args.smoke else autodetect_device())
@@ -607,7 +610,8 @@ def decode(ctx):
                                value_embeds=True)
     model = build_model(ctx, cfg)
     out = {"depth": depth, "prompt": prompt, "steps": steps}
-    variants = [("eager", False)] + ([("compiled", True)] if ctx.args.decode_compile else [])
+    compiled = ctx.args.decode_compile if ctx.args.decode_compile is not None else not ctx.smoke
+    variants = [("eager", False)] + ([("compiled", True)] if compiled else [])
     for vname, compile_ in variants:
         net = InferenceModel(model, compile=compile_)
         out.setdefault("dtype", str(net.dtype).split(".")[-1])

@@ -74,6 +74,14 @@ class StaticCache:
         self.lens = [0] * batch
         self.max_len = max_len
         self.static = static  # attend over all max_len positions (fixed shapes for a compiled step)
+        self._mark_static()
+
+    def _mark_static(self):
+        # a CUDA graph replays fixed addresses: the tensors it writes keys and values into must be declared so,
+        # or the compiled step is not graphed at all; a new tensor (expand, keep) makes it re-record once
+        if self.static:
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def batch_size(self):
@@ -85,6 +93,7 @@ class StaticCache:
         self.k = [t.expand(n, *t.shape[1:]).contiguous() for t in self.k]
         self.v = [t.expand(n, *t.shape[1:]).contiguous() for t in self.v]
         self.lens = self.lens * n
+        self._mark_static()
 
     def keep(self, rows):
         """Keep only these rows, in this order (drops finished samples so they stop costing compute)."""
@@ -92,6 +101,7 @@ class StaticCache:
         self.k = [t.index_select(0, idx) for t in self.k]
         self.v = [t.index_select(0, idx) for t in self.v]
         self.lens = [self.lens[r] for r in rows]
+        self._mark_static()
 
 
 class InferenceModel:
@@ -105,13 +115,19 @@ class InferenceModel:
         self._fingerprint = None
         self._lock = threading.Lock()
         self.compiled = compile
+        # fixed-shape attention over the whole cache: what a compiled GPU step wants (no recompiles as the
+        # context grows); on CPUs reading the unused part of the cache costs more than it saves
+        self.static = compile and self.device.type == "cuda"
         self.refresh()
         # dynamic shapes: batch and cache length change from step to step
         self._hidden = torch.compile(self._hidden_impl, dynamic=True) if compile else self._hidden_impl
         self.gqa = self.config.n_head != self.config.n_kv_head  # a plain bool: dynamo must not make it symbolic
-        # fixed-shape attention over the whole cache: what a compiled GPU step wants (no recompiles as the
-        # context grows); on CPUs reading the unused part of the cache costs more than it saves
-        self.static = compile and self.device.type == "cuda"
+        # one-token steps over a static cache as CUDA graphs: eager, a d20 step is ~500 kernel launches of a few
+        # microseconds each, several times the step's own memory time at small batches; replayed, it is one
+        # launch. Nothing in such a step depends on a Python int that changes as decoding advances (positions
+        # come as tensors), so a graph is recorded once per batch size and cache length, not once per position
+        self._decode = (torch.compile(self._hidden_impl, dynamic=True, mode="reduce-overhead") if self.static
+                        else self._hidden)
         self.use_packed = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
                            and torch.backends.mkldnn.is_available())
 
@@ -144,7 +160,10 @@ class InferenceModel:
             # (bit for bit) in 4 ops instead of 8
             self.cos = torch.cat([m.cos, m.cos], dim=-1).to(dt)
             self.sin = torch.cat([m.sin, -m.sin], dim=-1).to(dt)
-            self.resid = (m.resid_lambdas.tolist(), m.x0_lambdas.tolist()) if self.config.resid_scalars else None
+            # Python floats are cheapest eager, but a compiled step would bake them in and recompile whenever
+            # training moves them (RL): there they are tensors
+            scalars = (lambda p: p.detach().to(dt).clone()) if self.compiled else (lambda p: p.tolist())
+            self.resid = (scalars(m.resid_lambdas), scalars(m.x0_lambdas)) if self.config.resid_scalars else None
             self.layers = []
             for i, (block, mats) in enumerate(zip(m.blocks, self._linear_weights())):
                 a = block.attn
@@ -156,6 +175,13 @@ class InferenceModel:
                     window=m.windows[i]))
             self._packed = None  # rebuilt on demand from the new weights
             self._fingerprint = fp
+            if self.static:  # read by the CUDA-graphed step: fixed addresses, not inputs copied in at each replay
+                for t in [self.wte, self.head, self.cos, self.sin, *(self.resid or ())]:
+                    torch._dynamo.mark_static_address(t)
+                for ly in self.layers:
+                    for t in ly.values():
+                        if torch.is_tensor(t):
+                            torch._dynamo.mark_static_address(t)
 
     def packed(self, rows):
         """oneDNN-packed copies of every matrix for products of `rows` > 1 rows on CPU, or None. MKL's gemm streams
@@ -187,9 +213,13 @@ class InferenceModel:
         if max(start) + T > self.max_positions:
             raise UserError(f"context full: {max(start) + T} tokens exceed the model's context of {self.max_positions}")
         plan = self._plan(ids, cache, start)
+        step = self._hidden
+        if T == 1 and cache is not None and cache.static and self._decode is not self._hidden:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been used
+            step = self._decode
         # the caller may sit in an autocast region (RL, evals): the layout already has the dtype it wants
         with torch.autocast(self.device.type, enabled=False):
-            return self._hidden(ids, cache, rows if rows is not None else slice(0, B), plan)
+            return step(ids, cache, rows if rows is not None else slice(0, B), plan)
 
     def _plan(self, ids, cache, start):
         """Host-side decisions for one forward (outside the compiled region): positions, rotary rows, how far
@@ -225,13 +255,13 @@ class InferenceModel:
                 masks[window] = (m[:, None], False)
         bidx = torch.arange(B, device=dev)[:, None] if cache is not None and not uniform else None
         return dict(cos=cos, sin=sin, pos=pos, bidx=bidx, uniform=uniform, s0=s0, L=L, masks=masks,
-                    packed=self.packed(B * T))
+                    packed=self.packed(B * T), static=static)
 
     def _hidden_impl(self, ids, cache, rows, plan):
         c = self.config
         B, T = ids.shape
         H, Hk, D = c.n_head, c.n_kv_head, c.head_dim
-        cos, sin, pos, bidx, L, s0 = plan["cos"], plan["sin"], plan["pos"], plan["bidx"], plan["L"], plan["s0"]
+        cos, sin, pos, bidx = plan["cos"], plan["sin"], plan["pos"], plan["bidx"]
         packed = plan["packed"]
         x = norm(F.embedding(ids, self.wte))
         x0 = x
@@ -259,13 +289,16 @@ class InferenceModel:
                 keys, values = k.transpose(1, 2), v.transpose(1, 2)
             else:
                 kc, vc = cache.k[i][rows], cache.v[i][rows]
-                if plan["uniform"]:
-                    kc[:, :, s0:s0 + T] = k.transpose(1, 2)
-                    vc[:, :, s0:s0 + T] = v.transpose(1, 2)
+                if plan["static"] and plan["uniform"]:  # positions as a tensor: see InferenceModel._decode
+                    kc.index_copy_(2, pos[0], k.transpose(1, 2))
+                    vc.index_copy_(2, pos[0], v.transpose(1, 2))
+                elif plan["uniform"]:
+                    kc[:, :, plan["s0"]:plan["s0"] + T] = k.transpose(1, 2)
+                    vc[:, :, plan["s0"]:plan["s0"] + T] = v.transpose(1, 2)
                 else:
                     kc[bidx, :, pos] = k
                     vc[bidx, :, pos] = v
-                keys, values = kc[:, :, :L], vc[:, :, :L]
+                keys, values = (kc, vc) if plan["static"] else (kc[:, :, :plan["L"]], vc[:, :, :plan["L"]])
             mask, causal = plan["masks"][ly["window"]]
             if T == 1 and self.device.type == "cpu":
                 y = decode_attention(q.transpose(1, 2), keys, values, mask)
@@ -473,7 +506,10 @@ class Engine:
         # inference mode only around the compute: a caller may train between our yields (RL)
         with torch.inference_mode():
             net.refresh()
-            cache = StaticCache(self.model.config, 1, len(prompt) + budget, dev, net.dtype, static=net.static)
+            length = len(prompt) + budget
+            if net.static:  # a CUDA graph per cache length: round lengths up so that few distinct ones occur
+                length = min(self.max_context, -(-length // 256) * 256)
+            cache = StaticCache(self.model.config, 1, length, dev, net.dtype, static=net.static)
             h = net.hidden(torch.tensor([prompt], device=dev), cache, slice(0, 1), [0])
             logits = net.logits(h[:, -1])
             cache.expand(n)

@@ -183,6 +183,45 @@ def test_compiled_decode_step_matches():
     assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-4)
 
 
+def test_static_decode_steps_compile_once_not_once_per_position():
+    """A CUDA graph is recorded per distinct compiled graph: the static one-token step (what InferenceModel
+    graphs on GPUs) must depend on no Python int that moves as decoding advances. Checked here with a counting
+    backend on CPU: positions advance, rows get dropped (keep), the weights change (RL), and the step compiles
+    once per batch-size class, with the eager layout's outputs."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = tiny(window_pattern="SL", seq=32, value_embeds=True)
+    net = InferenceModel(model)
+    net.compiled = net.static = True  # the GPU settings, on this CPU
+    net._fingerprint = None
+    net.refresh()
+    counter = CompileCounter()
+    net._decode = torch.compile(net._hidden_impl, dynamic=True, backend=counter)
+    eager = InferenceModel(model)
+    x = torch.randint(0, 300, (3, 20))
+    with torch.no_grad():
+        cache = StaticCache(model.config, 3, 32, "cpu", torch.float32, static=True)
+        ref = StaticCache(model.config, 3, 32, "cpu", torch.float32)
+        net.hidden(x[:, :8], cache, slice(0, 3), [0] * 3)
+        eager.hidden(x[:, :8], ref, slice(0, 3), [0] * 3)
+        for t in range(8, 20):
+            if t == 14:  # a row finished; and a training step moved the weights
+                cache.keep([0, 2])
+                ref.keep([0, 2])
+                x = x[[0, 2]]
+                for p in model.parameters():
+                    p.mul_(1.01)
+                net.refresh()
+                eager.refresh()
+            B = x.shape[0]
+            got = net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, B), [t] * B))
+            want = eager.logits(eager.hidden(x[:, t:t + 1], ref, slice(0, B), [t] * B))
+            assert torch.allclose(got, want, atol=1e-4), t
+            if t == 8:
+                first = counter.frame_count
+    assert first == 1 and counter.frame_count <= 2, counter.frame_count  # batch 3, then 2: one dynamic graph
+
+
 # ---- generation -------------------------------------------------------------------------------------------------
 def test_greedy_generation_matches_full_recompute(tok):
     model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
