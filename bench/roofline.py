@@ -57,8 +57,8 @@ Where the trace cannot follow the GPU, the bench substitutes (bench only; no pro
     CUDA's policy for rms_norm).
   - Muon's Newton-Schulz dtype is set to bf16 (picochat picks it by device type: bf16 on CUDA).
   - torch.distributed is faked for world sizes > 1: each collective is recorded with its size and priced
-    with a ring formula (reduce-scatter / all-gather: (W-1)/W x S, all-reduce: 2(W-1)/W x S, reduce /
-    broadcast: S, pipelined chain) over NVLink, plus a per-collective latency.
+    with a ring formula (reduce-scatter / all-gather / all-to-all: (W-1)/W x S, all-reduce: 2(W-1)/W x S,
+    reduce / broadcast: S, pipelined chain) over NVLink, plus a per-collective latency.
   - The reference: its torch.compile'd optimizer functions are called uncompiled; its 0-d CPU
     hyperparameter tensors are host-side, so ops that touch only them are not GPU kernels; its modules need
     nothing beyond torch (filelock comes with torch), so nothing is stubbed.
@@ -95,8 +95,8 @@ Blind spots
     the region, and its output only when a non-fusible or uncompiled op reads it, nothing reads it, or it
     updates a tensor in place; one kernel per op whose output is materialized. Inductor's real choices
     (recomputation, what is saved for backward, kernel splits) are not modelled.
-  - No overlap of compute with communication (picochat overlaps the reduces with the updates; the
-    reference overlaps reduce-scatters/all-gathers with its updates): collectives are added in full.
+  - No overlap of compute with communication (both projects overlap their reduce-scatters/all-gathers
+    with their updates): collectives are added in full.
   - No cache effects (K/V re-reads in attention, the broadcast mask bias, small tensors that stay in L2),
     no dependence of GEMM efficiency on shape (the Muon, ve_gate and smear GEMMs are small), no wave
     quantization, no CPU-side overhead (Python, the optimizer's per-parameter loop) beyond the launch cost.
@@ -543,18 +543,25 @@ def fake_dist(rank, world):
             return _Done() if kwargs.get("async_op") else None
         return f
 
+    # the *_single names are torch 2.13's for reduce_scatter_tensor / all_gather_into_tensor
     patches = dict(is_available=lambda: True, is_initialized=lambda: world > 1,
                    get_rank=lambda group=None: rank, get_world_size=lambda group=None: world,
                    all_reduce=coll("all_reduce", 0), reduce=coll("reduce", 0), broadcast=coll("broadcast", 0),
-                   reduce_scatter_tensor=coll("reduce_scatter", 1), all_gather_into_tensor=coll("all_gather", 0))
-    old = {k: getattr(d, k) for k in patches}
+                   reduce_scatter_tensor=coll("reduce_scatter", 1), all_gather_into_tensor=coll("all_gather", 0),
+                   reduce_scatter_single=coll("reduce_scatter", 1), all_gather_single=coll("all_gather", 0),
+                   all_to_all_single=coll("all_to_all", 1))
+    missing = object()
+    old = {k: getattr(d, k, missing) for k in patches}
     try:
         for k, v in patches.items():
             setattr(d, k, v)
         yield
     finally:
         for k, v in old.items():
-            setattr(d, k, v)
+            if v is missing:
+                delattr(d, k)
+            else:
+                setattr(d, k, v)
 
 
 @contextlib.contextmanager
@@ -622,8 +629,8 @@ def picochat_setup(cfg, fake):
         opt._muon_update = labelled(opt._muon_update, "optimizer", compiled)  # MuonAdamW.compile()
         return opt
 
-    # opt_ambient False: with world > 1 MuonAdamW._launch_reduces reads back (.tolist()) a flag tensor it
-    # makes itself, so tensors made from nothing in the step must be real; those from parameters stay fake
+    # opt_ambient False: with world > 1 MuonAdamW.step reads back (.tolist()) a flag tensor it makes itself,
+    # so tensors made from nothing in the step must be real; those from parameters (its buckets) stay fake
     return dict(name="picochat", model=model, patches=patches, micro_step=micro_step, autocast=True, compiled=compiled,
                 make_optimizer=make_optimizer, opt_ambient=False, host_scalars=False,
                 flops_per_token=model.flops_per_token(),
@@ -836,7 +843,7 @@ def price(rec, hw, world, fused):
             if world > 1:
                 S = op["bytes"]
                 vol = {"reduce_scatter": (world - 1) / world * S, "all_gather": (world - 1) / world * S,
-                       "all_reduce": 2 * (world - 1) / world * S}.get(op["coll"], S)
+                       "all_to_all": (world - 1) / world * S, "all_reduce": 2 * (world - 1) / world * S}.get(op["coll"], S)
                 g["ms"] += 1e3 * (vol / (hw["nvlink_bw"] * hw["comm_eff"]) + hw["coll_latency"])
                 g["bytes"] += vol
                 g["kernels"] += 1

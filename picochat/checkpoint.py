@@ -49,6 +49,8 @@ def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=N
         full = dict(meta or {}, step=step, config=config_to_dict(model.config), world_size=world,
                     tokenizer_hash=tokenizer.hash if tokenizer is not None else (meta or {}).get("tokenizer_hash"),
                     files={f: (folder / f).stat().st_size for f in files})
+        if optimizer is not None:
+            full["optim_shards"] = optimizer.shard_index()  # which rank's shard holds what: see load_rank_shards
         atomic_write_json(folder / f"meta_{step:06d}.json", full)
         for old in list_steps(folder)[:-keep] if keep else []:
             for f in folder.glob(f"*_{old:06d}*"):
@@ -130,12 +132,18 @@ def load_model(folder, step=None, device="cpu"):
 
 def load_rank_shards(folder, meta, optimizer=None):
     """Restore optimizer shards (re-sharded for any rank count) and return this rank's saved state, or None
-    when the rank count changed (the loader position then cannot be restored exactly)."""
+    when the rank count changed (the loader position then cannot be restored exactly). Each rank reads only
+    the optimizer shards that hold state for what it owns (meta["optim_shards"]: the saving run's
+    MuonAdamW.shard_index()); all of them for checkpoints saved without that index."""
     folder, step = Path(folder), meta["step"]
     _, rank, _, world = dist_info()
     if optimizer is not None:
-        shards = [load_torch(folder / f"optim_{step:06d}_rank{r}.pt") for r in range(meta["world_size"])]
-        optimizer.load_shards(shards)
+        saved = meta.get("optim_shards")
+        ranks = optimizer.shards_to_read(saved) if saved is not None else range(meta["world_size"])
+        try:
+            optimizer.load_shards([load_torch(folder / f"optim_{step:06d}_rank{r}.pt") for r in ranks])
+        except ValueError as e:
+            raise UserError(f"cannot restore the optimizer from step {step} in {folder}: {e}") from None
     state_path = folder / f"state_{step:06d}_rank{rank}.pt"
     if meta["world_size"] != world or not state_path.exists():
         return None

@@ -4,14 +4,38 @@ Muon: Nesterov momentum, then the update is orthogonalized (its singular values 
 quintic Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with weight decay applied only where
 the update and the weight agree in sign ("cautious" decay).
 
-Distributed (ZeRO-1 style): every parameter has one owner rank. In step(), each gradient is reduced onto
-its owner (all reductions launched at once, asynchronously, in the order the owners then work through
-them, so the first updates start while later gradients are still in flight), the owner alone keeps that
-parameter's optimizer state and computes the update, then broadcasts the new values (again all async).
-Owners are assigned greedily by estimated update cost, so ranks finish their share at about the same
-time. The state is sharded by parameter, and a checkpoint is one state file per rank that any other number
-of ranks can re-shard on load. Per step every rank moves about 2x the parameter bytes, like a
-reduce-scatter + all-gather, without padding or flattening copies.
+Distributed (ZeRO-1): the parameters lie in a few flat buckets, the same on every rank (`layout`), each cut
+into one equal chunk per rank; a rank keeps optimizer state for its chunks only and updates only them.
+step() launches one reduce-scatter per bucket at once, updates its chunk of each bucket as that arrives and
+then launches the bucket's all-gather of the new values, so later buckets travel while earlier ones update.
+A step is 2 collectives per bucket plus one tiny all-reduce (which parameters have a gradient anywhere):
+9 at depth 20 on 8 ranks, where a reduce and a broadcast per parameter made 289.
+
+Why reduce-scatter over stacked buckets rather than reduces started from gradient hooks in the backward:
+- the collectives of a step, and their order, follow from the layout alone. Hooks fire in each rank's own
+  backward order, and never for a parameter a rank has no gradient for (an RL rank without a trainable
+  reply, an unused value embedding), so ranks would launch different collectives and hang (DDP's
+  find_unused_parameters problem), or need a host sync to agree before launching.
+- pretrain, sft and rl stay as they are: hooks need the loop to say which micro-batch ends the step.
+- ZeRO-1 needs nothing else: each rank receives only the sums it updates, (W-1)/W of a bucket per rank
+  each way (the bandwidth optimum), with no reduce or broadcast rooted at one rank.
+What is given up: gradient communication does not overlap the backward pass, only the optimizer's work;
+and the buckets cost copies (gradients in, gathered values out; a few multi-tensor kernels per bucket).
+
+Granularity. Muon orthogonalizes whole matrices, so a Muon bucket holds the matrices of one size (the
+(4d, d) and (d, 4d) MLP matrices share one: 40 split evenly over 8 ranks, where two buckets of 20 would
+each pad to 24) and gives every rank whole matrices; the padding (ceil(K/W) x W - K zero matrices) goes to
+the ranks with the least Muon work so far. AdamW is elementwise, so its bucket is all AdamW parameters end
+to end, cut into W equal chunks wherever the cuts fall: at most W-1 elements of padding, where whole-
+parameter ownership would pad the one lm_head to W copies.
+
+bf16 gradients (wire_dtype=torch.bfloat16; fp32 is the default) halve the bytes on the wire. They go by
+all-to-all, not reduce-scatter: the same bytes per rank, but the owner adds the W bf16 pieces in fp32, where
+a ring reduce-scatter rounds the running sum to bf16 at every hop.
+
+Checkpoints: state is saved per rank (shard_state) keyed by the parameter's global index, AdamW entries
+with the element range they cover, and any number of ranks re-shard it on load (load_shards). shard_index(),
+recorded in the checkpoint's meta, lets each rank read only the shards that hold its part (shards_to_read).
 """
 import torch
 import torch.distributed as dist
@@ -53,47 +77,96 @@ def muon_update(params, grads, bufs, lr, wd, momentum, ns_steps: int, ns_dtype):
         p.sub_(p * ((u * p) > 0) * (lr * wd) + u * lr)
 
 
-def assign_owners(param_groups, world):
-    """{param: rank}: largest estimated update cost first, each to the least loaded rank (ties: the lowest
-    rank), the same on every rank. Newton-Schulz costs ~30 x min(rows, cols) FLOPs per element; an
-    elementwise update counts as a few thousand (it is memory-bound)."""
-    params = [(p, g["kind"]) for g in param_groups for p in g["params"]]
-    cost = [p.numel() * ((30 * min(p.shape[-2:]) if kind == "muon" and p.ndim >= 2 else 0) + 4000)
-            for p, kind in params]
-    load, owner = [0] * world, {}
-    for i in sorted(range(len(params)), key=lambda i: (-cost[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[params[i][0]] = r
-        load[r] += cost[i]
-    return owner
+def _cost(p, kind):
+    # Newton-Schulz costs ~30 x min(rows, cols) FLOPs per element; an elementwise update counts as a few
+    # thousand (it is memory-bound)
+    return p.numel() * ((30 * min(p.shape[-2:]) if kind == "muon" and p.ndim >= 2 else 0) + 4000)
+
+
+def layout(param_groups, world):
+    """The buckets, the same on every rank: dicts with "kind" ("muon" or "adamw"), "chunk" (elements per rank;
+    the bucket is world x chunk long) and "pieces", tuples (param, group index, start, stop, offset): elements
+    [start, stop) of the flattened parameter lie at `offset` in the bucket, in increasing offset order. No
+    piece crosses a chunk boundary: rank offset // chunk owns it. Muon pieces are whole matrices, sorted by
+    shape within a rank's chunk so same-shape runs are orthogonalized together. Muon buckets come first
+    (costliest first): their updates take longest, so they start while the AdamW gradients are on the wire."""
+    muon, adamw = {}, {}
+    for gi, g in enumerate(param_groups):
+        for p in g["params"]:
+            if p.numel() == 0:
+                continue
+            if g["kind"] == "muon":
+                muon.setdefault((gi, p.numel(), p.dtype, p.device), []).append((p, gi))
+            else:
+                adamw.setdefault((p.dtype, p.device), []).append((p, gi))
+    buckets, load = [], [0] * world
+    # costliest matrices first: the smaller ones then even out the ranks' Muon work
+    for members in sorted(muon.values(), key=lambda ms: -_cost(ms[0][0], "muon")):
+        members = sorted(members, key=lambda m: tuple(m[0].shape))  # stable: a shape keeps the group's order
+        n, k = members[0][0].numel(), len(members)
+        per_rank = -(-k // world)
+        full = k - (per_rank - 1) * world  # this many ranks get per_rank matrices, the others one fewer
+        favoured = set(sorted(range(world), key=lambda r: (load[r], r))[:full])
+        pieces, it = [], iter(members)
+        for r in range(world):
+            for j in range(per_rank if r in favoured else per_rank - 1):
+                p, gi = next(it)
+                pieces.append((p, gi, 0, n, (r * per_rank + j) * n))
+                load[r] += _cost(p, "muon")
+        buckets.append(dict(kind="muon", chunk=per_rank * n, pieces=pieces))
+    for members in adamw.values():
+        chunk = -(-sum(p.numel() for p, _ in members) // world)
+        pieces, offset = [], 0
+        for p, gi in members:
+            start = 0
+            while start < p.numel():
+                stop = min(p.numel(), ((offset + start) // chunk + 1) * chunk - offset)  # to the next cut
+                pieces.append((p, gi, start, stop, offset + start))
+                start = stop
+            offset += p.numel()
+        buckets.append(dict(kind="adamw", chunk=chunk, pieces=pieces))
+    return buckets
+
+
+def _collective(new, old):
+    # torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (and warns on the old names); torch
+    # 2.11 has only the old ones. Looked up at call time, so a patched torch.distributed is seen.
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+def _copy(pairs):
+    # (destination, source) pairs in one multi-tensor launch rather than one kernel each
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups carry kind="muon" or kind="adamw". Muon groups: lr, momentum, weight_decay, ns_steps.
-    AdamW groups: lr, betas, eps, weight_decay (decoupled, exactly torch.optim.AdamW's update)."""
+    AdamW groups: lr, betas, eps, weight_decay (decoupled, exactly torch.optim.AdamW's update).
 
-    def __init__(self, param_groups, ns_dtype=None):
+    Under torch.distributed, step() averages the gradients over the ranks (a rank without a gradient for a
+    parameter counts as zero; a parameter no rank has a gradient for is left alone, state included), then
+    every rank ends with the same parameters; p.grad is left as it was. Parameters must be contiguous.
+    wire_dtype: the dtype gradients travel in between ranks (torch.bfloat16 halves the bytes; see above);
+    it may be changed between steps."""
+
+    def __init__(self, param_groups, ns_dtype=None, wire_dtype=torch.float32):
         defaults = dict(lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, betas=(0.8, 0.95), eps=1e-10)
         super().__init__(param_groups, defaults)
         for g in self.param_groups:
             assert g["kind"] in ("muon", "adamw"), g["kind"]
             g.setdefault("initial_lr", g["lr"])
         self.ns_dtype = ns_dtype
+        self.wire_dtype = wire_dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.all_params = [p for g in self.param_groups for p in g["params"]]
-        self.owner = assign_owners(self.param_groups, self.world)
-        # the units of work in a fixed order (the same on every rank): AdamW parameters one by one, Muon
-        # parameters batched by (owner, shape) so an owner orthogonalizes its same-shape matrices together
-        self.units = []
-        for gi, group in enumerate(self.param_groups):
-            if group["kind"] == "adamw":
-                self.units += [(gi, [p]) for p in group["params"]]
-            else:
-                batches = {}
-                for p in group["params"]:
-                    batches.setdefault((self.owner[p], tuple(p.shape)), []).append(p)
-                self.units += [(gi, ps) for ps in batches.values()]
+        self.kind = {p: g["kind"] for g in self.param_groups for p in g["params"]}
+        self.buckets = layout(self.param_groups, self.world)
+        self.mine = {}  # param -> (start, stop): the elements of it this rank updates and keeps state for
+        for b in self.buckets:
+            b["mine"] = [piece for piece in b["pieces"] if piece[4] // b["chunk"] == self.rank]
+            self.mine.update({p: (start, stop) for p, _, start, stop, _ in b["mine"]})
         self._muon_update = muon_update
         self._hyper = {}
 
@@ -111,53 +184,118 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def init_state(self):
-        """Allocate the state of the parameters this rank owns now rather than at the first step (the
-        same zeros): so a memory probe sees the optimizer's share of memory."""
-        for gi, ps in self.units:
-            for p in ps:
-                if self.owner[p] == self.rank and not self.state[p]:
-                    self._new_state(p, self.param_groups[gi])
+        """Allocate the state of what this rank owns now rather than at the first step (the same zeros): so
+        a memory probe sees the optimizer's share of memory."""
+        for b in self.buckets:
+            for p, gi, start, stop, _ in b["mine"]:
+                if not self.state[p]:
+                    self._new_state(p, gi, start, stop)
 
-    def _new_state(self, p, group):
-        if group["kind"] == "adamw":
-            self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    def _new_state(self, p, gi, start, stop):
+        # AdamW state is flat, over this rank's elements of p only; Muon's is the whole matrix
+        if self.param_groups[gi]["kind"] == "adamw":
+            self.state[p] = {"step": 0, "exp_avg": p.new_zeros(stop - start), "exp_avg_sq": p.new_zeros(stop - start)}
         else:
             self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+        return self.state[p]
 
     @torch.no_grad()
     def step(self):
-        reduces = self._launch_reduces() if self.world > 1 else {}
-        for gi, ps in self.units:
-            if self.owner[ps[0]] != self.rank:
-                continue
-            for p in ps:
-                if p in reduces:
-                    reduces[p].wait()
-                    p.grad.div_(self.world)
-            ps = [p for p in ps if p.grad is not None]
-            if not ps:
-                continue
-            group = self.param_groups[gi]
-            for p in ps:
-                if not self.state[p]:
-                    self._new_state(p, group)
-            if group["kind"] == "adamw":
-                self._adamw(ps[0], group)
-            else:
-                self._muon(ps, group)
-        if self.world > 1:
-            for w in reduces.values():  # the sends of non-owned gradients must finish before they are freed
-                w.wait()
-            works = [dist.broadcast(p, src=self.owner[p], async_op=True) for _, ps in self.units for p in ps
-                     if p in reduces]
-            for w in works:
-                w.wait()
+        if self.world == 1:
+            has = {p: p.grad is not None for p in self.all_params}
+            for b in self.buckets:
+                self._update(b, has)
+            return
+        # which parameters have a gradient on any rank: launched first, read back only once all the
+        # reduce-scatters are queued, so the host waits while the wire is busy
+        has = torch.tensor([float(p.grad is not None) for p in self.all_params], device=self.all_params[0].device)
+        flags = dist.all_reduce(has, op=dist.ReduceOp.MAX, async_op=True)
+        reduces = [self._launch_reduce(b) for b in self.buckets]
+        flags.wait()
+        has = dict(zip(self.all_params, has.tolist()))
+        gathers = []
+        for i, b in enumerate(self.buckets):
+            work, received, _ = reduces[i]
+            work.wait()
+            reduces[i] = None  # frees the send buffer
+            self._update(b, has, self._average(received, b))
+            if any(has[p] for p, *_ in b["pieces"]):  # the same answer on every rank: has is all-reduced
+                gathers.append((b, *self._launch_gather(b, has)))
+        for b, work, buf in gathers:
+            work.wait()
+            _copy([(p.view(-1)[start:stop], buf[off:off + stop - start]) for p, _, start, stop, off in b["pieces"]
+                   if has[p] and off // b["chunk"] != self.rank])
 
-    def _adamw(self, p, group):
-        state = self.state[p]
+    def _launch_reduce(self, b):
+        """Start summing bucket b's gradients onto their owners: (work, what arrives, the send buffer)."""
+        ref, n = b["pieces"][0][0], self.world * b["chunk"]
+        zero, parts, at = ref.new_zeros(()), [], 0
+        for p, _, start, stop, off in b["pieces"]:  # padding and missing gradients: zeros, as views of one zero
+            if off > at:
+                parts.append(zero.expand(off - at))
+            parts.append(zero.expand(stop - start) if p.grad is None else p.grad.reshape(-1)[start:stop])
+            at = off + stop - start
+        if at < n:
+            parts.append(zero.expand(n - at))
+        send = torch.cat(parts, out=ref.new_empty(n, dtype=self.wire_dtype))  # one kernel, cast included
+        if self.wire_dtype == ref.dtype:
+            received = ref.new_empty(b["chunk"])
+            work = _collective("reduce_scatter_single", "reduce_scatter_tensor")(received, send, op=dist.ReduceOp.SUM,
+                                                                              async_op=True)
+        else:  # every rank's piece of this rank's chunk, added up in fp32 on arrival (_average)
+            received = ref.new_empty(n, dtype=self.wire_dtype)
+            work = dist.all_to_all_single(received, send, async_op=True)
+        return work, received, send
+
+    def _average(self, received, b):
+        """This rank's chunk of bucket b, averaged over the ranks, in the parameters' dtype."""
+        ref, chunk = b["pieces"][0][0], b["chunk"]
+        if received.numel() == chunk:  # reduce-scatter: already summed
+            return received.div_(self.world)
+        total = received[:chunk].float()
+        for r in range(1, self.world):
+            total.add_(received[r * chunk:(r + 1) * chunk])
+        return total.div_(self.world).to(ref.dtype)
+
+    def _launch_gather(self, b, has):
+        """Start sending this rank's updated values of bucket b to every rank: (work, the whole bucket)."""
+        chunk = b["chunk"]
+        buf = b["pieces"][0][0].new_empty(self.world * chunk)
+        _copy([(buf[off:off + stop - start], p.view(-1)[start:stop]) for p, _, start, stop, off in b["mine"] if has[p]])
+        own = buf[self.rank * chunk:(self.rank + 1) * chunk]  # in place: the input is the output's own chunk
+        return _collective("all_gather_single", "all_gather_into_tensor")(buf, own, async_op=True), buf
+
+    def _update(self, b, has, received=None):
+        """Update this rank's pieces of bucket b that some rank has a gradient for. received: this rank's
+        averaged chunk (None in one process: the gradients are p.grad)."""
+        base = self.rank * b["chunk"]
+
+        def grad(p, start, stop, off):
+            if received is None:
+                return p.grad.reshape(-1)[start:stop] if b["kind"] == "adamw" else p.grad
+            g = received[off - base:off - base + stop - start]
+            return g if b["kind"] == "adamw" else g.view(p.shape)
+
+        if b["kind"] == "adamw":
+            for p, gi, start, stop, off in b["mine"]:
+                if has[p]:
+                    state = self.state[p] or self._new_state(p, gi, start, stop)
+                    self._adamw(p.view(-1)[start:stop], grad(p, start, stop, off), state, self.param_groups[gi])
+            return
+        runs = {}  # same-shape matrices, orthogonalized as one batch
+        for piece in b["mine"]:
+            if has[piece[0]]:
+                runs.setdefault(tuple(piece[0].shape), []).append(piece)
+        for run in runs.values():
+            for p, gi, start, stop, _ in run:
+                if not self.state[p]:
+                    self._new_state(p, gi, start, stop)
+            self._muon([p for p, *_ in run], [grad(p, start, stop, off) for p, _, start, stop, off in run],
+                       self.param_groups[run[0][1]])
+
+    def _adamw(self, p, g, state, group):
         state["step"] += 1
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        g = p.grad
         p.mul_(1 - lr * wd)
         state["exp_avg"].lerp_(g, 1 - b1)
         state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -166,49 +304,80 @@ class MuonAdamW(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"].sqrt() / (bias2 ** 0.5)).add_(eps)
         p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
 
-    def _muon(self, ps, group):
+    def _muon(self, ps, grads, group):
         dev = ps[0].device
         # device-resident 0-d tensors refilled in place: no host-to-device copy, no recompilation
         hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(3)])
         for t, k in zip(hyper, ("lr", "weight_decay", "momentum")):
             t.fill_(group[k])
-        self._muon_update(ps, [p.grad for p in ps], [self.state[p]["momentum_buffer"] for p in ps], *hyper,
+        self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps], *hyper,
                           group["ns_steps"], self._ns_dtype(dev))
-
-    def _launch_reduces(self):
-        params = [p for _, ps in self.units for p in ps]
-        # a parameter that no rank has a gradient for is left alone (as one process would skip it, state
-        # included); one that only some ranks have a gradient for counts as zero on the others
-        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        works = {}
-        for p, h in zip(params, has.tolist()):
-            if h:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                works[p] = dist.reduce(p.grad, dst=self.owner[p], op=dist.ReduceOp.SUM, async_op=True)
-        return works
 
     # ---- checkpointing: state keyed by the parameter's global index, so any rank count can load it ----
     def shard_state(self):
+        """This rank's state for its checkpoint shard: {"state": {index: entry}, "groups": hyperparameters}.
+        An AdamW entry holds flat tensors over elements "range" = (start, stop) of the parameter; an entry
+        without "range" (Muon, or a checkpoint from before the buckets) holds whole tensors."""
         index = {p: i for i, p in enumerate(self.all_params)}
-        return {"state": {index[p]: s for p, s in self.state.items()},
+        state = {}
+        for p, s in self.state.items():
+            if s:
+                state[index[p]] = dict(s, range=self.mine[p]) if self.kind[p] == "adamw" else s
+        return {"state": state,
                 "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
+    def shard_index(self):
+        """Per rank of this run, [[parameter index, start, stop], ...]: what its shard can hold. The same on
+        every rank (the layout is), so rank 0 writes it into the checkpoint's meta for shards_to_read."""
+        index = {p: i for i, p in enumerate(self.all_params)}
+        out = [[] for _ in range(self.world)]
+        for b in self.buckets:
+            for p, _, start, stop, off in b["pieces"]:
+                out[off // b["chunk"]].append([index[p], start, stop])
+        return out
+
+    def shards_to_read(self, saved_index):
+        """The ranks of a saved run whose shards hold state for what this rank owns, from that run's
+        shard_index(). Never empty: every shard also carries the groups' hyperparameters."""
+        want = {i: self.mine[p] for i, p in enumerate(self.all_params) if p in self.mine}
+        ranks = [r for r, entries in enumerate(saved_index)
+                 if any(i in want and start < want[i][1] and want[i][0] < stop for i, start, stop in entries)]
+        return ranks or [0]
+
     def load_shards(self, shards):
-        """Load state from the shard files of all ranks of the saving run; keep what this rank owns."""
-        merged = {}
+        """Load state from shards of a saving run (all of them, or those shards_to_read names); keep what
+        this rank owns, re-cut for this run's layout. A parameter with no state in the shards gets none (as
+        before its first gradient); one whose state the shards cover only in part is an error."""
+        saved = {}  # parameter index -> [(start, stop, entry)]
         for sh in shards:
-            merged.update(sh["state"])
+            for i, entry in sh["state"].items():
+                start, stop = entry.get("range", (0, self.all_params[i].numel()))
+                saved.setdefault(i, []).append((start, stop, entry))
         for i, p in enumerate(self.all_params):
-            if self.owner[p] == self.rank and i in merged:
-                self.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in merged[i].items()}
-        for g, saved in zip(self.param_groups, shards[0]["groups"]):
-            g.update({k: v for k, v in saved.items() if k != "kind"})
+            if p not in self.mine or i not in saved:
+                continue
+            a, z = self.mine[p]
+            parts = sorted(((max(s, a), min(e, z), s, entry) for s, e, entry in saved[i] if s < z and a < e),
+                           key=lambda part: part[0])
+            if sum(hi - lo for lo, hi, _, _ in parts) != z - a:
+                raise ValueError(f"the optimizer shards hold state for only part of elements [{a}, {z}) of "
+                                 f"parameter {i}: a shard is missing or from another run")
+            s0, e0 = parts[0][3].get("range", (0, p.numel()))
+            state = {}
+            for k, v in parts[0][3].items():
+                if k == "range":
+                    continue
+                if torch.is_tensor(v) and v.numel() == e0 - s0:  # one value per element: re-cut to [a, z)
+                    v = torch.cat([entry[k].reshape(-1)[lo - s:hi - s] for lo, hi, s, entry in parts])
+                    v = v if self.kind[p] == "adamw" else v.view(p.shape)
+                state[k] = v.to(p.device) if torch.is_tensor(v) else v
+            self.state[p] = state
+        for g, saved_group in zip(self.param_groups, shards[0]["groups"]):
+            g.update({k: v for k, v in saved_group.items() if k != "kind"})
 
 
 def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
-                    weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                    weight_decay=0.0, adam_betas=(0.8, 0.95), wire_dtype=torch.float32):
     """AdamW learning rates for embeddings and head shrink with width ((width/768)^-0.5): wider models
     receive proportionally larger per-parameter updates from Adam."""
     groups = model.param_groups()
@@ -221,7 +390,7 @@ def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.00
     ]
     if groups["scalar"]:
         param_groups.append(dict(params=groups["scalar"], lr=scalar_lr, **adam))
-    return MuonAdamW(param_groups)
+    return MuonAdamW(param_groups, wire_dtype=wire_dtype)
 
 
 def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_ratio=0.65, final_frac=0.05):
