@@ -590,7 +590,7 @@ def attention_kind(windowed, choice):
 
 def picochat_setup(cfg, fake):
     from picochat import model as pm
-    from picochat.optim import build_optimizer
+    from picochat.optim import build_optimizer, wire_dtype_for
     config = pm.GPTConfig.from_depth(cfg["depth"], vocab_size=cfg["vocab_size"], sequence_len=cfg["seq_len"],
                                      aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
                                      window_pattern=cfg["window_pattern"], value_embeds=cfg["value_embeds"])
@@ -624,7 +624,8 @@ def picochat_setup(cfg, fake):
 
     def make_optimizer(rank, world):
         with fake_dist(rank, world):
-            opt = build_optimizer(model)
+            # the wire pretrain's --grad-wire auto picks on GPUs
+            opt = build_optimizer(model, wire_dtype=wire_dtype_for("auto", torch.device("cuda"), world))
         opt.ns_dtype = torch.bfloat16  # what MuonAdamW._ns_dtype picks on CUDA
         opt._muon_update = labelled(opt._muon_update, "optimizer", compiled)  # MuonAdamW.compile()
         return opt

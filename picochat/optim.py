@@ -252,10 +252,8 @@ class MuonAdamW(torch.optim.Optimizer):
         ref, chunk = b["pieces"][0][0], b["chunk"]
         if received.numel() == chunk:  # reduce-scatter: already summed
             return received.div_(self.world)
-        total = received[:chunk].float()
-        for r in range(1, self.world):
-            total.add_(received[r * chunk:(r + 1) * chunk])
-        return total.div_(self.world).to(ref.dtype)
+        # one pass over what arrived, accumulated in fp32 (not a running sum of W slices: W passes)
+        return received.view(self.world, chunk).sum(0, dtype=torch.float32).div_(self.world).to(ref.dtype)
 
     def _launch_gather(self, b, has):
         """Start sending this rank's updated values of bucket b to every rank: (work, the whole bucket)."""
@@ -374,6 +372,15 @@ class MuonAdamW(torch.optim.Optimizer):
             self.state[p] = state
         for g, saved_group in zip(self.param_groups, shards[0]["groups"]):
             g.update({k: v for k, v in saved_group.items() if k != "kind"})
+
+
+def wire_dtype_for(choice, device, world):
+    """The dtype gradients cross the interconnect in, from a --grad-wire choice: "fp32", "bf16", or "auto": bf16
+    between several GPUs (half the bytes of the step's largest collectives; the sums stay fp32, see MuonAdamW),
+    fp32 otherwise (one process sends nothing; CPU runs keep their bit-exact equivalence checks)."""
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" and world > 1 else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
 
 
 def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,

@@ -94,3 +94,12 @@ def test_state_roundtrip_through_shards():
     for p in model.parameters():
         for k, v in opt.state[p].items():
             assert torch.equal(v, opt2.state[p][k]) if torch.is_tensor(v) else v == opt2.state[p][k]
+
+
+def test_grad_wire_auto_is_bf16_only_between_gpus():
+    from picochat.optim import wire_dtype_for
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wire_dtype_for("auto", cuda, 8) == torch.bfloat16
+    assert wire_dtype_for("auto", cuda, 1) == torch.float32  # one process sends nothing
+    assert wire_dtype_for("auto", cpu, 2) == torch.float32  # gloo runs keep their exact equivalence
+    assert wire_dtype_for("bf16", cpu, 2) == torch.bfloat16 and wire_dtype_for("fp32", cuda, 8) == torch.float32
