@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, pick_run
+from picochat import fastpath
 
 
 @torch.no_grad()
@@ -276,7 +277,9 @@ def add_parser(sub):
     b.add_argument("--tasks", default="", help="comma list of CORE task labels (default: all of core.yaml)")
     b.add_argument("--data", default="", help="shard folder for bits per byte (default: the one pretraining used)")
     b.add_argument("--eval-tokens", type=int, default=2 ** 20, help="validation tokens for bits per byte")
-    b.add_argument("--device-batch-size", type=int, default=8, help="rows per batch for bits per byte")
+    b.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
+                   help="rows per batch for bits per byte, or auto: on a GPU the largest of up to 64 whose forward "
+                        "fits (probed), elsewhere 8 if a memory estimate allows")
     b.add_argument("--batch-tokens", type=int, default=0,
                    help="padded tokens per CORE forward pass (default 65536 on GPU, 16384 on CPU)")
     b.add_argument("--skip-bpb", action="store_true")
@@ -337,6 +340,11 @@ def base_cli(args):
         if val_files:
             # the first eval_tokens of the validation shard, as pretraining measures it: the same on any rank count
             T, B = model.config.sequence_len, args.device_batch_size
+            if B == "auto":
+                # a CPU gains nothing from rows beyond 8 (and the demo's numbers stay those of 8)
+                B, how = fastpath.find_device_batch_size(model, None, T, 64 if device.type == "cuda" else 8, device,
+                                                         autocast)
+                print0(f"bits per byte in batches of {B} rows ({how})")
             val = fixed_batches(val_files, tokenizer, B, T, max(1, args.eval_tokens // (B * T)))
             mine = ((x.to(device), y.to(device)) for x, y in val[rank::world])
             out["val_bpb"] = bits_per_byte(model, mine, tokenizer.token_bytes(), autocast)

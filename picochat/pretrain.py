@@ -21,7 +21,7 @@ import torch
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.model import GPT, GPTConfig, describe
-from picochat.optim import build_optimizer, lr_multiplier, muon_momentum
+from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches, split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ def add_parser(sub):
     g = p.add_argument_group("budget and batch")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
-    g.add_argument("--device-batch-size", type=batch_size_arg, default="auto",
+    g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
                    help="rows per micro-batch per rank, or auto: on a GPU the largest that fits (probed with a real "
                         "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up the rest")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derived from depth)")
@@ -98,6 +98,8 @@ def add_parser(sub):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model and the optimizer's Muon update (minutes of compilation first; "
                         "default: on for CUDA GPUs, off elsewhere)")
+    g.add_argument("--grad-wire", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="dtype gradients travel in between ranks (auto: bf16 between GPUs, summed in fp32)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
     g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
@@ -107,15 +109,6 @@ def add_parser(sub):
                         "instead of SDPA with a dense mask (GPUs; not yet checked on one: see bench/gpu_check.py)")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-
-
-def batch_size_arg(text):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
 
 
 def resolve_compile(flag, device):
@@ -194,7 +187,7 @@ def _setup(args, ddp, rank, world, device):
     wd = args.weight_decay if args.weight_decay >= 0 else hp["weight_decay"] * lr_scale / hp["lr_scale"]
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
                                 unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
-                                weight_decay=wd)
+                                weight_decay=wd, wire_dtype=wire_dtype_for(args.grad_wire, device, world))
     if args.compile:
         optimizer.compile()
 
@@ -218,7 +211,8 @@ def _setup(args, ddp, rank, world, device):
     print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
            f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
            f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
-           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing {args.activation_checkpointing}")
+           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing {args.activation_checkpointing}, "
+           f"gradient wire {str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
 
     loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
     start_step = 0

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
-from picochat import checkpoint
+from picochat import checkpoint, fastpath
 from picochat.sft import load_start, reply_text, follows_format, greedy_replies
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks
@@ -233,7 +233,10 @@ def add_parser(sub):
     g.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon")
     g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL penalty to the starting model")
     g = p.add_argument_group("optimization")
-    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward/backward")
+    g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
+                   help="sequences per forward/backward, or auto: the largest that fits at the model's context "
+                        "length (on a GPU probed with a real forward and backward, elsewhere from a memory "
+                        "estimate, up to 32); the update does not depend on it")
     g.add_argument("--matrix-lr", type=float, default=0.02)
     g.add_argument("--embedding-lr", type=float, default=0.2)
     g.add_argument("--unembedding-lr", type=float, default=0.004)
@@ -319,6 +322,12 @@ def run(args):
     lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                scalar_lr=args.scalar_lr)
     optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()})
+    if args.device_batch_size == "auto":
+        # sized for full-context rows (replies are shorter), out of a step's replies on this rank
+        rows = args.prompts_per_step // world * args.num_samples
+        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, model.config.sequence_len,
+                                                                      rows, device, autocast)
+        print0(f"micro-batches of up to {args.device_batch_size} replies ({how})")
     step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
     log = metrics_logger(out / "metrics.jsonl", step, rank)
 

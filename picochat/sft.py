@@ -32,7 +32,7 @@ from picochat.common import (UserError, home_dir, init_runtime, print0, compute_
                              format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
 from picochat.tokenizer import Tokenizer
-from picochat import checkpoint
+from picochat import checkpoint, fastpath
 from picochat.tasks.mixture import Mixture, Source
 from picochat.tasks import chat, identity, gsm8k, spelling, arc, mmlu
 from picochat.tasks import demo as demo_tasks
@@ -393,7 +393,10 @@ def add_parser(sub):
                                                       f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_EPOCHS.items())})")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--seq-len", type=int, default=0, help="row length in tokens (default: the model's context)")
-    g.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch per rank")
+    g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
+                   help="rows per micro-batch per rank, or auto: a step keeps 16 x --grad-accum rows per rank, in "
+                        "the largest micro-batches that fit (on a GPU probed with a real forward and backward, "
+                        "elsewhere from a memory estimate), gradient accumulation making up the rest")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
@@ -436,6 +439,19 @@ def run(args):
     dtype = compute_dtype(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
 
+    lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+               scalar_lr=args.scalar_lr)
+    optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()},
+                                weight_decay=args.weight_decay)
+    if args.device_batch_size == "auto":
+        # the step's rows stay those of the default split (16 per rank per micro-batch): only how they are
+        # split into micro-batches follows the memory, so the optimization does not (each micro-batch's loss
+        # is normalized by the whole step's supervised tokens)
+        rows = 16 * args.grad_accum
+        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, row_len - 1, rows, device,
+                                                                      autocast)
+        args.grad_accum = rows // args.device_batch_size
+        print0(f"micro-batch {args.device_batch_size} rows x {args.grad_accum} accumulation steps ({how})")
     loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world,
                        device=device)
     val_loader = (SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world, device=device)
@@ -449,10 +465,6 @@ def run(args):
         print0(f"warning: {st['truncated']:,} conversations are longer than a row ({row_len} tokens) and were "
                f"truncated; raise --seq-len (up to the model's context) to keep them whole")
 
-    lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-               scalar_lr=args.scalar_lr)
-    optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()},
-                                weight_decay=args.weight_decay)
     step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
     log = metrics_logger(out / "metrics.jsonl", step, rank)
 

@@ -11,6 +11,7 @@ Presets pick the scale (default: from the hardware):
   demo  no GPU: depth 4 on the synthetic curriculum (or --data), ~25 min on a 2-core CPU, offline
   smoke the demo at a fraction of its budget, ~6 min on one core: a check that every stage works (the tests)
   d12   1 GPU: depth 12, GPT-1 size, ~1 h on an H100 (estimated from FLOPs, as below)
+  gpu24 1 GPU with 24-32 GB (RTX 3090/4090 class): depth 12, full attention, ~6.5 h on an RTX 4090
   d20   8 GPUs: depth 20, the reference's "$100" tier, ~1.7 h on 8xH100
   gpt2  8 GPUs: depth 24, aims at GPT-2's CORE (0.2565), ~3.6 h on 8xH100
 """
@@ -27,7 +28,9 @@ import torch
 
 from picochat.common import UserError, home_dir, format_duration, atomic_write_json
 from picochat.checkpoint import latest_step, read_meta, training_notes
-from picochat.pretrain import derive_hparams
+from picochat.pretrain import derive_hparams, add_parser as pretrain_parser
+from picochat.fastpath import estimate_training_memory
+from picochat.model import GPTConfig
 from picochat.report import fmt
 from picochat.launch import torchrun_command
 
@@ -68,20 +71,33 @@ PRESETS = {
     ),
     "d12": dict(
         gpus=1, depth=12, vocab=32768, tokenizer_chars=2_000_000_000,
-        pretrain=["--depth", "12", "--device-batch-size", "32", "--window-pattern", "SSSL", "--value-embeds",
-                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        pretrain=["--depth", "12", "--device-batch-size", "32", "--window-pattern", "SSSL", "--flex-attention",
+                  "--value-embeds", "--compile", "--eval-every", "250", "--save-every", "1000"],
+        eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
+    ),
+    # one consumer GPU of 24 GB (RTX 3090/4090 class; picked for GPUs under 36 GiB): d12's model and budget
+    # with full attention in every layer. Without FlashAttention-3 (Hopper only) sliding windows run SDPA with
+    # a dense mask, all of the work and none of the saving, and FlexAttention's backward kernel needs more
+    # shared memory than these cards have (99 KB a block, pytorch/pytorch#133254); for full causal layers
+    # SDPA runs its flash kernel. No fp8: Ampere has none. 16 rows of 2048 tokens a micro-batch: a predicted
+    # peak of 18.5 GiB (predicted_memory), which leaves room for the CUDA context, fragmentation and a
+    # desktop; gradient accumulation keeps d12's batch of 2^19 tokens
+    "gpu24": dict(
+        gpus=1, depth=12, vocab=32768, tokenizer_chars=2_000_000_000,
+        pretrain=["--depth", "12", "--device-batch-size", "16", "--seq-len", "2048", "--window-pattern", "L",
+                  "--value-embeds", "--compile", "--eval-every", "250", "--save-every", "1000"],
         eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
     ),
     "d20": dict(
         gpus=8, depth=20, vocab=32768, tokenizer_chars=2_000_000_000,
-        pretrain=["--depth", "20", "--device-batch-size", "32", "--window-pattern", "SSSL", "--value-embeds",
-                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        pretrain=["--depth", "20", "--device-batch-size", "32", "--window-pattern", "SSSL", "--flex-attention",
+                  "--value-embeds", "--compile", "--eval-every", "250", "--save-every", "1000"],
         eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
     ),
     "gpt2": dict(
         gpus=8, depth=24, vocab=32768, tokenizer_chars=2_000_000_000,
-        pretrain=["--depth", "24", "--device-batch-size", "16", "--window-pattern", "SSSL", "--value-embeds",
-                  "--compile", "--eval-every", "250", "--save-every", "1000"],
+        pretrain=["--depth", "24", "--device-batch-size", "16", "--window-pattern", "SSSL", "--flex-attention",
+                  "--value-embeds", "--compile", "--eval-every", "250", "--save-every", "1000"],
         eval_base=[], sft=["--mixture", "full"], rl=["--task", "gsm8k"], eval_chat=["-t", "all"],
     ),
 }
@@ -101,8 +117,32 @@ def add_parser(sub):
 
 
 def pick_preset():
+    """demo without a GPU; gpu24 on GPUs with under 36 GiB (24-32 GB cards); else d12 below 8 GPUs, d20 from 8."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return "demo" if n == 0 else "d12" if n < 8 else "d20"
+    if n == 0:
+        return "demo"
+    if torch.cuda.get_device_properties(0).total_memory < 36 * 2 ** 30:
+        return "gpu24"
+    return "d12" if n < 8 else "d20"
+
+
+def predicted_memory(preset):
+    """Peak pretraining memory per GPU in bytes for a GPU preset, from fastpath.estimate_training_memory
+    with the preset's own pretrain flags (bf16, its GPU count sharding the optimizer), or None for the CPU
+    presets and a batch left to auto."""
+    cfg = PRESETS[preset]
+    if not cfg["gpus"]:
+        return None
+    parser = argparse.ArgumentParser()
+    pretrain_parser(parser.add_subparsers())
+    a = parser.parse_args(["pretrain", *cfg["pretrain"]])
+    if a.device_batch_size == "auto":
+        return None
+    config = GPTConfig.from_depth(a.depth, vocab_size=cfg["vocab"], sequence_len=a.seq_len, aspect_ratio=a.aspect_ratio,
+                                  head_dim=a.head_dim, n_kv_head=a.n_kv_head, window_pattern=a.window_pattern,
+                                  value_embeds=a.value_embeds)
+    return estimate_training_memory(config, a.device_batch_size, a.seq_len, world=cfg["gpus"],
+                                    checkpointing=a.activation_checkpointing)["total"]
 
 
 def stage_commands(preset, run_name, data_arg):
@@ -153,6 +193,12 @@ def run(args):
     stages = stage_commands(preset, run_name, args.data)
     distributed = {"pretrain", "base eval", "sft", "sft eval", "rl", "rl eval"}
     print(f"picochat speedrun: preset {preset}, run {run_name}, {n_gpus} GPU(s), outputs in {run_dir}", flush=True)
+    need = predicted_memory(preset)
+    if need is not None:
+        print(f"predicted peak memory of pretraining: {need / 2 ** 30:.1f} GiB per GPU", flush=True)
+        have = torch.cuda.get_device_properties(0).total_memory if n_gpus else None
+        if have is not None and need > 0.95 * have:
+            print(f"warning: this GPU has {have / 2 ** 30:.1f} GiB: pretraining may run out of memory", flush=True)
     if args.dry_run:
         for name, argv, _, _ in stages:
             print(" ".join(command(name in distributed, argv, n_gpus)))

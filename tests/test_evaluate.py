@@ -268,3 +268,19 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tok):
     assert [len(s) for s in sampled] == [3] * 4 and all(len(c) <= b for s, b in zip(sampled, budgets) for c in s)
     end = tok.special("<|assistant_end|>")
     assert completion_text(tok, tok.encode("#### 5") + [end]) == "#### 5"
+
+
+def test_eval_base_auto_batch_is_8_rows_on_cpu(tok, data_root, capsys):
+    """--device-batch-size auto (the default) sizes the bits-per-byte batches from fastpath's estimate: on a CPU
+    8 rows, so the number is the one an explicit 8 gives (the demo's numbers stay as they were)."""
+    folder = home_dir() / "runs" / "t" / "base"
+    checkpoint.save_checkpoint(folder, 1, random_model(tok.vocab_size, seq_len=128), meta={"stage": "base"},
+                               tokenizer=tok)
+    args = ["eval", "base", "--run", "t", "--skip-core", "--data", str(data_root / "webtext" / "shards"),
+            "--eval-tokens", "4096", "--device", "cpu"]
+    bpb = {}
+    for batch in ("auto", "8"):
+        assert main(args + ["--device-batch-size", batch]) == 0
+        bpb[batch] = json.loads((folder / "eval_base.json").read_text())["val_bpb"]
+    assert "bits per byte in batches of 8 rows (auto: cpu, no probe" in capsys.readouterr().out
+    assert bpb["auto"] == bpb["8"]

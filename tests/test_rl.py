@@ -189,3 +189,17 @@ def test_rl_raises_held_apart_accuracy(tmp_path, tok):
     assert s["start_eval"]["pass@1"] <= 0.3 and s["eval"]["pass@1"] >= 0.7, s
     assert s["accuracy"] >= 0.9 and s["format_compliance"] >= 0.9, s
     assert s["eval_problems"] == 32
+
+
+def test_rl_auto_batch_from_the_replies_of_a_step(tmp_path, demo_setup, capsys):
+    """--device-batch-size auto (the default): on a CPU the largest divisor up to 32 of a step's replies on this
+    rank (here 2 prompts x 24 samples: 24) that fastpath's memory estimate allows; the resolved size is saved."""
+    root, tokenizer = demo_setup
+    home = tmp_path / "home"
+    shutil.copytree(root / "demo", home / "data" / "demo")
+    tokenizer.save(home / "runs" / "t" / "tokenizer")
+    save_base(home / "runs" / "t" / "sft", tiny_model(tokenizer.vocab_size, seq_len=128), tokenizer, stage="sft")
+    assert main(["rl", "--run", "t", "--num-steps", "1", "--prompts-per-step", "2", "--num-samples", "24",
+                 "--max-tokens", "4", "--eval-every", "0", "--final-eval-problems", "2", "--pass-k", "0"]) == 0
+    assert "micro-batches of up to 24 replies (auto: cpu, no probe" in capsys.readouterr().out
+    assert json.loads((home / "runs" / "t" / "rl" / "summary.json").read_text())["args"]["device_batch_size"] == 24

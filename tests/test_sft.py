@@ -380,3 +380,23 @@ def test_sft_teaches_the_chat_format(tmp_path, tok):
     assert s["base_format_compliance"] <= 0.1  # a base model never ends a reply
     assert s["format_compliance"] >= 0.9
     assert s["val_loss"] < s["base_eval"]["val_loss"] / 3
+
+
+def test_sft_auto_batch_keeps_the_rows_of_a_step(tmp_path, demo_setup):
+    """--device-batch-size auto (the default): a step keeps 16 x --grad-accum rows per rank and only their split
+    follows the memory (on a CPU the largest divisor up to 32 that fastpath's estimate allows), so the losses are
+    those of the explicit split; without flags it is 16 rows in one micro-batch, as the demo always ran."""
+    home = tmp_path / "home"
+    _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
+    flags = ["sft", "--run", "t", "--num-iterations", "3", "--eval-every", "0", "--eval-rows", "8",
+             "--eval-problems", "2", "--eval-max-tokens", "4", "--log-every", "1"]
+    runs = {}
+    for name, extra in (("auto", ["--grad-accum", "2"]), ("given", ["--device-batch-size", "16", "--grad-accum", "2"]),
+                        ("default", [])):
+        assert main(flags + extra + ["--out", str(tmp_path / name)]) == 0
+        args = json.loads((tmp_path / name / "summary.json").read_text())["args"]
+        metrics = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (args["device_batch_size"], args["grad_accum"]), [r["loss"] for r in metrics if "loss" in r]
+    assert runs["auto"][0] == (32, 1) and runs["given"][0] == (16, 2) and runs["default"][0] == (16, 1)
+    # the same gradient up to the order of its sums (Muon's orthogonalization carries that into the digits)
+    assert np.allclose(runs["auto"][1], runs["given"][1], rtol=1e-3, atol=0)

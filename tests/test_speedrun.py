@@ -194,3 +194,37 @@ def test_dry_run_lists_every_stage(capsys):
     for stage in ("data demo", "tokenizer train", "pretrain", "eval base", "sft", "eval chat", "rl", "report"):
         assert f"-m picochat {stage}" in out, stage
     assert len(speedrun.stage_commands("smoke", "smoke", "")) == 9
+
+
+def fake_gpus(monkeypatch, n, gib):
+    import types
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=0: types.SimpleNamespace(total_memory=int(gib * 2 ** 30)))
+
+
+@pytest.mark.parametrize("n,gib,preset", [(0, 0, "demo"), (1, 23.6, "gpu24"), (1, 31.4, "gpu24"), (2, 23.6, "gpu24"),
+                                          (1, 79.1, "d12"), (8, 79.1, "d20")])
+def test_pick_preset_from_the_gpus(monkeypatch, n, gib, preset):
+    """RTX 3090/4090 (23.6 GiB) and 5090 (31.4 GiB) get the 24 GB preset; H100s d12 or, eight of them, d20."""
+    fake_gpus(monkeypatch, n, gib)
+    assert speedrun.pick_preset() == preset
+
+
+def test_gpu24_preset_fits_a_24gb_gpu(monkeypatch, capsys):
+    """The 24 GB preset's predicted peak (fastpath.estimate_training_memory, which tests/test_fastpath.py holds to
+    CPU measurements) leaves 2 GB of a 24 GB card free; the speedrun prints it, on a fake RTX 4090."""
+    from picochat.cli import main
+    need = speedrun.predicted_memory("gpu24")
+    assert need < 22e9
+    assert speedrun.predicted_memory("demo") is None
+    fake_gpus(monkeypatch, 1, 23.6)
+    assert main(["speedrun", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "preset gpu24" in out and f"predicted peak memory of pretraining: {need / 2 ** 30:.1f} GiB" in out
+    assert "--device-batch-size 16" in out and "warning" not in out
+    fake_gpus(monkeypatch, 1, 15.6)  # a 16 GB card: told it may not fit
+    assert main(["speedrun", "--preset", "gpu24", "--dry-run"]) == 0
+    assert "warning: this GPU has 15.6 GiB" in capsys.readouterr().out
