@@ -2,6 +2,7 @@
 
   checkpoint_blocks(model)        activation checkpointing: each block is recomputed in the backward pass
   enable_fp8(model, device)       fp8 matmuls in the blocks (torchao Float8Linear), compute capability 8.9+
+  bf16_linears(model)             a context where those layers run as plain Linears (validation, sampling)
   use_fast_attention(device)      FlashAttention-3 (sliding windows included) on Hopper when installed, else
                                   FlexAttention for the sliding windows when asked (flex=True)
   estimate_training_memory(...)   peak memory of a micro-batch by part (weights, optimizer, activations, loss)
@@ -13,7 +14,7 @@ their --compile flag, and of the Muon update in MuonAdamW.compile().
 import argparse
 import gc
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,24 @@ def enable_fp8(model, device):
 
     convert_to_float8_training(model, module_filter_fn=wanted)
     return model
+
+
+@contextmanager
+def bf16_linears(model):
+    """Inside the block, the Linear layers that torchao swapped in for --fp8 (Float8Linear) run as the plain
+    nn.Linear they were made from, on the same weight and bias objects (nothing is copied): evaluation and
+    sampling get autocast's bf16 matmuls instead of fp8 with per-call scaling, which runs eager (slow: the
+    model is compiled for training only) and would put fp8's rounding into the validation bpb. The layers are
+    torchao's again on exit, an exception included. A model without them passes through unchanged."""
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and type(m) is not torch.nn.Linear and type(m).__module__.startswith("torchao.")]
+    for m, _ in swapped:
+        m.__class__ = torch.nn.Linear
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def flash_attention_3(device):

@@ -13,7 +13,7 @@ import argparse
 import gc
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -270,7 +270,7 @@ def _train(args, st, ddp, rank, world, device):
         mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
         # the eager model: compiled, the per-token loss's chunk loop would be unrolled and traced at step 0;
         # and without fp8, whose eager per-call scaling is slow and whose rounding the bpb should not carry
-        with bf16_linears(model):
+        with fastpath.bf16_linears(model):
             bpb = bits_per_byte(model, mine, token_bytes, autocast if dtype != torch.float32 else None)
         model.train()
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
@@ -373,25 +373,7 @@ def sample(model, tokenizer, autocast):
     model.eval()
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend_bos=True)
-        with autocast(), bf16_linears(model):
+        with autocast(), fastpath.bf16_linears(model):
             out = list(model.generate(ids, 16, stop=(tokenizer.bos_id,)))
         print0(f"  {prompt!r} -> {tokenizer.decode([t for t in out if t != tokenizer.bos_id])!r}")
     model.train()
-
-
-@contextmanager
-def bf16_linears(model):
-    """Inside the block, the Linear layers that torchao swapped in for --fp8 (Float8Linear) run as the plain
-    nn.Linear they were made from, on the same weight and bias objects (nothing is copied): evaluation and
-    sampling get autocast's bf16 matmuls instead of fp8 with per-call scaling, which runs eager (slow: the
-    model is compiled for training only) and would put fp8's rounding into the validation bpb. The layers are
-    torchao's again on exit, an exception included. A model without them passes through unchanged."""
-    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, torch.nn.Linear)
-               and type(m) is not torch.nn.Linear and type(m).__module__.startswith("torchao.")]
-    for m, _ in swapped:
-        m.__class__ = torch.nn.Linear
-    try:
-        yield model
-    finally:
-        for m, cls in swapped:
-            m.__class__ = cls

@@ -438,6 +438,10 @@ def run(args):
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's context ({model.config.sequence_len})")
     dtype = compute_dtype(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    # a model trained with sliding windows keeps them: FA3 or FlexAttention on GPUs, as in pretraining
+    attention = fastpath.use_fast_attention(device, flex=device.type == "cuda", seq_len=row_len - 1,
+                                            windows=model.windows)
+    print0(fastpath.dense_window_warning(model, device, attention) or f"attention {attention}")
 
     lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                scalar_lr=args.scalar_lr)

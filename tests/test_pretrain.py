@@ -187,7 +187,7 @@ def test_bf16_linears_runs_fp8_layers_as_plain_linears():
     import torch
     import torch.nn as nn
     from picochat.model import GPT, GPTConfig
-    from picochat.pretrain import bf16_linears
+    from picochat.fastpath import bf16_linears
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)).init_weights(seed=0)
     ref = copy.deepcopy(model)
     calls = []
