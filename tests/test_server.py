@@ -8,6 +8,7 @@ import torch
 
 import picochat.engine as engine_mod
 from picochat.model import GPT, GPTConfig
+from picochat.openai_api import conversation
 from picochat.server import Limits, ServerThread, create_app
 from picochat.tokenizer import Tokenizer
 
@@ -167,10 +168,10 @@ def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
     text = r.choices[0].message.content
     assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>")
     # the reply goes back as history: the tags become tool parts, not text
-    conv = server.app.state.service.conversation(
+    conv = conversation(
         [type("M", (), {"role": "user", "content": "6 times 7?"})(),
          type("M", (), {"role": "assistant", "content": text})(),
-         type("M", (), {"role": "user", "content": "thanks"})()])
+         type("M", (), {"role": "user", "content": "thanks"})()], server.app.state.service.limits)
     assert [p["type"] for p in conv[1]["content"]][:2] == ["python", "python_output"]
     r = client.chat.completions.create(model="tiny", max_tokens=3, temperature=0, messages=[
         {"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": text},
