@@ -100,6 +100,12 @@ from pathlib import Path
 _UID_BASE = 1_500_000_000   # per-run uids live far above any real account (no passwd entry needed)
 _CHILD_DIR = "/tmp/sandbox"  # the code's cwd and HOME inside the mount namespace (a private tmpfs)
 _SETUP_FAILED = 125          # bootstrap exit code: the sandbox itself could not be set up
+_MAX_PROCS = 64              # run_python's default RLIMIT_NPROC (processes + threads)
+# the namespace probe: one tiny run; a generous wall clock, so a slow machine is not taken for one
+# without namespaces
+_PROBE_TIMEOUT, _PROBE_MEMORY_MB, _PROBE_MAX_OUTPUT = 10.0, 256, 1000
+# the calculator tool's runs: one expression's value, not a program's output
+_EVAL_MEMORY_MB, _EVAL_MAX_OUTPUT = 256, 16_000
 
 
 @dataclass
@@ -155,7 +161,9 @@ def sandbox_info() -> dict:
                 pass
         mode = os.environ.get("PICOCHAT_SANDBOX", "auto")
         if mode != "basic" and info["unshare"]:
-            r = _run(info | {"namespaces": True}, "print(6 * 7)", 10.0, 256, 1000, "", 64, True)
+            r = _run(info | {"namespaces": True}, "print(6 * 7)", timeout=_PROBE_TIMEOUT,
+                     memory_mb=_PROBE_MEMORY_MB, max_output=_PROBE_MAX_OUTPUT, stdin="", max_procs=_MAX_PROCS,
+                     guard=True)
             if r.status == "ok" and r.stdout.strip() == "42":
                 info["namespaces"] = True
             else:
@@ -262,14 +270,17 @@ def _last_line(text: str) -> str:
 
 
 def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, max_output: int = 64_000,
-               stdin: str = "", *, max_procs: int = 64, guard: bool = True) -> SandboxResult:
+               stdin: str = "", *, max_procs: int = _MAX_PROCS, guard: bool = True) -> SandboxResult:
     """Run `code` as a Python program in a fresh sandboxed process and return what happened; never
     raises for anything the code does. max_procs bounds processes+threads (RLIMIT_NPROC); guard=False
     removes the in-child guard (to test the real containment)."""
-    return _run(sandbox_info(), code, timeout, memory_mb, max_output, stdin, max_procs, guard)
+    return _run(sandbox_info(), code, timeout=timeout, memory_mb=memory_mb, max_output=max_output, stdin=stdin,
+                max_procs=max_procs, guard=guard)
 
 
-def _run(info, code, timeout, memory_mb, max_output, stdin, max_procs, guard) -> SandboxResult:
+def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard) -> SandboxResult:
+    """run_python with the containment given by info (sandbox_info() or a variant of it, e.g. namespaces
+    off); every limit is explicit, the defaults live in run_python."""
     t0 = time.monotonic()
     ns, root = info["namespaces"], info["root"]
     uid = _alloc_uid() if root else -1
@@ -514,7 +525,8 @@ def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
         pass
     except (ArithmeticError, ValueError, TypeError, RecursionError):
         return None
-    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=256, max_output=16_000, stdin=expr)
+    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB,
+                   max_output=_EVAL_MAX_OUTPUT, stdin=expr)
     if r.status != "ok":
         return None
     text = r.stdout

@@ -98,7 +98,8 @@ def test_fork_bomb_without_namespaces_is_contained_by_uid():
     bomb = ("import os, time\nprint(os.getuid(), flush=True)\n"
             "while True:\n    try:\n        os.fork() or os.setsid()\n    except (BlockingIOError, PermissionError):\n"
             "        time.sleep(0.001)\n")
-    r = sandbox._run(INFO | {"namespaces": False}, bomb, 1.5, 256, 10_000, "", 64, False)
+    r = sandbox._run(INFO | {"namespaces": False}, bomb, timeout=1.5, memory_mb=256, max_output=10_000, stdin="",
+                     max_procs=64, guard=False)
     assert r.status == "timeout", r
     assert live_pids_of_uid(int(r.stdout.split()[0])) == []
 
@@ -108,7 +109,8 @@ def test_setsid_escapee_is_killed():
     code = ("import os, time\nprint(os.getuid(), flush=True)\n"
             "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
     for info in (INFO, INFO | {"namespaces": False}):
-        r = sandbox._run(info, code, 5.0, 256, 10_000, "", 64, False)
+        r = sandbox._run(info, code, timeout=5.0, memory_mb=256, max_output=10_000, stdin="",
+                         max_procs=64, guard=False)
         assert r.status == "ok", r
         assert r.wall_time < 2.0
         if INFO["root"]:
@@ -265,11 +267,14 @@ def test_concurrent_timeouts_do_not_disturb_others():
 def test_basic_mode_still_limits():
     """The fallback without namespaces (old kernels, containers that forbid them) still works."""
     info = INFO | {"namespaces": False}
-    r = sandbox._run(info, "print(6 * 7)", 5.0, 256, 1000, "", 64, True)
+    r = sandbox._run(info, "print(6 * 7)", timeout=5.0, memory_mb=256, max_output=1000, stdin="",
+                     max_procs=64, guard=True)
     assert r.status == "ok" and r.stdout == "42\n" and "netns" not in r.isolation
-    r = sandbox._run(info, "while True: pass", 0.5, 256, 1000, "", 64, True)
+    r = sandbox._run(info, "while True: pass", timeout=0.5, memory_mb=256, max_output=1000, stdin="",
+                     max_procs=64, guard=True)
     assert r.status == "timeout"
-    r = sandbox._run(info, "import socket", 5.0, 256, 1000, "", 64, True)
+    r = sandbox._run(info, "import socket", timeout=5.0, memory_mb=256, max_output=1000, stdin="",
+                     max_procs=64, guard=True)
     assert r.status == "error"
 
 
