@@ -30,6 +30,7 @@ from pathlib import Path
 
 from picochat.common import UserError, atomic_write_bytes, atomic_write_json
 from picochat.data import data_dir, extract_answer, write_shards, temp_dir_beside, _install
+from picochat.sandbox import arithmetic_value, format_value
 
 # What a model trained on this curriculum knows, and prompts in the shapes it learned (chat, serve and the
 # speedrun show them, so that a user does not mistake "knows only this" for "broken")
@@ -224,25 +225,23 @@ def solve(meta):
 
 
 _CALC_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+# the demo's steps are integer + - * // only (division always exact): stricter than the tool, which
+# also takes floats, / % ** and unary signs
+_CALC_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
 
 
 def calc(expr):
-    """Evaluate an integer + - * // expression without eval()."""
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError(f"not a simple integer expression: {expr!r}")
-    return ev(ast.parse(expr, mode="eval"))
+    """The value of an integer + - * // expression, computed without eval() by the chat's python tool
+    itself (sandbox.arithmetic_value, in-process). Raises ValueError for anything else."""
+    for node in ast.walk(ast.parse(expr, mode="eval")):
+        if not (isinstance(node, _CALC_NODES) or (isinstance(node, ast.Constant) and type(node.value) is int)):
+            raise ValueError(f"not a simple integer expression: {expr!r}")
+    return arithmetic_value(expr)
 
 
 def check_calculations(answer):
-    """True if every <<expr=result>> step of a worked answer is right."""
-    return all(str(calc(e)) == r for e, r in _CALC_RE.findall(answer))
+    """True if every <<expr=result>> step of a worked answer shows exactly what the python tool prints."""
+    return all(format_value(calc(e)) == r for e, r in _CALC_RE.findall(answer))
 
 
 def strip_calculations(answer):

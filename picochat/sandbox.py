@@ -445,6 +445,7 @@ def _classify(rc, stderr, timed_out, overflow, timeout, cpu_limit, cpu_time, mem
 # The calculator tool
 
 _MAX_INT_BITS = 10_000  # ~3,000 digits: below Python's 4,300-digit int->str limit, far above any answer
+_MAX_EXPR_CHARS = 2000
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
 
@@ -476,6 +477,23 @@ def _arith(node):
             raise ValueError("result too large")
         return v
     raise _Unsupported
+
+
+def arithmetic_value(expr: str) -> int | float:
+    """The value of a pure-arithmetic expression (numbers, + - * / // % **, parentheses, unary signs),
+    computed in-process exactly as the calculator tool computes it: pure Python, never starts a process.
+    When it returns v, evaluate_expression(expr) returns format_value(v); so training data that shows
+    tool results renders them with format_value(arithmetic_value(expr)). Raises SyntaxError when expr
+    does not parse, ValueError when it is not pure arithmetic (or empty, or over 2,000 characters) or
+    its value is refused (an int over 10,000 bits, a huge exponent, a complex result), and
+    ArithmeticError as Python would (1/0, a float overflow)."""
+    text = expr.strip()
+    if not text or len(text) > _MAX_EXPR_CHARS:
+        raise ValueError(f"not an expression of 1 to {_MAX_EXPR_CHARS} characters")
+    try:
+        return _arith(ast.parse(text, mode="eval").body)
+    except _Unsupported:
+        raise ValueError(f"not pure arithmetic: {expr!r}") from None
 
 
 def format_value(v) -> str:
@@ -513,7 +531,7 @@ def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
     if not isinstance(expr, str):
         return None
     expr = expr.strip()
-    if not expr or len(expr) > 2000:
+    if not expr or len(expr) > _MAX_EXPR_CHARS:
         return None
     try:
         tree = ast.parse(expr, mode="eval")

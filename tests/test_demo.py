@@ -154,6 +154,10 @@ def test_answer_helpers():
     assert demo.check_calculations(ans) and not demo.check_calculations("<<2+2=5>>")
     with pytest.raises(ValueError):
         demo.calc("__import__('os')")
+    for expr in ("7/2", "-3+5", "2**3", "1.5+1"):  # the tool takes these; the demo's steps are integer + - * //
+        with pytest.raises(ValueError):
+            demo.calc(expr)
+    assert demo.calc("(2+3)*4//3") == 6
     # the real GSM8K's annotations split the same way
     assert [p["type"] for p in demo.answer_to_parts("48/2 = <<48/2=24>>24\n#### 24")] == \
         ["text", "python", "python_output", "text"]

@@ -298,6 +298,19 @@ def test_evaluate_expression_arithmetic_fast_path():
     assert (time.perf_counter() - t) / 100 < 1e-3  # in-process, no subprocess
 
 
+def test_arithmetic_value_is_the_tools_fast_path():
+    """Training data renders tool results with format_value(arithmetic_value(expr)): it must be the tool's text."""
+    for expr in ("12*3+4", " (2 + 3) * -4 ", "7/2", "10/5", "1/3", "0.1 + 0.2", "7 // 2", "7 % 3", "2**0.5"):
+        assert sandbox.format_value(sandbox.arithmetic_value(expr)) == evaluate_expression(expr)
+    for expr in ("'abc'.upper()", "len('hello')", "2**10**10", "", "1+" * 1000 + "1"):
+        with pytest.raises(ValueError):
+            sandbox.arithmetic_value(expr)
+    with pytest.raises(ZeroDivisionError):
+        sandbox.arithmetic_value("1/0")
+    with pytest.raises(SyntaxError):
+        sandbox.arithmetic_value("12 +")
+
+
 def test_evaluate_expression_in_the_sandbox():
     assert evaluate_expression("'strawberry'.count('r')") == "3"
     assert evaluate_expression("len('hello')") == "5"
