@@ -45,6 +45,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from prometheus_client import Histogram
 
 from picochat.common import UserError
 from picochat.model import norm
@@ -645,8 +646,11 @@ class Scheduler:
         self.min_step_time = 0.0  # seconds; > 0 slows decoding down (tests and demos of streaming)
         self.stats = {"requests": 0, "finished": {}, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
                       "step_seconds": 0.0, "errors": 0}
-        self.latency = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # registered in no registry: the server registers them in its app's own (see picochat/metrics.py)
+        self.latency = Histogram("picochat_generation_seconds", "Submit to last token.", registry=None,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("picochat_time_to_first_token_seconds", "Submit to first token.", registry=None,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="picochat-scheduler", daemon=True)
 
@@ -875,32 +879,3 @@ class Scheduler:
         self.stats["step_seconds"] += time.perf_counter() - t0
         return True
 
-
-class Histogram:
-    """A Prometheus-style cumulative histogram (thread-safe enough: one writer, the scheduler thread)."""
-
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value):
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name):
-        out, acc = [], 0
-        for b, c in zip(self.buckets, self.counts):
-            acc += c
-            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum {self.sum:.6f}")
-        out.append(f"{name}_count {self.count}")
-        return out

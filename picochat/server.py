@@ -51,6 +51,7 @@ from pathlib import Path
 
 from picochat.common import UserError
 from picochat.engine import Engine, QueueFull, Request as GenRequest, Scheduler
+from picochat.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, chat_chunk,
                                  chat_completion, chat_logprob_entry, chat_logprobs_count, chat_usage_chunk,
                                  check_echo, check_sampling, check_stops, completion_logprobs, conversation,
@@ -62,26 +63,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("picochat.server")
 
 
-# ---- metrics and the request guard ----------------------------------------------------------------------------
-KNOWN_PATHS = {"/", "/health", "/info", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
-
-
-class Metrics:
-    def __init__(self):
-        from picochat.engine import Histogram
-        self.lock = threading.Lock()
-        self.requests = {}  # (path, status) -> count
-        self.response_time = Histogram((0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
-        self.started = time.time()
-
-    def record(self, path, status, seconds):
-        path = path if path in KNOWN_PATHS or path.startswith("/static/") else "other"
-        path = "/static" if path.startswith("/static/") else path
-        with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-            self.response_time.observe(seconds)
-
-
+# ---- the request guard ---------------------------------------------------------------------------------------
 class _BodyTooLarge(Exception):
     pass
 
@@ -143,7 +125,7 @@ class Service:
         self.engine, self.scheduler, self.limits = engine, scheduler, limits
         self.tokenizer = engine.tokenizer
         self.model_name, self.api_key, self.notes = model_name, api_key, notes
-        self.metrics = Metrics()
+        self.metrics = Metrics(scheduler)
         self.created = int(time.time())
 
     def check_auth(self, request):
@@ -436,41 +418,8 @@ async def server_error(request, e):
 
 
 def metrics_response(svc):
-    from fastapi.responses import PlainTextResponse
-    scheduler = svc.scheduler
-    s, m = scheduler.stats, svc.metrics
-    lines = ["# HELP picochat_http_requests_total HTTP requests by path and status.",
-             "# TYPE picochat_http_requests_total counter"]
-    with m.lock:
-        for (path, status), count in sorted(m.requests.items()):
-            lines.append(f'picochat_http_requests_total{{path="{path}",status="{status}"}} {count}')
-        lines += ["# HELP picochat_http_response_seconds Time to the start of the response.",
-                  "# TYPE picochat_http_response_seconds histogram"] + m.response_time.lines(
-            "picochat_http_response_seconds")
-    gauges = [("queue_depth", "Generations waiting for a slot.", scheduler.queued),
-              ("active_slots", "Slots generating now.", scheduler.active),
-              ("slots", "Slots in the decode batch.", scheduler.num_slots),
-              ("uptime_seconds", "Seconds since the server started.", round(time.time() - m.started, 3))]
-    for name, help_, value in gauges:
-        lines += [f"# HELP picochat_{name} {help_}", f"# TYPE picochat_{name} gauge", f"picochat_{name} {value}"]
-    counters = [("generations_total", "Generations submitted.", s["requests"]),
-                ("prompt_tokens_total", "Prompt tokens prefilled.", s["prompt_tokens"]),
-                ("generated_tokens_total", "Tokens generated.", s["generated_tokens"]),
-                ("decode_steps_total", "Batched decode steps.", s["steps"]),
-                ("decode_step_seconds_total", "Time spent in decode steps.", round(s["step_seconds"], 6)),
-                ("scheduler_errors_total", "Decode steps that failed.", s["errors"])]
-    for name, help_, value in counters:
-        lines += [f"# HELP picochat_{name} {help_}", f"# TYPE picochat_{name} counter", f"picochat_{name} {value}"]
-    lines += ["# HELP picochat_generations_finished_total Finished generations by reason.",
-              "# TYPE picochat_generations_finished_total counter"]
-    for reason, count in sorted(dict(s["finished"]).items()):
-        lines.append(f'picochat_generations_finished_total{{reason="{reason}"}} {count}')
-    lines += ["# HELP picochat_generation_seconds Submit to last token.",
-              "# TYPE picochat_generation_seconds histogram"] + scheduler.latency.lines("picochat_generation_seconds")
-    lines += ["# HELP picochat_time_to_first_token_seconds Submit to first token.",
-              "# TYPE picochat_time_to_first_token_seconds histogram"] + scheduler.ttft.lines(
-        "picochat_time_to_first_token_seconds")
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    from fastapi.responses import Response
+    return Response(svc.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 # ---- the app --------------------------------------------------------------------------------------------------

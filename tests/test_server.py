@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import picochat.engine as engine_mod
 from picochat.model import GPT, GPTConfig
@@ -261,6 +262,14 @@ def test_metrics(server, client):
         assert name in text
     gen = [l for l in text.splitlines() if l.startswith("picochat_generated_tokens_total")][0]
     assert float(gen.split()[-1]) >= 3
+    r = httpx.get(server.url + "/metrics")
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}  # what Prometheus itself would read
+    assert fams["picochat_generation_seconds"].type == "histogram"
+    assert fams["picochat_queue_depth"].type == "gauge"
+    chat_ok = [s.value for s in fams["picochat_http_requests"].samples
+               if s.labels == {"path": "/v1/chat/completions", "status": "200"}]
+    assert chat_ok and chat_ok[0] >= 1
 
 
 def test_load_and_abuse(server, tok):
