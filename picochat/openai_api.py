@@ -90,7 +90,7 @@ def error_body(message, type="invalid_request_error", code=None, param=None):
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# ---- checks past the schema: limits and the model's sizes ------------------------------------------------------
+# ---- checks past the schema: limits and the model's sizes -----------------------------------------------------
 def check_stops(stop, limits):
     """The stop field as a list of strings, or APIError 400 past limits.max_stop or 200 characters each."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -194,7 +194,7 @@ def sampling_params(body, i):
     return {"temperature": temperature, "top_k": body.top_k or None, "top_p": body.top_p, "seed": seed}
 
 
-# ---- one choice's text as it streams ---------------------------------------------------------------------------
+# ---- one choice's text as it streams --------------------------------------------------------------------------
 class ChoiceText:
     """One choice's text as it streams: UTF-8-safe decoding, tool tags as text, and stop strings (text that
     could still become a stop string is held back until it cannot)."""
@@ -238,7 +238,7 @@ def finish_reason(reason, text):
     return {"stop": "stop", "length": "length"}.get(reason, "stop")
 
 
-# ---- response bodies -------------------------------------------------------------------------------------------
+# ---- response bodies ------------------------------------------------------------------------------------------
 def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 

@@ -63,7 +63,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("picochat.server")
 
 
-# ---- the request guard ---------------------------------------------------------------------------------------
+# ---- the request guard ----------------------------------------------------------------------------------------
 class _BodyTooLarge(Exception):
     pass
 
@@ -380,7 +380,7 @@ async def completions(svc, body, request):
     return await _respond(run, reqs, body.stream, scheduler)
 
 
-# ---- errors: OpenAI-shaped, whatever raised them ----------------------------------------------------------------
+# ---- errors: OpenAI-shaped, whatever raised them --------------------------------------------------------------
 def _json(body, status):
     from fastapi.responses import JSONResponse
     return JSONResponse(body, status_code=status)
@@ -417,12 +417,7 @@ async def server_error(request, e):
     return _json(error_body(f"internal error: {e.__class__.__name__}", "server_error"), 500)
 
 
-def metrics_response(svc):
-    from fastapi.responses import Response
-    return Response(svc.metrics.render(), media_type=METRICS_CONTENT_TYPE)
-
-
-# ---- the app --------------------------------------------------------------------------------------------------
+# ---- probes and the model list --------------------------------------------------------------------------------
 def health(svc):
     s = svc.scheduler
     return {"status": "ok", "model": svc.model_name, "slots": s.num_slots, "active": s.active, "queued": s.queued,
@@ -438,11 +433,21 @@ def info(svc):
             "trained_on": notes.get("trained_on", ""), "examples": list(notes.get("examples", ()))}
 
 
-def model_card(svc):
+def model_card(svc, name=None):
+    """The /v1/models entry of the one model served; name (from /v1/models/{name}) must be its id: 404 if not."""
+    if name is not None and name != svc.model_name:
+        raise APIError(404, f"model {name!r} not found (this server has {svc.model_name!r})", "not_found_error",
+                       "model_not_found")
     return {"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "picochat",
             "context_length": svc.scheduler.max_len}
 
 
+def metrics_response(svc):
+    from fastapi.responses import Response
+    return Response(svc.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=None, slots=8, max_queue=256,
                tool=True, compile=False, engine=None, threads=0, notes=None):
     """The FastAPI app (UI + API) around one Engine and one Scheduler. The scheduler thread starts now and stops
@@ -499,10 +504,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
 
     @app.get("/v1/models/{name}", dependencies=api)
     async def one_model(name: str):
-        if name != model_name:
-            raise APIError(404, f"model {name!r} not found (this server has {model_name!r})", "not_found_error",
-                           "model_not_found")
-        return model_card(svc)
+        return model_card(svc, name)
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat(body: ChatRequest, request: Request):
