@@ -15,19 +15,17 @@ import argparse
 import os
 import secrets
 import sys
-from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, autodetect_device, home_dir, pick_run
-
-STAGES = ("rl", "sft", "base")  # most trained first: the default is the first that has a checkpoint
+from picochat.checkpoint import STAGES, load_model, resolve_checkpoint, training_notes
+from picochat.common import UserError, autodetect_device, pick_run
 
 
 def add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
-    g.add_argument("--stage", choices=STAGES, default=None,
+    g.add_argument("--stage", choices=STAGES[::-1], default=None,  # most trained first, as the default picks
                    help="which checkpoint of the run (default: the latest stage that has one: rl, else sft, else base)")
     g.add_argument("--checkpoint", default="", help="a stage folder to load instead of --run/--stage")
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -38,31 +36,8 @@ def add_model_args(p):
                    help="CPU threads for torch (0 = torch's default; 1 is often fastest on a busy machine)")
 
 
-def resolve_checkpoint(run, stage=None, checkpoint=""):
-    """(folder, stage name) of the checkpoint to load."""
-    from picochat.checkpoint import latest_step
-    if checkpoint:
-        folder = Path(checkpoint).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"--checkpoint {checkpoint}: no such folder")
-        return folder, folder.name if folder.name in STAGES else "checkpoint"
-    runs = home_dir() / "runs" / run
-    if stage:
-        folder = runs / stage
-        if latest_step(folder) is None:
-            raise UserError(f"run {run!r} has no {stage} checkpoint in {folder}: train that stage first "
-                            f"(or pick another --stage)")
-        return folder, stage
-    for s in STAGES:
-        if latest_step(runs / s) is not None:
-            return runs / s, s
-    raise UserError(f"run {run!r} has no checkpoint in {runs}: train one first (`picochat speedrun`), "
-                    f"or name another --run or a --checkpoint folder")
-
-
 def load_chat_model(args):
     """(model, tokenizer, info) for chat and serve: weights in bf16 on GPUs (the engine decodes in bf16 there)."""
-    from picochat.checkpoint import load_model, training_notes
     from picochat.engine import inference_dtype
     from picochat.model import describe
     run = "" if args.checkpoint else pick_run(args.run)

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from picochat.common import UserError, atomic_save, atomic_write_json, dist_info, print0
+from picochat.common import UserError, atomic_save, atomic_write_json, dist_info, home_dir, print0
 from picochat.model import GPT, GPTConfig, config_to_dict
 from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
+
+STAGES = ("base", "sft", "rl")  # the stage folders of a run, in training order: the last one trained is the default
 
 
 def _barrier():
@@ -67,6 +69,42 @@ def list_steps(folder):
 def latest_step(folder):
     steps = list_steps(folder)
     return steps[-1] if steps else None
+
+
+def latest_stage(run_dir):
+    """(folder, stage) of the most trained stage of run_dir that has a checkpoint (rl, else sft, else base);
+    None when it has none."""
+    run_dir = Path(run_dir)
+    for s in reversed(STAGES):
+        if latest_step(run_dir / s) is not None:
+            return run_dir / s, s
+    return None
+
+
+def resolve_checkpoint(run, stage=None, checkpoint=""):
+    """(folder, stage name) of the checkpoint to load for --run/--stage/--checkpoint: the folder checkpoint names
+    (its stage: stage if given, else its folder name when that is a stage, else "checkpoint"); else
+    runs/<run>/<stage>, which must hold a checkpoint; else the run's most trained stage. Raises UserError when
+    there is nothing to load."""
+    if checkpoint:
+        folder = Path(checkpoint).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--checkpoint {checkpoint}: no such folder")
+        return folder, stage or (folder.name if folder.name in STAGES else "checkpoint")
+    runs = home_dir() / "runs" / run
+    if stage:
+        if stage not in STAGES:
+            raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        folder = runs / stage
+        if latest_step(folder) is None:
+            raise UserError(f"run {run!r} has no {stage} checkpoint in {folder}: train that stage first "
+                            f"(or pick another --stage)")
+        return folder, stage
+    found = latest_stage(runs)
+    if found is None:
+        raise UserError(f"run {run!r} has no checkpoint in {runs} (looked in {', '.join(STAGES)}): train one first "
+                        f"(`picochat speedrun`), or name another --run or a --checkpoint folder")
+    return found
 
 
 def read_meta(folder, step=None):

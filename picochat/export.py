@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, pick_run
-from picochat.checkpoint import load_model, latest_step
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, pick_run
+from picochat.checkpoint import load_model, resolve_checkpoint
 from picochat.model import describe
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-STAGES = ("base", "sft", "rl")
 REMOTE_FILE = "modeling_picochat.py"
 
 # Renders a conversation exactly as Tokenizer.render_conversation / render_for_completion: bos, then
@@ -161,22 +160,6 @@ def tokenizer_files(tok, stage, max_len):
 
 
 # ---- the export -----------------------------------------------------------------------------------------
-def resolve_checkpoint(run, stage="", checkpoint=""):
-    """The stage folder to export: --checkpoint, or runs/<run>/<stage>, or the last trained stage of the run."""
-    if checkpoint:
-        return Path(checkpoint), stage or Path(checkpoint).name
-    run_dir = home_dir() / "runs" / run
-    if stage:
-        if stage not in STAGES:
-            raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        return run_dir / stage, stage
-    for s in reversed(STAGES):
-        if latest_step(run_dir / s) is not None:
-            return run_dir / s, s
-    raise UserError(f"no checkpoint in {run_dir} (looked in {', '.join(STAGES)}): train a model first, "
-                    f"or pass --checkpoint FOLDER")
-
-
 def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=True, verify=True, stage=""):
     """Export the checkpoint in `folder` to the HF folder `out`. Returns a summary dict."""
     folder, out = Path(folder), Path(out)

@@ -15,9 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from picochat.checkpoint import STAGES
 from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, format_duration, pick_run
 
-STAGES = ("base", "sft", "rl")
 STAGE_TITLES = {"base": "Pretraining (base model)", "sft": "Supervised fine-tuning (chat model)",
                 "rl": "Reinforcement learning"}
 RL_TASKS = {"demo": "the demo's word problems", "gsm8k": "GSM8K"}  # rl --task, as the card names it

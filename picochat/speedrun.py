@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from picochat.common import UserError, home_dir, format_duration, atomic_write_json
-from picochat.checkpoint import latest_step, read_meta, training_notes
+from picochat.checkpoint import latest_stage, read_meta, training_notes
 from picochat.pretrain import derive_hparams, add_parser as pretrain_parser
 from picochat.fastpath import estimate_training_memory
 from picochat.model import GPTConfig
@@ -235,8 +235,8 @@ def run(args):
     print(f"\nspeedrun finished: {format_duration(total)} of stage time"
           f"{f', about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour' if n_gpus else ' on CPU (no GPU cost)'}")
     print(f"report card: {run_dir / 'report' / 'report.md'}")
-    final = next((run_dir / s for s in ("rl", "sft", "base") if latest_step(run_dir / s) is not None), None)
-    notes = training_notes(read_meta(final)) if final is not None else None
+    final = latest_stage(run_dir)
+    notes = training_notes(read_meta(final[0])) if final is not None else None
     if notes:
         print(f"the model was trained on {notes['trained_on']}")
     print(f"talk to it:  picochat chat --run {run_name}")
