@@ -140,7 +140,8 @@ def test_autocast_keeps_activations_in_bf16(kw):
     stay bf16: every projection is fed bf16 (fp32 would double the bytes of the activations and add a cast
     before every matmul). The loss and every gradient still agree with the fp32 model to bf16 precision."""
     model = tiny(**kw)
-    x, y = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2, 40))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 300, (2, 40), generator=gen), torch.randint(0, 300, (2, 40), generator=gen)
     ref = model(x, y)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -156,11 +157,17 @@ def test_autocast_keeps_activations_in_bf16(kw):
         h.remove()
     assert len(seen) > 8 and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen.values()), seen
     assert abs(low.item() - ref.item()) / ref.item() < 2e-2
+    whole = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
     for n, p in model.named_parameters():
-        # the per-layer scalars' gradients are sums over every activation of bf16 products that largely
-        # cancel (as in the reference, whose stream is bf16 too): a looser bar
-        g, r, bar = p.grad, ref_grads[n], 0.25 if n.endswith("lambdas") else 5e-2
-        assert g.dtype == torch.float32 and (g - r).norm() <= bar * r.norm() + 1e-6, n
+        g, r = p.grad, ref_grads[n]
+        assert g.dtype == torch.float32, n
+        if n.endswith("lambdas"):
+            # the per-layer scalars' gradients are sums over every activation of bf16 products that largely
+            # cancel (as in the reference, whose stream is bf16 too): relative to themselves they err by up to
+            # ~15% (24 seeds), against the gradient as a whole by under 1e-3
+            assert (g - r).norm() <= 5e-3 * whole, n
+        else:
+            assert (g - r).norm() <= 5e-2 * r.norm() + 1e-6, n
 
 
 def test_loss_matmuls_run_in_the_autocast_dtype():
