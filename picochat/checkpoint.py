@@ -168,6 +168,21 @@ def load_model(folder, step=None, device="cpu"):
     return model.eval(), tokenizer, meta
 
 
+def load_start(folder, tokenizer_dir, device, what="base"):
+    """(model, tokenizer, meta) of the latest checkpoint in folder, refusing one trained with a tokenizer other
+    than the run's."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta_file = folder / f"meta_{meta['step']:06d}.json"
+    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else folder / "tokenizer")
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise UserError(f"{meta_file}: this {what} checkpoint was trained with another tokenizer "
+                        f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} ({tokenizer.hash}); "
+                        f"use the run's own tokenizer, or train the {what} model with this one")
+    model = build_model(meta, load_weights(folder, meta["step"]), device)
+    return model, tokenizer, meta
+
+
 def load_rank_shards(folder, meta, optimizer=None):
     """Restore optimizer shards (re-sharded for any rank count) and return this rank's saved state, or None
     when the rank count changed (the loader position then cannot be restored exactly). Each rank reads only

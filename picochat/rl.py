@@ -30,7 +30,8 @@ from picochat.common import (UserError, home_dir, init_runtime, print0, compute_
                              format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
 from picochat import checkpoint, fastpath
-from picochat.sft import load_start, reply_text, follows_format, greedy_replies
+from picochat.checkpoint import load_start
+from picochat.replies import follows_format, greedy_replies, reply_text
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks
 

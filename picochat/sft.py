@@ -31,8 +31,9 @@ import torch.distributed as dist
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
-from picochat.tokenizer import Tokenizer
 from picochat import checkpoint, fastpath
+from picochat.checkpoint import load_start
+from picochat.replies import follows_format, greedy_replies, reply_text
 from picochat.tasks.mixture import Mixture, Source
 from picochat.tasks import chat, identity, gsm8k, spelling, arc, mmlu
 from picochat.tasks import demo as demo_tasks
@@ -174,79 +175,6 @@ def eval_loss(model, loader, device, autocast, max_rows=None):
 
 
 # ---- chat evaluation --------------------------------------------------------------------------------------------
-FORMAT_BAD = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
-
-
-def follows_format(tokenizer, completion):
-    """Does a generated reply (the tokens after <|assistant_start|>) follow the chat format: some text, tool
-    calls closed and followed by their output, no other role's tokens, and it ends with <|assistant_end|>."""
-    S = tokenizer.special
-    if not completion or completion[-1] != S("<|assistant_end|>") or len(completion) < 2:
-        return False
-    bad = {S(t) for t in FORMAT_BAD}
-    state = "text"  # text -> (python_start) call -> (python_end) closed -> (output_start) output -> text
-    for t in completion[:-1]:
-        if t in bad or t == S("<|assistant_end|>"):
-            return False
-        if t == S("<|python_start|>"):
-            if state != "text":
-                return False
-            state = "call"
-        elif t == S("<|python_end|>"):
-            if state != "call":
-                return False
-            state = "closed"
-        elif t == S("<|output_start|>"):
-            if state != "closed":
-                return False
-            state = "output"
-        elif t == S("<|output_end|>"):
-            if state != "output":
-                return False
-            state = "text"
-        elif state == "closed":
-            return False  # a call must be followed by its output
-    return state == "text"
-
-
-def reply_text(tokenizer, completion):
-    """The text of a reply (tool calls and outputs included as their token strings), without <|assistant_end|>."""
-    end = tokenizer.special("<|assistant_end|>")
-    return tokenizer.decode([t for t in completion if t != end])
-
-
-def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):
-    """Greedy replies (completion token lists) to a list of conversations, with the Python tool live. The
-    prompts are decoded together, `slots` at a time, by the engine's continuous-batching scheduler."""
-    from picochat.engine import Engine, Request, Scheduler
-    engine = Engine(model, tokenizer, tool=True)
-    ids = [tokenizer.render_for_completion(conv) for conv in prompts]
-    out = [[] for _ in ids]
-    todo = [i for i, p in enumerate(ids) if len(p) < model.config.sequence_len]
-    if not todo:
-        return out
-    import threading
-    finished = threading.Semaphore(0)
-
-    def emitter(i):
-        def emit(event):
-            if event[0] == "token":
-                out[i].append(event[1])
-            else:
-                finished.release()
-        return emit
-
-    sched = Scheduler(engine, slots=min(slots, len(todo)), max_queue=len(todo)).start()
-    try:
-        for i in todo:
-            sched.submit(Request(prompt=ids[i], max_tokens=max_tokens, temperature=0.0, emit=emitter(i)))
-        for _ in todo:
-            finished.acquire()
-    finally:
-        sched.stop()
-    return out
-
-
 def chat_eval(model, tokenizer, suites, max_tokens=192):
     """suites: {name: (items, prompt_fn, check_fn)}. Greedy replies to every item; returns per-suite accuracy,
     and format compliance over all replies."""
@@ -357,22 +285,6 @@ def build_mixture(args):
     for note in notes:
         print0(f"note: {note}")
     return mixture, val, suites
-
-
-# ---- loading the starting point --------------------------------------------------------------------------------
-def load_start(folder, tokenizer_dir, device, what="base"):
-    """(model, tokenizer, meta) of the latest checkpoint in folder, refusing one trained with a tokenizer other
-    than the run's."""
-    folder = Path(folder)
-    meta = checkpoint.read_meta(folder)
-    meta_file = folder / f"meta_{meta['step']:06d}.json"
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else folder / "tokenizer")
-    if meta.get("tokenizer_hash") != tokenizer.hash:
-        raise UserError(f"{meta_file}: this {what} checkpoint was trained with another tokenizer "
-                        f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} ({tokenizer.hash}); "
-                        f"use the run's own tokenizer, or train the {what} model with this one")
-    model = checkpoint.build_model(meta, checkpoint.load_weights(folder, meta["step"]), device)
-    return model, tokenizer, meta
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------

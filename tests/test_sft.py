@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picochat import checkpoint, sft
+from picochat import checkpoint, replies, sft
 from picochat.cli import main
 from picochat.common import UserError
 from picochat.model import GPT, GPTConfig
@@ -238,14 +238,14 @@ def test_micro_batch_without_supervised_tokens():
 def test_follows_format(tok):
     S = tok.special
     text = tok.encode("Hello")
-    assert sft.follows_format(tok, text + [S("<|assistant_end|>")])
-    assert not sft.follows_format(tok, text)  # never ended
-    assert not sft.follows_format(tok, [S("<|assistant_end|>")])  # empty reply
-    assert not sft.follows_format(tok, text + [S("<|user_start|>")] + text + [S("<|assistant_end|>")])
+    assert replies.follows_format(tok, text + [S("<|assistant_end|>")])
+    assert not replies.follows_format(tok, text)  # never ended
+    assert not replies.follows_format(tok, [S("<|assistant_end|>")])  # empty reply
+    assert not replies.follows_format(tok, text + [S("<|user_start|>")] + text + [S("<|assistant_end|>")])
     call = [S("<|python_start|>")] + tok.encode("1+1") + [S("<|python_end|>"), S("<|output_start|>")] + \
         tok.encode("2") + [S("<|output_end|>")]
-    assert sft.follows_format(tok, text + call + text + [S("<|assistant_end|>")])
-    assert not sft.follows_format(tok, text + call[:2] + [S("<|assistant_end|>")])  # unclosed call
+    assert replies.follows_format(tok, text + call + text + [S("<|assistant_end|>")])
+    assert not replies.follows_format(tok, text + call[:2] + [S("<|assistant_end|>")])  # unclosed call
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_refuses_base_checkpoint_of_another_tokenizer(tmp_path, tok, capsys):
     save_base(home / "runs" / "x" / "base", tiny_model(tok.vocab_size), tok)
     other.save(home / "runs" / "x" / "tokenizer")
     with pytest.raises(UserError, match=r"meta_000000\.json: this base checkpoint was trained with another tokenizer"):
-        sft.load_start(home / "runs" / "x" / "base", home / "runs" / "x" / "tokenizer", torch.device("cpu"))
+        checkpoint.load_start(home / "runs" / "x" / "base", home / "runs" / "x" / "tokenizer", torch.device("cpu"))
 
 
 # ---- the command, end to end ---------------------------------------------------------------------------------------
