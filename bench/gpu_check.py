@@ -543,17 +543,10 @@ def try_step(ctx, cfg, flags, B):
 
 
 def estimated_gib(ctx, cfg, flags, B):
-    """fastpath.estimate_training_memory's total for this micro-batch (to set against the measured peak), if
-    this checkout has it."""
-    est = getattr(fastpath, "estimate_training_memory", None)
-    if est is None:
-        return None
-    try:
-        parts = est(cfg, B, cfg.sequence_len, dtype=ctx.dtype, device_type=ctx.device.type,
-                    checkpointing=flags["activation_checkpointing"])
-        return parts["total"] / 2 ** 30
-    except Exception as e:
-        return f"{e.__class__.__name__}: {str(e)[:80]}"
+    """fastpath.estimate_training_memory's total for this micro-batch (to set against the measured peak)."""
+    parts = fastpath.estimate_training_memory(cfg, B, cfg.sequence_len, dtype=ctx.dtype, device_type=ctx.device.type,
+                                              checkpointing=flags["activation_checkpointing"])
+    return parts["total"] / 2 ** 30
 
 
 def train_step(ctx, preset):

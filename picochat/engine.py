@@ -215,7 +215,7 @@ class InferenceModel:
             raise UserError(f"context full: {max(start) + T} tokens exceed the model's context of {self.max_positions}")
         plan = self._plan(ids, cache, start)
         step = self._hidden
-        if T == 1 and cache is not None and cache.static and self._decode is not self._hidden:
+        if self.static and T == 1 and cache is not None and cache.static:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been used
             step = self._decode
         # the caller may sit in an autocast region (RL, evals): the layout already has the dtype it wants
