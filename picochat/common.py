@@ -3,7 +3,10 @@ import os
 import sys
 import json
 import time
+import errno
+import hashlib
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,15 +118,17 @@ def _umask_mode():
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file."""
+@contextmanager
+def _atomic_path(path):
+    """Yields a temp path in path's folder to write; then fsyncs it, gives it the usual permissions, renames it
+    to path and fsyncs the folder, so that once this returns the file survives a crash whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
@@ -131,6 +136,51 @@ def atomic_write_bytes(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename is durable only once the folder's entry is on disk
+
+
+def _fsync_dir(folder):
+    """Flush a folder's entries (a rename or a deletion in it) to disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a platform that cannot open folders
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # filesystems without folder fsync
+            raise
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write_stream(path, write_fn) -> str:
+    """Like atomic_write_bytes for writers of a binary file object (torch.save(obj, f), ...): write_fn(f) writes
+    the whole file through f, in order. Returns the sha256 (hex) of what was written, hashed as it went by."""
+    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        write_fn(writer)
+    return writer.sha256.hexdigest()
+
+
+def atomic_write_bytes(path, data: bytes) -> str:
+    """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file, and a crash
+    leaves the old file or the new one. Returns the sha256 (hex) of data."""
+    return atomic_write_stream(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path, obj):
@@ -160,21 +210,9 @@ def vars_json(args):
 
 
 def atomic_save(path, save_fn):
-    """Like atomic_write_bytes for writers that want a path (torch.save, safetensors.save_file, ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Like atomic_write_bytes for writers that want a path (safetensors.save_file, pq.write_table, ...)."""
+    with _atomic_path(path) as tmp:
         save_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def fail(msg: str, code: int = 2):

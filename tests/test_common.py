@@ -1,0 +1,77 @@
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat import common
+from picochat.common import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_stream
+
+
+def _fsyncs(monkeypatch):
+    """Record, for every fsync, whether it was of a folder and the folder's entries at that moment."""
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        seen.append(sorted(os.listdir(fd)) if stat.S_ISDIR(st.st_mode) else None)
+        real(fd)
+    monkeypatch.setattr(common.os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: atomic_write_bytes(p, b"hello"),
+    lambda p: atomic_write_json(p, {"a": 1}),
+    lambda p: atomic_write_stream(p, lambda f: torch.save({"x": torch.ones(3)}, f)),
+    lambda p: atomic_save(p, lambda tmp: Path(tmp).write_bytes(b"x")),
+])
+def test_atomic_writes_fsync_the_file_then_the_folder_after_the_rename(tmp_path, monkeypatch, write):
+    """Each atomic write fsyncs its data, then (once the file has its final name) its folder, so the rename itself
+    survives a crash; no temp file is left behind."""
+    seen = _fsyncs(monkeypatch)
+    write(tmp_path / "f.bin")
+    assert seen[0] is None  # the file's data first
+    assert seen[-1] == ["f.bin"]  # then the folder, holding the renamed file and no temp file
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_write_returns_the_sha256_of_what_it_wrote(tmp_path):
+    """The digest is computed while writing and matches the file on disk (a torch.save writes through the stream)."""
+    assert atomic_write_bytes(tmp_path / "a", b"abc") == hashlib.sha256(b"abc").hexdigest()
+    digest = atomic_write_stream(tmp_path / "t.pt", lambda f: torch.save({"w": torch.randn(1000, 50), "n": 3}, f))
+    assert digest == hashlib.sha256((tmp_path / "t.pt").read_bytes()).hexdigest()
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["n"] == 3
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(path, b"old")
+
+    def broken(f):
+        f.write(b"half of the new")
+        raise RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError):
+        atomic_write_stream(path, broken)
+
+    def broken_save(tmp):
+        with open(tmp, "wb") as f:
+            broken(f)
+    with pytest.raises(RuntimeError):
+        atomic_save(path, broken_save)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_writes_give_the_usual_permissions(tmp_path):
+    """mkstemp makes 0600 files; the written file gets what the umask allows, like a plain open() would."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a", b"x")
+        atomic_save(tmp_path / "b", lambda tmp: Path(tmp).write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o644
