@@ -55,9 +55,23 @@ def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=N
             full["optim_shards"] = optimizer.shard_index()  # which rank's shard holds what: see load_rank_shards
         atomic_write_json(folder / f"meta_{step:06d}.json", full)
         for old in list_steps(folder)[:-keep] if keep else []:
-            for f in folder.glob(f"*_{old:06d}*"):
-                f.unlink()
+            prune(folder, old)
     _barrier()
+
+
+def step_files(folder, step):
+    """The files of one step's checkpoint in folder (its meta first), matched by exact name: step 123456's are
+    not step 1234567's."""
+    pattern = re.compile(rf"(meta_{step:06d}\.json|model_{step:06d}\.safetensors|(optim|state)_{step:06d}_rank\d+\.pt)")
+    return sorted((f for f in Path(folder).iterdir() if pattern.fullmatch(f.name)),
+                  key=lambda f: not f.name.startswith("meta_"))
+
+
+def prune(folder, step):
+    """Delete one step's checkpoint: its meta first, so that an interrupted prune leaves no meta naming a missing
+    file."""
+    for f in step_files(folder, step):
+        f.unlink()
 
 
 def list_steps(folder):
