@@ -4,10 +4,13 @@ A stage folder (e.g. runs/<run>/base) holds, per saved step:
   model_<step>.safetensors          fp32 weights (loadable by any safetensors reader)
   optim_<step>_rank<r>.pt           this rank's optimizer shard (tensors and numbers only)
   state_<step>_rank<r>.pt           this rank's loader state and RNG states
-  meta_<step>.json                  config, step, tokenizer hash, world size, file sizes: written LAST,
-                                    so a checkpoint exists only once all of its files are complete
-and a copy of the tokenizer in tokenizer/, so a checkpoint folder is self-contained.
+  meta_<step>.json                  config, step, tokenizer hash, world size, each file's size and sha256:
+                                    written LAST, so a checkpoint exists only once all of its files are complete
+and a copy of the tokenizer in tokenizer/, so a checkpoint folder is self-contained. Loading checks each file
+against its recorded sha256 before reading it (PICOCHAT_VERIFY_CHECKPOINTS=0 skips that; checkpoints saved
+before hashes were recorded are checked by size only).
 """
+import os
 import json
 import re
 import shutil
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file, load_file
+from safetensors.torch import save, load_file
 
-from picochat.common import UserError, atomic_save, atomic_write_json, dist_info, home_dir, print0
+from picochat.common import (UserError, atomic_write_bytes, atomic_write_json, atomic_write_stream, dist_info,
+                             file_sha256, home_dir, print0)
 from picochat.model import GPT, GPTConfig, config_to_dict
 from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
 
@@ -34,23 +38,28 @@ def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=N
     folder = Path(folder)
     _, rank, _, world = dist_info()
     folder.mkdir(parents=True, exist_ok=True)
+    sha256 = {}  # of the files this rank writes, hashed as they are written (not read back)
     if optimizer is not None:
-        atomic_save(folder / f"optim_{step:06d}_rank{rank}.pt", lambda p: torch.save(optimizer.shard_state(), p))
+        name = f"optim_{step:06d}_rank{rank}.pt"
+        sha256[name] = atomic_write_stream(folder / name, lambda f: torch.save(optimizer.shard_state(), f))
     if rank_state is not None:
-        atomic_save(folder / f"state_{step:06d}_rank{rank}.pt", lambda p: torch.save(rank_state, p))
+        name = f"state_{step:06d}_rank{rank}.pt"
+        sha256[name] = atomic_write_stream(folder / name, lambda f: torch.save(rank_state, f))
     if rank == 0:
         weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-        atomic_save(folder / f"model_{step:06d}.safetensors", lambda p: save_file(weights, p))
+        name = f"model_{step:06d}.safetensors"
+        # serialized in memory (safetensors writes a path, not a stream), so the hash comes from the bytes in hand
+        sha256[name] = atomic_write_bytes(folder / name, save(weights))
         if tokenizer is not None:
             tokenizer.save(folder / "tokenizer")
-    _barrier()  # all shards are on disk before the meta declares the checkpoint complete
+    sha256 = _gather(sha256)  # also a barrier: all shards are on disk before the meta declares the checkpoint complete
     if rank == 0:
         files = [f"model_{step:06d}.safetensors"]
         files += [f"optim_{step:06d}_rank{r}.pt" for r in range(world)] if optimizer is not None else []
         files += [f"state_{step:06d}_rank{r}.pt" for r in range(world)] if rank_state is not None else []
         full = dict(meta or {}, step=step, config=config_to_dict(model.config), world_size=world,
                     tokenizer_hash=tokenizer.hash if tokenizer is not None else (meta or {}).get("tokenizer_hash"),
-                    files={f: (folder / f).stat().st_size for f in files})
+                    files={f: (folder / f).stat().st_size for f in files}, sha256={f: sha256[f] for f in files})
         if optimizer is not None:
             full["optim_shards"] = optimizer.shard_index()  # which rank's shard holds what: see load_rank_shards
         atomic_write_json(folder / f"meta_{step:06d}.json", full)
@@ -72,6 +81,15 @@ def prune(folder, step):
     file."""
     for f in step_files(folder, step):
         f.unlink()
+
+
+def _gather(sha256):
+    """Every rank's {file: sha256}, merged (each rank hashed the files it wrote)."""
+    if not dist.is_initialized():
+        return sha256
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sha256)
+    return {name: h for d in every for name, h in d.items()}
 
 
 def list_steps(folder):
@@ -144,6 +162,24 @@ def read_meta(folder, step=None):
     return meta
 
 
+VERIFY_ENV = "PICOCHAT_VERIFY_CHECKPOINTS"
+
+
+def verify_file(folder, meta, name):
+    """Check folder/name against the sha256 its checkpoint's meta recorded (read_meta has checked its size);
+    a UserError names a corrupt file. A no-op for a checkpoint saved before hashes were recorded, and with
+    PICOCHAT_VERIFY_CHECKPOINTS=0 (hashing reads every byte of a file once more)."""
+    expected = (meta.get("sha256") or {}).get(name)
+    if expected is None or os.environ.get(VERIFY_ENV, "1") == "0":
+        return
+    path = Path(folder) / name
+    got = file_sha256(path)
+    if got != expected:
+        raise UserError(f"checkpoint file {path} is corrupt: its sha256 is {got}, the meta recorded {expected}; "
+                        f"delete meta_{meta['step']:06d}.json to fall back to an earlier checkpoint "
+                        f"(or load it anyway with {VERIFY_ENV}=0)")
+
+
 def load_weights(folder, step):
     path = Path(folder) / f"model_{step:06d}.safetensors"
     try:
@@ -178,6 +214,7 @@ def load_model(folder, step=None, device="cpu"):
     tokenizer = Tokenizer.load(folder / "tokenizer")
     if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
         raise UserError(f"the tokenizer in {folder / 'tokenizer'} is not the one this checkpoint was trained with")
+    verify_file(folder, meta, f"model_{meta['step']:06d}.safetensors")
     model = build_model(meta, load_weights(folder, meta["step"]), torch.device(device))
     return model.eval(), tokenizer, meta
 
@@ -193,6 +230,7 @@ def load_start(folder, tokenizer_dir, device, what="base"):
         raise UserError(f"{meta_file}: this {what} checkpoint was trained with another tokenizer "
                         f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} ({tokenizer.hash}); "
                         f"use the run's own tokenizer, or train the {what} model with this one")
+    verify_file(folder, meta, f"model_{meta['step']:06d}.safetensors")
     model = build_model(meta, load_weights(folder, meta["step"]), device)
     return model, tokenizer, meta
 
@@ -207,13 +245,17 @@ def load_rank_shards(folder, meta, optimizer=None):
     if optimizer is not None:
         saved = meta.get("optim_shards")
         ranks = optimizer.shards_to_read(saved) if saved is not None else range(meta["world_size"])
+        names = [f"optim_{step:06d}_rank{r}.pt" for r in ranks]
+        for name in names:
+            verify_file(folder, meta, name)
         try:
-            optimizer.load_shards([load_torch(folder / f"optim_{step:06d}_rank{r}.pt") for r in ranks])
+            optimizer.load_shards([load_torch(folder / name) for name in names])
         except ValueError as e:
             raise UserError(f"cannot restore the optimizer from step {step} in {folder}: {e}") from None
     state_path = folder / f"state_{step:06d}_rank{rank}.pt"
     if meta["world_size"] != world or not state_path.exists():
         return None
+    verify_file(folder, meta, state_path.name)
     return load_torch(state_path)
 
 

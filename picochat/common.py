@@ -177,6 +177,15 @@ def atomic_write_stream(path, write_fn) -> str:
     return writer.sha256.hexdigest()
 
 
+def file_sha256(path) -> str:
+    """The sha256 (hex) of a file's content, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path, data: bytes) -> str:
     """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file, and a crash
     leaves the old file or the new one. Returns the sha256 (hex) of data."""

@@ -218,12 +218,16 @@ def _setup(args, ddp, rank, world, device):
     start_step = 0
     if meta is not None:
         step = meta["step"]
+        checkpoint.verify_file(out, meta, f"model_{step:06d}.safetensors")
         model.load_state_dict(checkpoint.load_weights(out, step))
         checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
         # stream s was served by rank s % W_then: read just the state files of those ranks
         saved_world = meta["world_size"]
         owners = sorted({s % saved_world for s in loader.ids})
-        states = [checkpoint.load_torch(out / f"state_{step:06d}_rank{r}.pt") for r in owners]
+        names = [f"state_{step:06d}_rank{r}.pt" for r in owners]
+        for name in names:
+            checkpoint.verify_file(out, meta, name)
+        states = [checkpoint.load_torch(out / name) for name in names]
         if loader.load_state_dicts([st["loader"] for st in states]):
             if saved_world == world:
                 torch.set_rng_state(states[0]["rng"])

@@ -1,6 +1,11 @@
+import hashlib
+import json
+
+import pytest
 import torch
 
 from picochat import checkpoint, demo
+from picochat.common import UserError
 from picochat.checkpoint import training_notes
 from picochat.model import GPT, GPTConfig
 from picochat.optim import build_optimizer
@@ -40,3 +45,81 @@ def test_pruning_a_step_leaves_steps_whose_number_starts_with_it(tmp_path):
     assert not list(tmp_path.glob("*_123456[._]*"))
     assert longer <= {f.name for f in tmp_path.iterdir()}
     assert checkpoint.read_meta(tmp_path, 1234567)["step"] == 1234567
+
+
+def flip_byte(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def save_with_tokenizer(folder, step=3):
+    from picochat.tokenizer import Tokenizer
+    tok = Tokenizer.train(iter(["hello world, the quick brown fox"] * 20), 300)
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=16, head_dim=32)).init_weights(seed=0)
+    checkpoint.save_checkpoint(folder, step, model, build_optimizer(model), rank_state={"rng": torch.get_rng_state()},
+                               meta={"stage": "base"}, tokenizer=tok)
+    return model
+
+
+def test_meta_records_the_sha256_of_every_file(tmp_path):
+    """The hashes are taken while writing; they match the files on disk."""
+    save_step(tmp_path, 5)
+    meta = checkpoint.read_meta(tmp_path)
+    assert set(meta["sha256"]) == set(meta["files"]) == {"model_000005.safetensors", "optim_000005_rank0.pt",
+                                                          "state_000005_rank0.pt"}
+    for name, digest in meta["sha256"].items():
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+def test_a_flipped_byte_is_named_on_load(tmp_path):
+    """One flipped bit in the weights (same size, still a valid file) is caught before the model is built; in an
+    optimizer or state shard, before it is read. The error names the file, says corrupt, and gives both hashes."""
+    save_with_tokenizer(tmp_path)
+    meta = checkpoint.read_meta(tmp_path)
+    weights = tmp_path / "model_000003.safetensors"
+    good = weights.read_bytes()
+    flip_byte(weights)
+    with pytest.raises(UserError) as e:
+        checkpoint.load_model(tmp_path)
+    msg = str(e.value)
+    assert str(weights) in msg and "corrupt" in msg and meta["sha256"][weights.name] in msg
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() in msg
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.load_start(tmp_path, tmp_path / "tokenizer", torch.device("cpu"))
+    weights.write_bytes(good)
+    model, _, _ = checkpoint.load_model(tmp_path)
+    for name in ("optim_000003_rank0.pt", "state_000003_rank0.pt"):
+        shard = tmp_path / name
+        good = shard.read_bytes()
+        flip_byte(shard, len(good) // 2)
+        with pytest.raises(UserError, match=f"{name} is corrupt"):
+            checkpoint.load_rank_shards(tmp_path, meta, build_optimizer(model))
+        shard.write_bytes(good)
+    assert checkpoint.load_rank_shards(tmp_path, meta, build_optimizer(model))["rng"].numel() > 0
+
+
+def test_verification_can_be_skipped(tmp_path, monkeypatch):
+    """PICOCHAT_VERIFY_CHECKPOINTS=0 loads a checkpoint without hashing it (a flipped weight bit then loads)."""
+    save_with_tokenizer(tmp_path)
+    flip_byte(tmp_path / "model_000003.safetensors")
+    monkeypatch.setenv("PICOCHAT_VERIFY_CHECKPOINTS", "0")
+    checkpoint.load_model(tmp_path)
+
+
+def test_checkpoints_saved_without_hashes_still_load(tmp_path):
+    """A meta from before hashes were recorded (sizes only) loads as before; its sizes are still checked."""
+    model = save_with_tokenizer(tmp_path)
+    meta_path = tmp_path / "meta_000003.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["sha256"]
+    meta_path.write_text(json.dumps(meta))
+    loaded, _, old_meta = checkpoint.load_model(tmp_path)
+    assert "sha256" not in old_meta
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert checkpoint.load_rank_shards(tmp_path, old_meta, build_optimizer(model)) is not None
+    with open(tmp_path / "state_000003_rank0.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(UserError, match="truncated or changed"):
+        checkpoint.read_meta(tmp_path)
+
