@@ -6,14 +6,17 @@ A stage folder (e.g. runs/<run>/base) holds, per saved step:
   state_<step>_rank<r>.pt           this rank's loader state and RNG states
   meta_<step>.json                  config, step, tokenizer hash, world size, each file's size and sha256:
                                     written LAST, so a checkpoint exists only once all of its files are complete
-and a copy of the tokenizer in tokenizer/, so a checkpoint folder is self-contained. Loading checks each file
+a copy of the tokenizer in tokenizer/, so a checkpoint folder is self-contained, and .lock, which the run
+writing the folder holds (see stage_lock). Loading checks each file
 against its recorded sha256 before reading it (PICOCHAT_VERIFY_CHECKPOINTS=0 skips that; checkpoints saved
 before hashes were recorded are checked by size only).
 """
 import os
 import json
 import re
+import fcntl
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +29,40 @@ from picochat.model import GPT, GPTConfig, config_to_dict
 from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
 
 STAGES = ("base", "sft", "rl")  # the stage folders of a run, in training order: the last one trained is the default
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def stage_lock(folder):
+    """Hold folder for one training run, so that a second run writing there stops at once instead of mixing its
+    checkpoints with this one's. Rank 0 holds it (the other ranks write there only in step with rank 0). The
+    operating system drops the lock when the process dies, so a killed run resumes with no cleanup. Raises
+    UserError naming the folder, and the holder's pid, when another process holds it."""
+    if dist_info()[1] != 0:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:  # appending: opening it must not erase the holder's pid
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            holder = f"process {pid}" if pid.isdigit() else "another process"
+            raise UserError(f"{folder} is in use by another run ({holder} holds {folder / LOCK_FILE}): wait for it "
+                            f"to finish or stop it, or write to another --out") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): train unguarded rather than not
+            print0(f"warning: cannot lock {folder / LOCK_FILE} ({e}): nothing stops another run from writing there")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # the next run that finds the folder busy must not name this finished process
 
 
 def _barrier():

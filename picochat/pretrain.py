@@ -120,22 +120,23 @@ def resolve_compile(flag, device):
 def run(args):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
     args.compile = resolve_compile(args.compile, device)  # the resolved value is printed and saved with the run
-    try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
-        setup = _setup(args, ddp, rank, world, device)
-    except UserError as e:
-        raise_on_rank0(e)
-    gc_was_enabled = gc.isenabled()
-    try:
-        return _train(args, setup, ddp, rank, world, device)
-    finally:  # _train freezes and disables the GC after its first step (see there); a caller gets it back
-        gc.unfreeze()
-        if gc_was_enabled:
-            gc.enable()
+    out = Path(args.out) if args.out else home_dir() / "runs" / args.run / "base"
+    with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
+        try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
+            setup = _setup(args, out, ddp, rank, world, device)
+        except UserError as e:
+            raise_on_rank0(e)
+        gc_was_enabled = gc.isenabled()
+        try:
+            return _train(args, setup, ddp, rank, world, device)
+        finally:  # _train freezes and disables the GC after its first step (see there); a caller gets it back
+            gc.unfreeze()
+            if gc_was_enabled:
+                gc.enable()
 
 
-def _setup(args, ddp, rank, world, device):
+def _setup(args, out, ddp, rank, world, device):
     run_dir = home_dir() / "runs" / args.run
-    out = Path(args.out) if args.out else run_dir / "base"
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer")
     train_files, val_files = split_shards(data)

@@ -296,10 +296,15 @@ def group_advantages(rewards, groups, std_norm):
 
 
 def run(args):
+    out = Path(args.out) if args.out else home_dir() / "runs" / args.run / STAGE
+    with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
+        return _run(args, out)
+
+
+def _run(args, out):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
     run_dir = home_dir() / "runs" / args.run
     source = Path(args.source) if args.source else run_dir / "sft"
-    out = Path(args.out) if args.out else run_dir / STAGE
     tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer"
     if args.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")

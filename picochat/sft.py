@@ -335,10 +335,15 @@ def add_parser(sub):
 
 
 def run(args):
+    out = Path(args.out) if args.out else home_dir() / "runs" / args.run / STAGE
+    with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
+        return _run(args, out)
+
+
+def _run(args, out):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
     run_dir = home_dir() / "runs" / args.run
     base = Path(args.base) if args.base else run_dir / "base"
-    out = Path(args.out) if args.out else run_dir / STAGE
     tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer"
     t0 = time.time()
     mixture, val_convs, suites = build_mixture(args)  # bad data fails before the model is loaded

@@ -1,10 +1,16 @@
+import fcntl
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from picochat import checkpoint, demo
+from picochat.cli import main
 from picochat.common import UserError
 from picochat.checkpoint import training_notes
 from picochat.model import GPT, GPTConfig
@@ -123,3 +129,64 @@ def test_checkpoints_saved_without_hashes_still_load(tmp_path):
     with pytest.raises(UserError, match="truncated or changed"):
         checkpoint.read_meta(tmp_path)
 
+
+def hold_lock(folder, pid):
+    """Hold folder's lock through a file descriptor of our own, as another run would, naming pid as the holder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / checkpoint.LOCK_FILE, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(f"{pid}\n")
+    f.flush()
+    return f
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rl"])
+def test_a_second_run_on_a_folder_stops_at_once(tmp_path, capsys, stage):
+    """While one run holds a stage folder, another training run on it stops before doing anything, with one line
+    naming the folder and the pid holding it."""
+    folder = tmp_path / "busy"
+    held = hold_lock(folder, 424242)
+    try:
+        assert main([stage, "--run", "t", "--out", str(folder)]) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert f"{folder} is in use by another run" in err and "424242" in err
+    assert os.listdir(folder) == [checkpoint.LOCK_FILE]  # nothing was written
+
+
+def test_the_lock_is_held_for_the_run_and_released_when_it_ends(tmp_path):
+    with checkpoint.stage_lock(tmp_path):
+        with pytest.raises(UserError, match=f"process {os.getpid()} holds"):
+            with checkpoint.stage_lock(tmp_path):
+                pass
+    with checkpoint.stage_lock(tmp_path):  # free again once the run is over
+        pass
+    with pytest.raises(RuntimeError):
+        with checkpoint.stage_lock(tmp_path):
+            raise RuntimeError("the run failed")
+    with checkpoint.stage_lock(tmp_path):  # a failed run lets go too
+        pass
+
+
+def test_a_killed_run_leaves_no_lock_behind(tmp_path):
+    """The operating system drops the lock of a process that dies (here by SIGKILL, with no chance to clean up):
+    the next run takes the folder with no manual cleanup."""
+    code = ("import sys; from picochat import checkpoint\n"
+            "with checkpoint.stage_lock(sys.argv[1]):\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(checkpoint.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        with pytest.raises(UserError, match=f"process {proc.pid} holds"):
+            with checkpoint.stage_lock(tmp_path):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with checkpoint.stage_lock(tmp_path):
+        assert (tmp_path / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
