@@ -17,7 +17,6 @@ step, problem), so --resume continues exactly.
 """
 import argparse
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
+from picochat.evaluate import pass_at_k
 from picochat.optim import build_optimizer
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
@@ -172,13 +172,6 @@ def policy_update(model, optimizer, seqs, masks, adv, pad_id, n_tokens, device, 
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples of which c are right (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 @torch.no_grad()
 def evaluate(engine, model, tokenizer, problems, max_tokens, greedy=True, k=0, samples=0, temperature=1.0,
              top_k=None, seed=0, autocast=nullcontext):
