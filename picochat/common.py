@@ -52,6 +52,16 @@ def compute_dtype(device_type: str) -> torch.dtype:
     return torch.float32
 
 
+def autocast_for(device):
+    """The context to run the model in on device, as a zero-argument callable (`with autocast():`): autocast to
+    compute_dtype where that is bf16; where it is fp32, autocast switched off, so the model computes in fp32
+    even inside an outer autocast."""
+    dtype = compute_dtype(device.type)
+    if dtype == torch.float32:
+        return lambda: torch.autocast(device.type, enabled=False)
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def dist_info():
     """(is_distributed, rank, local_rank, world_size) from the torchrun environment."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, pick_run
+from picochat.common import UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json, pick_run
 from picochat import fastpath
 
 
@@ -312,11 +312,6 @@ def add_parser(sub):
     c.set_defaults(func=chat_cli)
 
 
-def _autocast(device):
-    dtype = compute_dtype(device.type)
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
-
-
 def base_cli(args):
     from picochat import checkpoint
     from picochat.core import evaluate_core
@@ -324,7 +319,7 @@ def base_cli(args):
     ddp, rank, _, world, device = init_runtime(args.device)
     folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / "base"
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     out = {"stage": meta.get("stage", "base"), "step": meta["step"], "checkpoint": str(folder)}
     t0 = time.perf_counter()
 
@@ -405,7 +400,7 @@ def chat_cli(args):
     folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / args.stage
     tasks = select_chat_tasks(args.task, args.data or None)
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.num_samples == 1 else 1.0)
     path = folder / "eval_chat.json"
     previous = {}

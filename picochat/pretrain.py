@@ -13,12 +13,11 @@ import argparse
 import gc
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
+from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, compute_dtype, peak_flops,
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.model import GPT, GPTConfig, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
@@ -146,7 +145,7 @@ def _setup(args, out, ddp, rank, world, device):
         raise UserError("--device-batch-size must be >= 1 (or auto)")
 
     dtype = compute_dtype(device.type)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    autocast = autocast_for(device)
     torch.manual_seed(args.seed)
     config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
                                   aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, n_kv_head=args.n_kv_head,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
+from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
 from picochat.evaluate import pass_at_k
 from picochat.optim import build_optimizer
@@ -311,8 +311,7 @@ def _run(args, out):
     if args.kl_coef:
         ref_model, _, _ = load_start(source, tok_dir, device, "SFT")
         ref_model.eval().requires_grad_(False)
-    dtype = compute_dtype(device.type)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    autocast = autocast_for(device)
     print0(f"task {args.task}: {len(train):,} training problems, {len(held):,} held apart | "
            f"{args.prompts_per_step} problems x {args.num_samples} samples per step, {args.num_steps} steps")
 

@@ -21,14 +21,13 @@ import argparse
 import json
 import time
 from array import array
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json,
+from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
 from picochat.optim import build_optimizer
 from picochat import checkpoint, fastpath
@@ -353,8 +352,7 @@ def _run(args, out):
     row_len = (args.seq_len or model.config.sequence_len) + 1
     if row_len - 1 > model.config.sequence_len:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's context ({model.config.sequence_len})")
-    dtype = compute_dtype(device.type)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    autocast = autocast_for(device)
     # a model trained with sliding windows keeps them: FA3 or FlexAttention on GPUs, as in pretraining
     attention = fastpath.use_fast_attention(device, flex=device.type == "cuda", seq_len=row_len - 1,
                                             windows=model.windows)

@@ -75,3 +75,15 @@ def test_atomic_writes_give_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o644
+
+
+def test_autocast_for_runs_fp32_devices_in_fp32_even_inside_an_outer_autocast():
+    """One factory for every stage and eval: bf16 autocast where compute_dtype says bf16; elsewhere autocast off."""
+    autocast = common.autocast_for(torch.device("cpu"))  # compute_dtype("cpu") is fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    if common.compute_dtype("cuda") == torch.bfloat16:
+        with common.autocast_for(torch.device("cuda"))():
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
