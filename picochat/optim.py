@@ -400,14 +400,24 @@ def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.00
     return MuonAdamW(param_groups, wire_dtype=wire_dtype)
 
 
-def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_ratio=0.65, final_frac=0.05):
-    """Short linear warm-up, flat, then linear decay over the last warmdown_ratio of training to final_frac."""
+def warmup_stable_decay(step, num_steps, warmup_steps=0, warmdown_ratio=0.65, final_frac=0.05):
+    """The LR multiplier at step (pretraining's): short linear warm-up, flat, then linear decay over the last
+    warmdown_ratio of training to final_frac."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     warmdown_start = num_steps * (1 - warmdown_ratio)
     if step < warmdown_start:
         return 1.0
     progress = (step - warmdown_start) / max(1.0, num_steps - warmdown_start)
+    return 1.0 - progress * (1.0 - final_frac)
+
+
+def warmup_linear_decay(step, num_steps, warmup_steps=0, final_frac=0.0):
+    """The LR multiplier at step (fine-tuning's): linear warm-up, then linear decay to final_frac at the last
+    step, with no flat part."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
     return 1.0 - progress * (1.0 - final_frac)
 
 

@@ -20,7 +20,7 @@ import torch
 from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, compute_dtype, peak_flops,
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.model import GPT, GPTConfig, describe
-from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
+from picochat.optim import build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches, split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
@@ -293,7 +293,7 @@ def _train(args, st, ddp, rank, world, device):
         if last:
             break
         t0 = time.perf_counter()
-        mult = lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        mult = warmup_stable_decay(step, num_steps, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * mult
             if group["kind"] == "muon":

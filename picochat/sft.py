@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
-from picochat.optim import build_optimizer
+from picochat.optim import build_optimizer, warmup_linear_decay
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
 from picochat.replies import follows_format, greedy_replies, reply_text
@@ -409,7 +409,7 @@ def _run(args, out):
     t_train, last_eval = 0.0, first_eval
     while step < num_steps:
         t_step = time.perf_counter()
-        mult = lr_multiplier(step, num_steps, args.warmup_steps, args.final_lr_frac)
+        mult = warmup_linear_decay(step, num_steps, args.warmup_steps, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * mult
         batches = [loader.micro_batch(step, k) for k in range(args.grad_accum)]
@@ -446,11 +446,3 @@ def _run(args, out):
     if ddp:
         dist.destroy_process_group()
     return 0
-
-
-def lr_multiplier(step, num_steps, warmup_steps=0, final_frac=0.0):
-    """Linear warm-up, then linear decay to final_frac at the last step."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
-    return 1.0 - progress * (1.0 - final_frac)

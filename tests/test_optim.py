@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from picochat.model import GPT, GPTConfig
-from picochat.optim import MuonAdamW, orthogonalize, build_optimizer, lr_multiplier, muon_momentum
+from picochat.optim import MuonAdamW, orthogonalize, build_optimizer, muon_momentum, warmup_stable_decay
 
 
 def test_adamw_part_equals_torch_adamw():
@@ -75,10 +75,10 @@ def test_build_optimizer_covers_every_parameter_once():
 
 
 def test_schedules():
-    assert lr_multiplier(0, 100) == 1.0 and lr_multiplier(34, 100) == 1.0
-    assert abs(lr_multiplier(100, 100) - 0.05) < 1e-9
-    assert lr_multiplier(0, 100, warmup_steps=10) == 0.1
-    assert 0.05 < lr_multiplier(70, 100) < 1.0
+    assert warmup_stable_decay(0, 100) == 1.0 and warmup_stable_decay(34, 100) == 1.0
+    assert abs(warmup_stable_decay(100, 100) - 0.05) < 1e-9
+    assert warmup_stable_decay(0, 100, warmup_steps=10) == 0.1
+    assert 0.05 < warmup_stable_decay(70, 100) < 1.0
     assert muon_momentum(0) == 0.85 and abs(muon_momentum(300) - 0.97) < 1e-9 and abs(muon_momentum(1000) - 0.97) < 1e-9
 
 
