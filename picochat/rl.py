@@ -28,7 +28,7 @@ import torch.distributed as dist
 from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
 from picochat.evaluate import pass_at_k
-from picochat.optim import build_optimizer
+from picochat.optim import build_optimizer, warmup_linear_decay
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
 from picochat.replies import follows_format, greedy_replies, reply_text
@@ -357,7 +357,7 @@ def _run(args, out):
     t_train, last_eval, first_step = 0.0, None, step
     while step < args.num_steps:
         t0 = time.perf_counter()
-        mult = 1.0 - step / max(1, args.num_steps) * (1.0 - args.final_lr_frac)
+        mult = warmup_linear_decay(step, args.num_steps, final_frac=args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * mult
         idx = problem_order(len(train), step, args.prompts_per_step, args.seed)[rank::world]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from picochat.model import GPT, GPTConfig
-from picochat.optim import MuonAdamW, orthogonalize, build_optimizer, muon_momentum, warmup_stable_decay
+from picochat.optim import (MuonAdamW, orthogonalize, build_optimizer, muon_momentum, warmup_linear_decay,
+                            warmup_stable_decay)
 
 
 def test_adamw_part_equals_torch_adamw():
@@ -80,6 +81,16 @@ def test_schedules():
     assert warmup_stable_decay(0, 100, warmup_steps=10) == 0.1
     assert 0.05 < warmup_stable_decay(70, 100) < 1.0
     assert muon_momentum(0) == 0.85 and abs(muon_momentum(300) - 0.97) < 1e-9 and abs(muon_momentum(1000) - 0.97) < 1e-9
+
+
+def test_fine_tuning_schedule_is_warm_up_then_one_line():
+    """SFT's and RL's multiplier: warm-up, then a straight line from 1 to final_frac at the last step (no flat
+    part); without warm-up it is the line RL computed inline."""
+    assert warmup_linear_decay(0, 10, warmup_steps=2) == 0.5 and warmup_linear_decay(2, 10, warmup_steps=2) == 1.0
+    assert warmup_linear_decay(6, 10, warmup_steps=2) == 0.5
+    assert abs(warmup_linear_decay(10, 10, warmup_steps=2, final_frac=0.1) - 0.1) < 1e-12
+    for step in range(11):
+        assert warmup_linear_decay(step, 10, final_frac=0.2) == 1.0 - step / max(1, 10) * (1.0 - 0.2)
 
 
 def test_state_roundtrip_through_shards():
