@@ -122,10 +122,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def _umask_mode():
+def current_umask() -> int:
+    """The process's umask (what a new file's permissions leave out), read without changing it."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 @contextmanager
@@ -140,7 +141,7 @@ def _atomic_path(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

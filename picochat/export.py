@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, atomic_write_bytes, atomic_write_json, pick_run
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, current_umask, pick_run
 from picochat.checkpoint import load_model, resolve_checkpoint
 from picochat.model import describe
 
@@ -210,7 +210,7 @@ def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=
             # the reference is picochat run on exactly the weights written (rounded to the export dtype)
             model.load_state_dict({k: v.to(torch_dtype).float() for k, v in weights.items()})
             err = check_logits(tmp, model, tok, trust_remote_code=target == "picochat")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -244,12 +244,6 @@ def check_logits(folder, model, tok, trust_remote_code, tol=1e-4):
         raise UserError(f"check failed: transformers ({type(hf).__name__}) gives logits {err:.2e} (relative) away "
                         f"from picochat's; nothing was written (--no-verify writes it anyway; please report this)")
     return err
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(tmp, out):
