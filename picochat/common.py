@@ -123,7 +123,15 @@ def print0(*args, **kwargs):
 
 
 def current_umask() -> int:
-    """The process's umask (what a new file's permissions leave out), read without changing it."""
+    """The process's umask (what a new file's permissions leave out), read without changing it: from
+    /proc/self/status where Linux shows it, since the portable way (set it, then set it back) leaves a moment
+    in which another thread creates its files with no umask at all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

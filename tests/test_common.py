@@ -87,3 +87,20 @@ def test_autocast_for_runs_fp32_devices_in_fp32_even_inside_an_outer_autocast():
     if common.compute_dtype("cuda") == torch.bfloat16:
         with common.autocast_for(torch.device("cuda"))():
             assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
+
+
+def test_current_umask_reads_without_changing_it(monkeypatch):
+    """From /proc where Linux shows it (the umask never changes, not even for a moment), else by setting it back."""
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(common.os, "umask", lambda m: calls.append(m) or real(m))
+    old = real(0o027)
+    try:
+        assert common.current_umask() == 0o027
+        if Path("/proc/self/status").exists():
+            assert calls == []
+        monkeypatch.setattr(common, "Path", lambda p: Path("/nonexistent/status"))  # no /proc
+        assert common.current_umask() == 0o027 and calls
+        assert real(0o027) == 0o027
+    finally:
+        real(old)
