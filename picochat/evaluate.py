@@ -195,15 +195,6 @@ def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k
     return out
 
 
-def completion_text(tokenizer, tokens):
-    """A completion's text (tool calls and outputs included as their special tokens), the stop token dropped."""
-    stops = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
-    tokens = list(tokens)
-    while tokens and tokens[-1] in stops:
-        tokens.pop()
-    return tokenizer.decode(tokens)
-
-
 def run_chat_task(task, model, tokenizer, device, items, engine=None, num_samples=1, batch_size=32,
                   temperature=0.0, top_k=None, max_tokens=None, autocast=None, rank=0, world=1, seed=0,
                   log=print0):
@@ -219,6 +210,7 @@ def run_chat_task(task, model, tokenizer, device, items, engine=None, num_sample
         acc = correct / max(1, total)
         result = {"kind": "choice", "correct": int(correct), "total": int(total), "accuracy": acc, "pass@1": acc}
     else:
+        from picochat.replies import reply_text
         if engine is None:
             from picochat.engine import Engine
             engine = Engine(model, tokenizer, tool=True)
@@ -234,7 +226,7 @@ def run_chat_task(task, model, tokenizer, device, items, engine=None, num_sample
                                    [seed + i for i in mine], batch_size, progress)
         sums = [0.0, 0.0, 0.0]  # pass@1, pass@k, items
         for i, comps in zip(mine, completions):
-            c = sum(bool(task.module.check(items[i], completion_text(tokenizer, t))) for t in comps)
+            c = sum(bool(task.module.check(items[i], reply_text(tokenizer, t))) for t in comps)
             sums[0] += pass_at_k(num_samples, c, 1)
             sums[1] += pass_at_k(num_samples, c, num_samples)
             sums[2] += 1

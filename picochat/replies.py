@@ -42,9 +42,14 @@ def follows_format(tokenizer, completion):
 
 
 def reply_text(tokenizer, completion):
-    """The text of a reply (tool calls and outputs included as their token strings), without <|assistant_end|>."""
-    end = tokenizer.special("<|assistant_end|>")
-    return tokenizer.decode([t for t in completion if t != end])
+    """The text of a reply (tool calls and outputs included as their token strings) without its stop token: only
+    trailing <|assistant_end|> and <|bos|> tokens go; one inside the reply stays in the text, so a reply that
+    ended its turn and went on does not read as a clean one."""
+    stops = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
+    tokens = list(completion)
+    while tokens and tokens[-1] in stops:
+        tokens.pop()
+    return tokenizer.decode(tokens)
 
 
 def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):

@@ -12,8 +12,9 @@ from picochat import checkpoint
 from picochat.cli import main
 from picochat.common import home_dir
 from picochat.evaluate import (bits_per_byte, pass_at_k, choice_predictions, run_chat_task, chat_tasks, chatcore,
-                               select_chat_tasks, letter_ids, generate_all, completion_text)
+                               select_chat_tasks, letter_ids, generate_all)
 from picochat.model import GPT, GPTConfig
+from picochat.replies import reply_text
 from picochat.tasks import arc, mmlu, gsm8k, spelling, humaneval
 from picochat.tasks.common import mc_user_message
 from picochat.tokenizer import Tokenizer
@@ -267,7 +268,7 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tok):
     sampled = generate_all(engine, prompts, budgets, num_samples=3, temperature=1.0, seeds=[1, 2, 3, 4], slots=4)
     assert [len(s) for s in sampled] == [3] * 4 and all(len(c) <= b for s, b in zip(sampled, budgets) for c in s)
     end = tok.special("<|assistant_end|>")
-    assert completion_text(tok, tok.encode("#### 5") + [end]) == "#### 5"
+    assert reply_text(tok, tok.encode("#### 5") + [end]) == "#### 5"
 
 
 def test_eval_base_auto_batch_is_8_rows_on_cpu(tok, data_root, capsys):
