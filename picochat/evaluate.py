@@ -12,7 +12,6 @@ Both stride items across ranks (item i on rank i % world) and sum the counts, so
 """
 import argparse
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,61 +139,6 @@ def _head(model, h):
     return sc * torch.tanh(model.lm_head(h).float() / sc)
 
 
-def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k=None, seeds=None, slots=1,
-                 progress=None):
-    """Completions as token lists (the stop token included when produced): out[i][j] is sample j of prompts[i],
-    at most budgets[i] tokens. slots=1: one prompt at a time through engine.generate_batch (one prefill, the
-    samples decode together). slots>1: continuous batching of every (prompt, sample) pair over that many cache
-    rows (picochat.engine.Scheduler): a finished row takes the next pair at once, so the batch stays full."""
-    seeds = seeds or [0] * len(prompts)
-    total = len(prompts) * num_samples
-    if slots <= 1:
-        out = []
-        for p, b, s in zip(prompts, budgets, seeds):
-            seqs, _ = engine.generate_batch(p, num_samples=num_samples, max_tokens=b, temperature=temperature,
-                                            top_k=top_k, seed=s)
-            out.append([list(q[len(p):]) for q in seqs])
-            if progress:
-                progress(len(out) * num_samples, total)
-        return out
-    from picochat.engine import Scheduler, Request
-    out = [[[] for _ in range(num_samples)] for _ in prompts]
-    state = {"left": total, "errors": []}
-    cond = threading.Condition()
-
-    def emitter(i, j):
-        def emit(event):  # called on the scheduler thread
-            if event[0] == "token":
-                out[i][j].append(event[1])
-                return
-            with cond:
-                if str(event[1]).startswith("error"):
-                    state["errors"].append(event[1])
-                state["left"] -= 1
-                cond.notify_all()
-        return emit
-
-    sched = Scheduler(engine, slots=slots, max_queue=total).start()
-    try:
-        for i, (p, b, s) in enumerate(zip(prompts, budgets, seeds)):
-            for j in range(num_samples):
-                sched.submit(Request(prompt=list(p), max_tokens=b, temperature=temperature, top_k=top_k,
-                                     seed=s * 1_000_003 + j, emit=emitter(i, j)))
-        reported = 0
-        with cond:
-            while state["left"] > 0:
-                cond.wait(timeout=2.0)
-                done = total - state["left"]
-                if progress and done - reported >= max(1, total // 10):
-                    progress(done, total)
-                    reported = done
-    finally:
-        sched.stop()
-    if state["errors"]:
-        raise RuntimeError(f"generation failed: {state['errors'][0]}")
-    return out
-
-
 def run_chat_task(task, model, tokenizer, device, items, engine=None, num_samples=1, batch_size=32,
                   temperature=0.0, top_k=None, max_tokens=None, autocast=None, rank=0, world=1, seed=0,
                   log=print0):
@@ -210,7 +154,7 @@ def run_chat_task(task, model, tokenizer, device, items, engine=None, num_sample
         acc = correct / max(1, total)
         result = {"kind": "choice", "correct": int(correct), "total": int(total), "accuracy": acc, "pass@1": acc}
     else:
-        from picochat.replies import reply_text
+        from picochat.replies import generate_all, reply_text
         if engine is None:
             from picochat.engine import Engine
             engine = Engine(model, tokenizer, tool=True)

@@ -1,4 +1,5 @@
-"""Greedy chat replies and how to read them, for the fine-tuning stages (SFT's chat eval, RL's rewards and evals).
+"""Chat replies generated offline, in batches, and how to read them: for the chat evals (evaluate), SFT's chat eval
+and RL's rewards and evals.
 
 A reply is the list of tokens generated after <|assistant_start|>, ending in <|assistant_end|> when the model
 closed its turn."""
@@ -50,6 +51,60 @@ def reply_text(tokenizer, completion):
     while tokens and tokens[-1] in stops:
         tokens.pop()
     return tokenizer.decode(tokens)
+
+
+def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k=None, seeds=None, slots=1,
+                 progress=None):
+    """Completions as token lists (the stop token included when produced): out[i][j] is sample j of prompts[i],
+    at most budgets[i] tokens. slots=1: one prompt at a time through engine.generate_batch (one prefill, the
+    samples decode together). slots>1: continuous batching of every (prompt, sample) pair over that many cache
+    rows (picochat.engine.Scheduler): a finished row takes the next pair at once, so the batch stays full."""
+    seeds = seeds or [0] * len(prompts)
+    total = len(prompts) * num_samples
+    if slots <= 1:
+        out = []
+        for p, b, s in zip(prompts, budgets, seeds):
+            seqs, _ = engine.generate_batch(p, num_samples=num_samples, max_tokens=b, temperature=temperature,
+                                            top_k=top_k, seed=s)
+            out.append([list(q[len(p):]) for q in seqs])
+            if progress:
+                progress(len(out) * num_samples, total)
+        return out
+    out = [[[] for _ in range(num_samples)] for _ in prompts]
+    state = {"left": total, "errors": []}
+    cond = threading.Condition()
+
+    def emitter(i, j):
+        def emit(event):  # called on the scheduler thread
+            if event[0] == "token":
+                out[i][j].append(event[1])
+                return
+            with cond:
+                if str(event[1]).startswith("error"):
+                    state["errors"].append(event[1])
+                state["left"] -= 1
+                cond.notify_all()
+        return emit
+
+    sched = Scheduler(engine, slots=slots, max_queue=total).start()
+    try:
+        for i, (p, b, s) in enumerate(zip(prompts, budgets, seeds)):
+            for j in range(num_samples):
+                sched.submit(Request(prompt=list(p), max_tokens=b, temperature=temperature, top_k=top_k,
+                                     seed=s * 1_000_003 + j, emit=emitter(i, j)))
+        reported = 0
+        with cond:
+            while state["left"] > 0:
+                cond.wait(timeout=2.0)
+                done = total - state["left"]
+                if progress and done - reported >= max(1, total // 10):
+                    progress(done, total)
+                    reported = done
+    finally:
+        sched.stop()
+    if state["errors"]:
+        raise RuntimeError(f"generation failed: {state['errors'][0]}")
+    return out
 
 
 def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):

@@ -12,9 +12,9 @@ from picochat import checkpoint
 from picochat.cli import main
 from picochat.common import home_dir
 from picochat.evaluate import (bits_per_byte, pass_at_k, choice_predictions, run_chat_task, chat_tasks, chatcore,
-                               select_chat_tasks, letter_ids, generate_all)
+                               select_chat_tasks, letter_ids)
 from picochat.model import GPT, GPTConfig
-from picochat.replies import reply_text
+from picochat.replies import generate_all, reply_text
 from picochat.tasks import arc, mmlu, gsm8k, spelling, humaneval
 from picochat.tasks.common import mc_user_message
 from picochat.tokenizer import Tokenizer
