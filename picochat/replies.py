@@ -108,30 +108,16 @@ def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k
 
 
 def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):
-    """Greedy replies (completion token lists) to a list of conversations, with the Python tool live. The
-    prompts are decoded together, `slots` at a time, by the engine's continuous-batching scheduler."""
+    """Greedy replies (completion token lists) to a list of conversations, with the Python tool live, decoded
+    together `slots` at a time by generate_all. A prompt that leaves no room in the model's context gets the empty
+    reply (which scores as wrong); a generation that fails raises, as in generate_all, rather than scoring as a
+    wrong reply."""
     engine = Engine(model, tokenizer, tool=True)
     ids = [tokenizer.render_for_completion(conv) for conv in prompts]
     out = [[] for _ in ids]
     todo = [i for i, p in enumerate(ids) if len(p) < model.config.sequence_len]
-    if not todo:
-        return out
-    finished = threading.Semaphore(0)
-
-    def emitter(i):
-        def emit(event):
-            if event[0] == "token":
-                out[i].append(event[1])
-            else:
-                finished.release()
-        return emit
-
-    sched = Scheduler(engine, slots=min(slots, len(todo)), max_queue=len(todo)).start()
-    try:
-        for i in todo:
-            sched.submit(Request(prompt=ids[i], max_tokens=max_tokens, temperature=0.0, emit=emitter(i)))
-        for _ in todo:
-            finished.acquire()
-    finally:
-        sched.stop()
+    if todo:
+        replies = generate_all(engine, [ids[i] for i in todo], [max_tokens] * len(todo), slots=min(slots, len(todo)))
+        for i, r in zip(todo, replies):
+            out[i] = r[0]
     return out

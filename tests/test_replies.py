@@ -1,6 +1,8 @@
 import pytest
 
-from picochat.replies import reply_text
+from picochat import engine as engine_module
+from picochat.model import GPT, GPTConfig
+from picochat.replies import generate_all, greedy_replies, reply_text
 from picochat.tokenizer import Tokenizer
 
 
@@ -18,3 +20,20 @@ def test_reply_text_drops_only_the_trailing_stop_tokens(tok):
     assert reply_text(tok, tok.encode("#### 5")) == "#### 5"  # cut off by its budget
     assert reply_text(tok, tok.encode("#### 4") + [end] + tok.encode(" #### 5") + [end]) == \
         "#### 4<|assistant_end|> #### 5"
+
+
+def test_a_failed_generation_raises_instead_of_scoring_as_wrong(tok, monkeypatch):
+    """SFT's and RL's greedy replies and the chat evals share generate_all: a decode step that fails stops the
+    evaluation with the error rather than counting the cut-off replies as wrong answers."""
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=64, head_dim=32)).init_weights(seed=0)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 2 + 3?", "Hi", "Count to three.")]
+    assert len(greedy_replies(model, tok, prompts, 4)) == 3
+
+    def broken(self):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(engine_module.Scheduler, "_step", broken)
+    with pytest.raises(RuntimeError, match="generation failed: error: RuntimeError: out of memory"):
+        greedy_replies(model, tok, prompts, 4)
+    ids = [tok.render_for_completion(c) for c in prompts]
+    with pytest.raises(RuntimeError, match="generation failed"):
+        generate_all(engine_module.Engine(model, tok, tool=True), ids, [4] * 3, slots=2)
