@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, pick_run
 from picochat import fastpath
+from picochat.sandbox import describe_sandbox
 
 
 @torch.no_grad()
@@ -424,6 +425,7 @@ def chat_cli(args):
         if task.kind == "generate" and engine is None:
             from picochat.engine import Engine
             engine = Engine(model, tokenizer, tool=True)
+            print0(describe_sandbox())
         print0(f"{task.name}: {len(items)} problems" + (f", {args.num_samples} samples each at temperature "
                                                          f"{temperature}" if task.kind == "generate" else ""))
         r = run_chat_task(task, model, tokenizer, device, items, engine, args.num_samples, args.batch_size,

@@ -86,7 +86,10 @@ import re
 import sys
 import ast
 import math
+import stat
 import time
+import fcntl
+import platform
 import random
 import shutil
 import signal
@@ -101,6 +104,7 @@ _UID_BASE = 1_500_000_000   # per-run uids live far above any real account (no p
 _CHILD_DIR = "/tmp/sandbox"  # the code's cwd and HOME inside the mount namespace (a private tmpfs)
 _SETUP_FAILED = 125          # bootstrap exit code: the sandbox itself could not be set up
 _MAX_PROCS = 64              # run_python's default RLIMIT_NPROC (processes + threads)
+_TMPFS_MAX_MB, _TMPFS_INODES = 256, 4096  # the private /tmp: at most this size (and memory_mb), files+folders
 # the namespace probe: one tiny run; a generous wall clock, so a slow machine is not taken for one
 # without namespaces
 _PROBE_TIMEOUT, _PROBE_MEMORY_MB, _PROBE_MAX_OUTPUT = 10.0, 256, 1000
@@ -142,7 +146,9 @@ _uids_in_use = set()
 
 
 def sandbox_info() -> dict:
-    """What containment this machine gives, detected once at first use with a real sandboxed run."""
+    """What containment this machine gives, detected once at first use with real sandboxed runs, strongest
+    first. Keys: mode ("strong": namespaces with the minimal root, and seccomp; else "weak"), root,
+    namespaces, seccomp, unshare, setpriv, note (why a layer is missing)."""
     global _probe_result
     if _probe_result is not None:
         return _probe_result
@@ -150,8 +156,8 @@ def sandbox_info() -> dict:
         if _probe_result is not None:
             return _probe_result
         root = os.geteuid() == 0
-        info = {"root": root, "namespaces": False, "setpriv": None, "unshare": shutil.which("unshare"),
-                "note": ""}
+        info = {"root": root, "namespaces": False, "seccomp": False, "setpriv": None,
+                "unshare": shutil.which("unshare"), "note": ""}
         setpriv = shutil.which("setpriv")
         if setpriv:  # --pdeathsig needs util-linux >= 2.33
             try:
@@ -160,33 +166,84 @@ def sandbox_info() -> dict:
             except (OSError, subprocess.SubprocessError):
                 pass
         mode = os.environ.get("PICOCHAT_SANDBOX", "auto")
-        if mode != "basic" and info["unshare"]:
-            r = _run(info | {"namespaces": True}, "print(6 * 7)", timeout=_PROBE_TIMEOUT,
+        notes = []
+        if mode == "basic":
+            notes.append("PICOCHAT_SANDBOX=basic")
+        elif not info["unshare"]:
+            notes.append("unshare(1) not found")
+        seccomps = [True, False] if platform.machine() in ("x86_64", "aarch64") else [False]
+        if not seccomps[0]:
+            notes.append(f"no seccomp filter for {platform.machine()}")
+        for ns, sc in [(ns, sc) for ns in ([True] if mode != "basic" and info["unshare"] else []) + [False]
+                       for sc in seccomps]:
+            r = _run(info | {"namespaces": ns, "seccomp": sc}, "print(6 * 7)", timeout=_PROBE_TIMEOUT,
                      memory_mb=_PROBE_MEMORY_MB, max_output=_PROBE_MAX_OUTPUT, stdin="", max_procs=_MAX_PROCS,
                      guard=True)
             if r.status == "ok" and r.stdout.strip() == "42":
-                info["namespaces"] = True
-            else:
-                info["note"] = f"namespaces unavailable: {r.status}: {(r.reason or r.stderr).strip()[:300]}"
-        elif mode != "basic":
-            info["note"] = "unshare(1) not found"
+                info["namespaces"], info["seccomp"] = ns, sc
+                break
+            notes.append(f"{'namespaces' if ns else 'basic'}{' + seccomp' if sc else ''} failed: {r.status}: "
+                         f"{(r.reason or r.stderr).strip()[:300]}")
+        info["mode"] = "strong" if info["namespaces"] and info["seccomp"] else "weak"
+        info["note"] = "; ".join(notes)
         if mode == "ns" and not info["namespaces"]:
             raise RuntimeError(f"PICOCHAT_SANDBOX=ns but {info['note']}")
         _probe_result = info
         return info
 
 
-def _alloc_uid() -> int:
-    with _uid_lock:
-        while True:
-            uid = _UID_BASE + random.randrange(1 << 20)
-            if uid not in _uids_in_use:
-                _uids_in_use.add(uid)
-                return uid
+def describe_sandbox() -> str:
+    """One line for a command's start: what the Python tool's sandbox gives on this machine."""
+    info = sandbox_info()
+    if info["mode"] == "strong":
+        return ("sandbox: strong (" + ("fresh uid, " if info["root"] else "") +
+                "own root with only the Python install, no network, seccomp, namespaces)")
+    return ("sandbox: WEAK, code the model writes can read world-readable files" +
+            ("" if info["namespaces"] else ", reach the network through the guard's gaps") +
+            f" ({info['note'] or 'no seccomp'})")
 
 
-def _free_uid(uid: int):
+def _uid_lock_dir() -> str:
+    """A folder only root can write, shared by every process on this machine that runs sandboxes."""
+    path = os.path.join(tempfile.gettempdir(), "picochat-sandbox-uids")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise RuntimeError(f"{path} is not a folder of root's with mode 0700: refusing to trust its uid locks")
+    return path
+
+
+def _alloc_uid():
+    """A uid no other run on this machine holds, in this process or another (two RL ranks, an eval beside a
+    server): each run holds an flock on <lock dir>/<uid> while it lives. Returns (uid, fd)."""
+    folder = _uid_lock_dir()
+    while True:
+        uid = _UID_BASE + random.randrange(1 << 20)
+        with _uid_lock:
+            if uid in _uids_in_use:
+                continue
+            path = os.path.join(folder, str(uid))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:  # not unlinked meanwhile
+                    _uids_in_use.add(uid)
+                    return uid, fd
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            os.close(fd)
+
+
+def _free_uid(uid: int, fd: int):
     with _uid_lock:
+        try:  # unlink before unlocking: whoever opened the old file sees it unlinked and draws again
+            os.unlink(os.path.join(_uid_lock_dir(), str(uid)))
+        except OSError:
+            pass
+        os.close(fd)
         _uids_in_use.discard(uid)
 
 
@@ -282,10 +339,15 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     """run_python with the containment given by info (sandbox_info() or a variant of it, e.g. namespaces
     off); every limit is explicit, the defaults live in run_python."""
     t0 = time.monotonic()
-    ns, root = info["namespaces"], info["root"]
-    uid = _alloc_uid() if root else -1
-    layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "ro-fs"] if ns else [])
-    isolation = ",".join(layers + ["rlimits"] + (["guard"] if guard else []))
+    ns, root, seccomp = info["namespaces"], info["root"], info["seccomp"]
+    layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "own-root"] if ns else [])
+    isolation = ",".join(layers + (["seccomp"] if seccomp else []) + ["rlimits"] + (["guard"] if guard else []))
+    try:  # never raises for what it is given: text the child could not read is the code's error
+        code_bytes, stdin_bytes = code.encode("utf-8"), stdin.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return SandboxResult("error", "", "", None, f"the program or its stdin is not valid text: {e.reason}",
+                             time.monotonic() - t0, isolation=isolation)
+    uid, uid_fd = _alloc_uid() if root else (-1, None)
     workdir = tempfile.mkdtemp(prefix="picochat-sbx-")  # 0700, ours: holds the program and its stdin
     child_dir = _CHILD_DIR if ns else workdir
     cpu = int(math.ceil(timeout)) + 1
@@ -298,13 +360,13 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     returncode, cpu_time = None, 0.0
     try:
         code_path, stdin_path = os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin")
-        with open(code_path, "w", encoding="utf-8") as f:
-            f.write(code)
-        with open(stdin_path, "w", encoding="utf-8") as f:
-            f.write(stdin)
-        cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "uid": uid, "ns": int(ns),
-               "guard": int(guard), "mem": memory_mb, "cpu": cpu, "nproc": nproc,
-               "tmpfs_mb": min(memory_mb, 256), "hide": os.path.expanduser("~") if ns and not root else ""}
+        with open(code_path, "wb") as f:
+            f.write(code_bytes)
+        with open(stdin_path, "wb") as f:
+            f.write(stdin_bytes)
+        cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "stage": workdir, "uid": uid,
+               "ns": int(ns), "seccomp": int(seccomp), "guard": int(guard), "mem": memory_mb, "cpu": cpu,
+               "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES}
         cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
         cmd += [f"{k}={v}" for k, v in cfg.items()]
         if ns:
@@ -386,7 +448,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 proc.returncode = -signal.SIGKILL
         shutil.rmtree(workdir, ignore_errors=True)
         if uid >= 0:
-            _free_uid(uid)
+            _free_uid(uid, uid_fd)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     if ns and returncode is not None:
         returncode, stderr = _ns_exit(returncode, stderr)

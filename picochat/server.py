@@ -58,6 +58,7 @@ from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRe
                                  echo_logprobs, error_body, finish_reason, parse_prompts, room, sampling_params, sse,
                                  text_chunk, text_usage_chunk, usage)
 from picochat.openai_api import completion as completion_body
+from picochat.sandbox import describe_sandbox, sandbox_info
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("picochat.server")
@@ -561,6 +562,20 @@ class ServerThread:
         self.stop()
 
 
+def tool_policy(*, no_tool: bool, allow_weak: bool) -> tuple[bool, str]:
+    """Whether `serve` runs the model's tool calls, and the lines that say so. Any client can steer the model
+    into writing code (raw token ids through /v1/completions make it easy), so the code runs only in a strong
+    sandbox, or in a weak one when the operator accepted it with --allow-weak-sandbox."""
+    if no_tool:
+        return False, "tool: off (--no-tool)"
+    line = describe_sandbox()
+    if sandbox_info()["mode"] == "strong" or allow_weak:
+        return True, line + ("\ntool: on, in the weak sandbox (--allow-weak-sandbox)" if allow_weak and
+                             sandbox_info()["mode"] != "strong" else "")
+    return False, (line + "\ntool: OFF: in this sandbox a client could make the model read this machine's files; "
+                   "run where namespaces work (root, or user namespaces enabled), or pass --allow-weak-sandbox")
+
+
 def add_parser(sub):
     from picochat.chat import add_model_args
     p = sub.add_parser("serve", help="serve the web UI and an OpenAI-compatible API",
@@ -574,6 +589,9 @@ def add_parser(sub):
     g.add_argument("--model-name", default="", help="the model id clients see (default: picochat-<run>-<stage>)")
     g.add_argument("--slots", type=int, default=8, help="requests decoded together (cache rows)")
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s")
+    g.add_argument("--allow-weak-sandbox", action="store_true",
+                   help="run the model's tool calls even where the sandbox is weak (no namespaces or seccomp: code "
+                        "a client steers the model into writing could read this machine's world-readable files)")
     g = p.add_argument_group("limits per request")
     d = Limits()
     g.add_argument("--max-messages", type=int, default=d.max_messages)
@@ -600,8 +618,10 @@ def serve_cli(args):
     limits = Limits(max_messages=args.max_messages, max_chars=args.max_chars, max_tokens=args.max_tokens_limit,
                     max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     name = args.model_name or f"picochat-{info['run']}-{info['stage']}"
+    tool, tool_lines = tool_policy(no_tool=args.no_tool, allow_weak=args.allow_weak_sandbox)
+    print(tool_lines)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or None, limits=limits,
-                     slots=args.slots, max_queue=args.max_queue, tool=not args.no_tool, compile=args.compile,
+                     slots=args.slots, max_queue=args.max_queue, tool=tool, compile=args.compile,
                      threads=threads, notes=info)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
