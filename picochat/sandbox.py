@@ -19,8 +19,9 @@ evaluate_expression returns text, never raises: ints as digits, integral floats 
 "2"), other floats to 10 significant digits, strings without quotes, anything else as repr; None on
 any failure. The training data's tool outputs must be rendered with the same format_value.
 
-What is contained, in layers (`sandbox_info()` says which layers this machine gives; `run_python`
-picks the strongest, probing once):
+What is contained, in layers (`sandbox_info()` says which layers this machine gives and whether that makes
+the sandbox "strong" or "weak"; `describe_sandbox()` says it in one line; `run_python` picks the strongest,
+probing once):
 
   always (any user, any Linux):
     - wall time: the parent kills the whole process group at `timeout` (then sweeps by uid, see below).
@@ -31,50 +32,55 @@ picks the strongest, probing once):
       (status "output_limit"), so a print loop cannot fill the caller's memory.
     - environment: only PATH, LANG/LC_ALL, HOME and TMPDIR (inside the sandbox dir), USER, PYTHONHASHSEED=0
       and a few PYTHON*/MALLOC settings; the parent's secrets are not passed.
+    - a fresh session keyring: keys in the caller's session keyring are not the code's to read.
+    - oom_score_adj 1000 and nice 10: under memory pressure the kernel kills the sandbox, not the server
+      holding the model, and the code yields the CPU to it.
     - cwd: a private temp dir, deleted afterwards; no_new_privs (setuid binaries give nothing).
     - a guard inside the child (on by default, `guard=False` turns it off to test the real
       containment): imports of socket/ctypes/subprocess/multiprocessing/... fail; os.system, fork,
       exec*, spawn*, kill, setuid... raise PermissionError; writes, deletes, renames, chmods outside
       the sandbox dir raise PermissionError. It is a speed bump against accidents, NOT a security
       boundary: pure Python can get around it. The layers below are the containment.
+  on x86_64 and aarch64 (seccomp; see _DENIED in sandbox_child.py): no sockets of any family (AF_VSOCK and
+    AF_UNIX included), no new namespaces, no mounts, no keyctl, bpf, io_uring, userfaultfd, perf_event_open,
+    ptrace or reads of other processes' memory, no kernel modules. Another syscall ABI (i386, x32) is refused.
   as root:
-    - a fresh unprivileged uid/gid per run (random in [_UID_BASE, _UID_BASE + 2^20), no groups): the
-      code cannot touch root's files, other users' 0700/0600 files, or other sandboxes' processes, and
-      RLIMIT_NPROC (default 64 processes+threads) is enforced (the kernel does not enforce it for root,
-      and a uid shared by concurrent runs, like `nobody`, would let one run's fork bomb starve the
-      others). After the run every live process of that uid is killed (fork bombs that called
+    - a fresh unprivileged uid/gid per run (random in [_UID_BASE, _UID_BASE + 2^20), no groups, held with an
+      flock so that no other process on the machine draws it at the same time): the code cannot touch root's
+      files or other sandboxes' processes, and RLIMIT_NPROC (default 64 processes+threads) is enforced (the
+      kernel does not enforce it for root, and a uid shared by concurrent runs would let one run's fork bomb
+      starve the others). After the run every live process of that uid is killed (fork bombs that called
       setsid() to leave the process group included).
-  when namespaces work (root, or an unprivileged user where user namespaces are enabled; probed with
-  a real run at first use, via util-linux `unshare`):
-    - network namespace: no interfaces but a down loopback; connect() to anything, 127.0.0.1
-      included, fails with ENETUNREACH.
+  when namespaces work (root, or an unprivileged user where user namespaces are enabled; via util-linux
+  `unshare`):
+    - its own root: an empty tmpfs holding read-only binds of only the interpreter's stdlib folders, the
+      system's shared-library folders (/lib, /usr/lib, ...: extension modules load from them), /etc/ld.so.cache
+      and /dev/{null,zero,full,random,urandom}, plus a private tmpfs on /tmp (min(memory_mb, 256) MB and 4,096
+      inodes; the code runs in /tmp/sandbox), made the root with pivot_root. The host's files (the repository,
+      checkpoints, /etc, /home), its sockets (/run, /dev/log) and /proc and /sys are not there at all.
+    - network namespace: no interfaces but a down loopback (and no socket() anyway, above).
     - PID namespace: a tiny init (the bootstrap) is PID 1 and the code runs as its child, so it sees
-      only its own processes in /proc, keeps ordinary signal semantics, and when it exits or is
-      killed the init exits and the kernel kills every process the code left behind.
-    - mount namespace: every mount is remounted read-only (for this child only) and a fresh tmpfs
-      (size min(memory_mb, 256) MB) is mounted on /tmp; the code runs in /tmp/sandbox. Writes
-      anywhere else fail with EROFS, even to world-writable dirs like /var/tmp or /dev/shm.
+      only its own processes, keeps ordinary signal semantics, and when it exits or is killed the init
+      exits and the kernel kills every process the code left behind.
     - IPC and UTS namespaces (System V IPC, hostname).
     - as an unprivileged user (no uid to switch to) the code keeps the caller's uid inside a user
-      namespace with all capabilities dropped after setup; the read-only mounts, the tmpfs, the netns
-      and the PID namespace still hold, and a tmpfs hides the caller's home directory.
+      namespace with all capabilities dropped after setup; everything above still holds.
+
+"strong" = namespaces and seccomp. `serve` runs the model's tool calls only in a strong sandbox unless it is
+given --allow-weak-sandbox; chat, RL and the evals say which one they have.
 
 What is NOT contained (know this before exposing it to strangers):
-    - reading world-readable files (the repo, /etc, /usr, /sys, ...): the file system is read-only,
-      not hidden. Files readable only by the caller are safe via the uid switch (root) or, for an
-      unprivileged caller with namespaces, only those under its home directory (hidden by a tmpfs).
-      The caller's environment is never passed; /proc/<caller>/environ is out of reach through the
-      fresh /proc of the PID namespace or, without one, the uid switch (an unprivileged caller
-      without namespaces has neither).
-    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb.
-      A cgroup (memory.max, pids.max) would bound the total; we do not create cgroups (they need
-      root and a delegated hierarchy, and would nest under whatever supervises the caller).
-    - CPU share: a run can use every core until its limits hit (no cgroup cpu quota, no nice).
-    - kernel attack surface: no seccomp filter; a kernel exploit escapes everything above.
-    - without namespaces (no unshare(1), or namespaces disallowed): no network isolation beyond the
-      guard, world-writable dirs (/tmp, /var/tmp, /dev/shm) are writable by the code (as its own
-      uid when root), and a process that leaves the process group survives cleanup unless we are
-      root (uid sweep). `PICOCHAT_SANDBOX=basic` forces this mode, `=ns` demands namespaces.
+    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb
+      (the calculator tool: 4 x 128 MB). A cgroup (memory.max, pids.max) would bound the total; we do not
+      create cgroups (they need a delegated cgroup v2 hierarchy, and would nest under whatever supervises
+      the caller).
+    - CPU share: a run can use every core (at nice 10) until its limits hit (no cgroup cpu quota).
+    - kernel attack surface beyond the seccomp list: a kernel exploit through an allowed syscall escapes.
+    - in the weak sandbox (no namespaces: no unshare(1), or namespaces disallowed, as in Docker without
+      CAP_SYS_ADMIN; `PICOCHAT_SANDBOX=basic` forces it, `=ns` demands namespaces): the code can read every
+      world-readable file (the repository, /etc, /proc, where the server's command line is), world-writable
+      dirs (/tmp, /var/tmp, /dev/shm) are writable (as its own uid when root), and a process that leaves the
+      process group survives cleanup unless we are root (uid sweep).
     - if the caller is SIGKILLed mid-run: with namespaces everything dies (PR_SET_PDEATHSIG on unshare
       via setpriv(1), re-armed by the bootstrap on PID 1); without them the code dies but processes
       it moved to their own session survive until RLIMIT_CPU or their own end. Either way its empty
@@ -109,7 +115,7 @@ _TMPFS_MAX_MB, _TMPFS_INODES = 256, 4096  # the private /tmp: at most this size 
 # without namespaces
 _PROBE_TIMEOUT, _PROBE_MEMORY_MB, _PROBE_MAX_OUTPUT = 10.0, 256, 1000
 # the calculator tool's runs: one expression's value, not a program's output
-_EVAL_MEMORY_MB, _EVAL_MAX_OUTPUT = 256, 16_000
+_EVAL_MEMORY_MB, _EVAL_MAX_PROCS, _EVAL_MAX_OUTPUT = 128, 4, 16_000
 
 
 @dataclass
@@ -131,7 +137,7 @@ class SandboxResult:
 # -----------------------------------------------------------------------------
 # The bootstrap: trusted code that runs first in the child, as root when we are root. It reads the
 # program, sets up mounts and limits, drops privileges, installs the guard, then runs the program.
-# It imports only os, sys, resource and ctypes, so a run costs ~25 ms end to end. Its contract is at the
+# It imports only os, sys, resource and ctypes, so a run starts fast. Its contract is at the
 # top of sandbox_child.py; it is passed as text with -c, never by path (see there why).
 
 _BOOTSTRAP = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
@@ -605,8 +611,8 @@ def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
         pass
     except (ArithmeticError, ValueError, TypeError, RecursionError):
         return None
-    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB,
-                   max_output=_EVAL_MAX_OUTPUT, stdin=expr)
+    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB, max_output=_EVAL_MAX_OUTPUT,
+                   stdin=expr, max_procs=_EVAL_MAX_PROCS)
     if r.status != "ok":
         return None
     text = r.stdout

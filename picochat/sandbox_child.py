@@ -7,7 +7,10 @@ never by its path, so that the script's folder never lands on the child's sys.pa
 no access to this file. Any change here changes what every sandboxed run starts with.
 
 What it guards (see picochat/sandbox.py for the layers the parent adds around it):
-    - mounts (ns=1): every mount read-only, a fresh tmpfs on /tmp, a tmpfs over the caller's home (hide).
+    - its own root (ns=1): a tmpfs with read-only binds of only what the interpreter needs and a private
+      /tmp, made the root with pivot_root; the host's tree is detached.
+    - a fresh session keyring, oom_score_adj 1000, nice 10.
+    - seccomp (seccomp=1): the syscalls in _DENIED fail, as do clone with a CLONE_NEW* flag and clone3.
     - rlimits: CPU, address space, file size, open files, processes+threads, no core dumps, no mlock.
     - privileges: no_new_privs; a fresh uid/gid and no groups (uid >= 0), or every capability dropped
       inside a user namespace; the parent-death signal re-armed after the credential change.
@@ -24,7 +27,9 @@ What it expects from the parent:
         ns        1 inside fresh net/pid/mount/ipc/uts namespaces (and a user namespace unless root), else 0
         guard     1 to install the guard, else 0
         mem       RLIMIT_AS in MB;  cpu  RLIMIT_CPU in s (hard limit cpu+1);  nproc  RLIMIT_NPROC
-        tmpfs_mb  size of the /tmp tmpfs (ns=1);  hide  a folder to cover with a tmpfs, or empty
+        stage     an existing folder of the parent's where the new root is built (ns=1)
+        seccomp   1 to install the seccomp filter (x86_64 and aarch64), else 0
+        tmpfs_mb  size of the /tmp tmpfs (ns=1);  inodes  its file+folder cap
     - env: the whole environment, built by the parent (no secrets; HOME and TMPDIR = work).
     - fds: 0 is the stdin file, 1 and 2 are the parent's pipes; nothing else is expected open.
 
