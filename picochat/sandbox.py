@@ -107,6 +107,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _UID_BASE = 1_500_000_000   # per-run uids live far above any real account (no passwd entry needed)
+_UID_LOCK_DIR = "/tmp/picochat-sandbox-uids"
 _CHILD_DIR = "/tmp/sandbox"  # the code's cwd and HOME inside the mount namespace (a private tmpfs)
 _SETUP_FAILED = 125          # bootstrap exit code: the sandbox itself could not be set up
 _MAX_PROCS = 64              # run_python's default RLIMIT_NPROC (processes + threads)
@@ -210,8 +211,9 @@ def describe_sandbox() -> str:
 
 
 def _uid_lock_dir() -> str:
-    """A folder only root can write, shared by every process on this machine that runs sandboxes."""
-    path = os.path.join(tempfile.gettempdir(), "picochat-sandbox-uids")
+    """A folder only root can write, shared by every process on this machine that runs sandboxes (a fixed path:
+    processes with different TMPDIRs must still see each other's locks)."""
+    path = _UID_LOCK_DIR
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
