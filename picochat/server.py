@@ -529,7 +529,7 @@ async def api_error(request, e):
 async def validation_error(request, e):
     """pydantic's complaints about the body (FastAPI's RequestValidationError) as one 400 message: the first
     three problems, param the first one's field. A value refused by a check (such as a lone surrogate) says more
-    than the other members of its union refusing its type, so those complaints come first."""
+    than the other members of its union refusing its type, so then only those are told."""
     errors = e.errors()
     errors = [err for err in errors if err.get("type") == "value_error"] or errors
     if any(err.get("type") == "json_invalid" for err in errors):
@@ -537,12 +537,14 @@ async def validation_error(request, e):
     if errors and tuple(errors[0].get("loc", ())) == ("body",):
         return _json(error_body("the request body must be a JSON object (Content-Type: application/json)",
                                 code="invalid_json"), 400)
-    msgs = []
-    for err in errors[:3]:
-        loc = ".".join(str(x) for x in err.get("loc", ())[1:]) or "body"
-        msgs.append(f"{loc}: {err.get('msg', 'invalid')}")
-    first = ".".join(str(x) for x in errors[0].get("loc", ())[1:]) if errors else None
-    return _json(error_body("invalid request: " + "; ".join(msgs), param=first or None), 400)
+    msgs = [f"{_field(err) or 'body'}: {err.get('msg', 'invalid')}" for err in errors[:3]]
+    return _json(error_body("invalid request: " + "; ".join(msgs), param=_field(errors[0]) or None), 400)
+
+
+def _field(err):
+    """The field a pydantic error is about, as "messages.0.content" (without "body" and the union members' type
+    tags such as "list[int]")."""
+    return ".".join(str(x) for x in err.get("loc", ())[1:] if not (isinstance(x, str) and "[" in x))
 
 
 async def http_error(request, e):

@@ -516,10 +516,14 @@ def test_hostile_text_and_bodies(server, model, tok):
              ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}], "stream": true}'),
              ("/v1/chat/completions",
               b'{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % lone)]
+    params = []
     for path, body in cases:
         r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400, (body, r.text)
         assert "lone UTF-16 surrogate" in r.json()["error"]["message"]
+        params.append(r.json()["error"]["param"])
+    assert params == ["prompt", "prompt.1", "prompt", "stop", "messages.0.content", "messages.0.content",
+                      "messages.0.content.0.text"]
     pair = b'{"prompt": "\\ud83d\\ude00", "echo": true, "max_tokens": 1}'  # a proper pair is one character
     r = httpx.post(url + "/v1/completions", content=pair, headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("\U0001F600")
