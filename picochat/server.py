@@ -54,6 +54,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import threading
@@ -79,12 +80,15 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 EVERY_INTERFACE = ("0.0.0.0", "::")
 
 
+_HOST = re.compile(r"\[([0-9a-f:.]*)\](?::[0-9]*)?|([^:\[\]]*)(?::[0-9]*)?")
+
+
 def host_name(header):
-    """The name in a Host header (or a --host value), lowercase, without its port: "[::1]:8000" -> "::1"."""
+    """The name in a Host header (or a --host value), lowercase, without its port: "[::1]:8000" -> "::1"; a value
+    that is no name with an optional port comes back whole ("a:1@b", "::1"), which no check allows by mistake."""
     h = header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.index("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    m = _HOST.fullmatch(h)
+    return (m.group(1) if m.group(1) is not None else m.group(2)) if m else h
 
 
 def allowed_hosts(host, extra=(), *, api_key=None):

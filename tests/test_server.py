@@ -474,7 +474,8 @@ def test_only_the_allowed_host_names_are_answered(server, model, tok):
     """DNS rebinding: a page whose name now points at 127.0.0.1 reaches the server with its own Host; refused
     (421), on every path. The loopback names, with any port, are answered."""
     url = server.url
-    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"):
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
+                 "127.0.0.1:8000@evil.example", "localhost:80:80", "[::1]x", "localhost:8o", ""):
         for path in ("/", "/info", "/health", "/metrics", "/v1/models"):
             r = httpx.get(url + path, headers={"Host": host})
             assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed", (host, path)
