@@ -78,8 +78,6 @@ log = logging.getLogger("picochat.server")
 # ---- the request guard ----------------------------------------------------------------------------------------
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 EVERY_INTERFACE = ("0.0.0.0", "::")
-
-
 _HOST = re.compile(r"\[([0-9a-f:.]*)\](?::[0-9]*)?|([^:\[\]]*)(?::[0-9]*)?")
 
 
@@ -122,14 +120,13 @@ class Guard:
 
         try:
             refusal = self.refusal(dict(scope.get("headers", [])))
-            body = None if refusal else await _read_body(receive, self.max_body)
-            if body is None and not refusal:
-                refusal = 413, error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
-                                          code="request_too_large")
-            if refusal:
-                await _send_json(send_wrapper, *refusal)
-            else:
+            if refusal is None:
+                body = await _read_body(receive, self.max_body)
+                refusal = self.too_large() if body is None else None
+            if refusal is None:
                 await self.app(scope, _Replay(body, receive), send_wrapper)
+            else:
+                await _send_json(send_wrapper, *refusal)
         except ConnectionError:  # the client left while sending its body
             state["status"] = 499
         finally:
@@ -148,9 +145,12 @@ class Guard:
                     "start it with --allowed-host NAME", code="host_not_allowed")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return 413, error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
-                                   code="request_too_large")
+            return self.too_large()
         return None
+
+    def too_large(self):
+        return 413, error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
+                               code="request_too_large")
 
 
 async def _read_body(receive, limit):
@@ -227,7 +227,8 @@ class Service:
             raise APIError(429, f"the server is full ({self.total} generations queued or running, this request "
                                 f"adds {cost}, at most {self.capacity}): try again shortly",
                            "rate_limit_error", "queue_full")
-        self.in_flight[client], self.total = mine + cost, self.total + cost
+        if cost:  # (a client with nothing in flight has no entry)
+            self.in_flight[client], self.total = mine + cost, self.total + cost
         work = Work(self, client, cost)
         if not stream:
             work.watch(request)

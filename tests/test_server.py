@@ -467,7 +467,10 @@ def test_one_client_cannot_crowd_out_another(model, tok):
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = other.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 200, "logprobs": 20})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
-        assert wait_idle(sched) and svc.total == 0
+        # nothing to generate or score (echo alone) costs nothing and leaves nothing behind
+        r = other.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 0, "echo": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a"
+        assert wait_idle(sched) and svc.total == 0 and svc.in_flight == {}
 
 
 def test_only_the_allowed_host_names_are_answered(server, model, tok):
