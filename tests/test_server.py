@@ -360,6 +360,10 @@ def test_load_and_abuse(server, tok):
     finally:
         sched.min_step_time = 0.0
     assert httpx.get(url + "/health").json()["active"] == 0
+    svc, deadline = server.app.state.service, time.time() + 5
+    while svc.total and time.time() < deadline:  # the dropped streams gave their client's share back
+        time.sleep(0.01)
+    assert svc.total == 0 and svc.in_flight == {}
 
 
 def test_info_tells_the_ui_the_limits(model, tok):
@@ -425,6 +429,23 @@ def test_a_dropped_request_stops_generating(model, tok):
                 time.sleep(0.01)
             assert counter(app, "picochat_http_requests", path=path, status="499") == 1
             assert app.state.service.total == 0 and app.state.service.in_flight == {}
+        # scoring prompts for echo stops too, before the next prompt
+        engine, scored = app.state.engine, []
+        real_score = engine.score
+        engine.score = lambda *a, **k: (scored.append(1), time.sleep(0.05), real_score(*a, **k))[-1]
+        s = raw_post(url, "/v1/completions", {"prompt": ["a b c"] * 40, "max_tokens": 0, "echo": True,
+                                              "logprobs": 1})
+        deadline = time.time() + 30
+        while not scored:
+            assert time.time() < deadline
+            time.sleep(0.005)
+        s.close()
+        deadline = time.time() + 5
+        while app.state.service.total and time.time() < deadline:
+            time.sleep(0.01)
+        assert app.state.service.total == 0 and len(scored) <= 3
+        time.sleep(0.2)
+        assert len(scored) <= 3
 
 
 def test_one_client_cannot_crowd_out_another(model, tok):
