@@ -1,6 +1,6 @@
 """Data pipeline throughput; prints one JSON line.
 
-- download: one ~80 MB file from a local http.server (Range-capable), fetched by picochat.data.download_file
+- download: one ~80 MB file from a local http.server (Range-capable), fetched by picochat.download.download_file
   (with and without its sha256 check; always fsynced) and by `curl` in the same run, interleaved; best of
   --repeats each; ratio = ours / curl throughput.
 - import: `picochat data import` of shared/data/webtext (parquet) -> shards, in MB/s of UTF-8 text.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from picochat import data, demo
+from picochat import data, demo, download
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBTEXT = next((p for p in (ROOT.parent / "shared" / "data" / "webtext" / "webtext_shared.parquet",
@@ -80,7 +80,7 @@ def main():
         def ours(check=True):
             dest = tmp / "ours.bin"
             dest.unlink(missing_ok=True)
-            data.download_file(url, dest, sha256=sha if check else None)
+            download.download_file(url, dest, sha256=sha if check else None)
 
         def curl():
             dest = tmp / "curl.bin"

@@ -1,5 +1,6 @@
 """Shared plumbing: paths, devices and dtypes, distributed init, clear user errors, atomic writes."""
 import os
+import shutil
 import sys
 import json
 import time
@@ -175,6 +176,28 @@ def atomic_save(path, save_fn):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def temp_dir_beside(out):
+    """A temp folder next to out (same filesystem, so the final move is a rename), with normal permissions."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    return tmp
+
+
+def install_dir(tmp, out):
+    """Swap the finished temp folder into place: readers see the old folder or the new one, never a mix."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fail(msg: str, code: int = 2):

@@ -83,7 +83,7 @@ TASK_GROUPS = {"demo": ["demoproblems", "demospelling"], "arc": ["arc-easy", "ar
 
 
 def task_root(task, data=None):
-    from picochat.data import eval_dir
+    from picochat.shards import eval_dir
     return eval_dir(demo=True) if task.demo else (Path(data) if data else eval_dir())
 
 
