@@ -11,13 +11,12 @@ import argparse
 import json
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from picochat.common import UserError, atomic_write_bytes, atomic_write_json, install_dir, temp_dir_beside
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, replacing_dir
 from picochat.download import PRETRAIN_SOURCES, WHAT_SETS, download_pretrain, download_sets
 from picochat.shards import (SHARD_CHARS, open_parquet, read_text, iter_jsonl, pretrain_dir, sft_dir,
                              write_shards)
@@ -106,11 +105,9 @@ def read_documents(path):
     return docs
 
 
-def _prepare_out(out, force):
-    out = Path(out)
+def _check_out(out, force):
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} already has files: pass --force to replace them, or --out DIR for another folder")
-    return temp_dir_beside(out)
 
 
 def import_text(paths, out=None, shard_chars=SHARD_CHARS, val_docs=None, seed=42, force=False):
@@ -120,8 +117,8 @@ def import_text(paths, out=None, shard_chars=SHARD_CHARS, val_docs=None, seed=42
     Holds the documents in memory: fine for a few GB of text."""
     files = _input_files(paths, TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",))
     out = Path(out) if out else pretrain_dir()
-    tmp = _prepare_out(out, force)
-    try:
+    _check_out(out, force)
+    with replacing_dir(out) as tmp:
         docs = []
         for f in files:
             docs.extend(read_documents(f))
@@ -132,9 +129,6 @@ def import_text(paths, out=None, shard_chars=SHARD_CHARS, val_docs=None, seed=42
         shards = write_shards(docs, tmp, shard_chars, val_docs)
         atomic_write_json(tmp / "source.json", {"source": "import", "files": [str(f) for f in files],
                                                 "docs": len(docs), "shards": len(shards), "seed": seed})
-        install_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [out / p.name for p in shards]
 
 

@@ -23,11 +23,10 @@ import ast
 import json
 import operator
 import random
-import shutil
 import time
 from pathlib import Path
 
-from picochat.common import UserError, atomic_write_bytes, atomic_write_json, install_dir, temp_dir_beside
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, replacing_dir
 from picochat.shards import data_dir, write_shards
 from picochat.sandbox import arithmetic_value, format_value
 from picochat.tasks.gsm8k import CALC_RE, answer_to_parts, extract_answer
@@ -558,12 +557,8 @@ def build(out=None, seed=0, scale=1.0):
     """Generate the curriculum into out (default data/demo) atomically: written to a temp folder beside it and
     swapped in at the end, replacing an older one. Returns (out, counts); counts is also out/demo.json."""
     out = Path(out) if out else data_dir(demo=True)
-    tmp = temp_dir_beside(out)
-    try:
+    with replacing_dir(out) as tmp:
         counts = generate(tmp, seed, scale)
-        install_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, counts
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import random
 import re
-import shutil
+import tempfile
 import threading
 import time
 import zipfile
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from picochat.common import UserError, atomic_write_json, temp_dir_beside
+from picochat.common import UserError, atomic_write_json, replacing_dir
 from picochat.shards import check_parquet, eval_dir, pretrain_dir
 
 PRETRAIN_SOURCES = {           # name -> (HF dataset repo, number of shards; the last one is validation)
@@ -296,22 +296,21 @@ def download_sets(names, endpoint=None, workers=8, out=None, **kw):
 
 
 def _unzip_bundle(zip_path, dest):
-    tmp = temp_dir_beside(dest)
-    try:
+    """Unzip the CORE bundle and swap the folder holding its core.yaml in at dest."""
+    with replacing_dir(dest) as tmp, tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.",
+                                                                 suffix=".unzip") as raw:
+        raw = Path(raw)
         with zipfile.ZipFile(zip_path) as z:
             for name in z.namelist():  # refuse paths that would land outside the folder
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise UserError(f"{zip_path}: unsafe path {name!r} in the archive")
-            z.extractall(tmp)
-        root = tmp
+            z.extractall(raw)
+        root = raw
         while not (root / "core.yaml").exists():  # the zip has the files inside an eval_bundle/ folder
             subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith("__")]
             if len(subs) != 1:
                 raise UserError(f"{zip_path}: no core.yaml inside: not the CORE eval bundle")
             root = subs[0]
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(root, dest)
-        zip_path.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for f in root.iterdir():
+            os.replace(f, tmp / f.name)
+    zip_path.unlink()
