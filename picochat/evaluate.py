@@ -320,7 +320,8 @@ def _autocast(device):
 def base_cli(args):
     from picochat import checkpoint
     from picochat.core import evaluate_core
-    from picochat.loader import fixed_batches, split_shards
+    from picochat.loader import fixed_batches
+    from picochat.shards import split_shards
     ddp, rank, _, world, device = init_runtime(args.device)
     folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / "base"
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)

@@ -48,6 +48,24 @@ def shard_files(folder):
     return files[:-1], files[-1:]
 
 
+def list_shards(folder):
+    """Sorted parquet shards in folder; the last one is the validation shard."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist: run `picochat data demo`, `picochat data import PATH` "
+                        f"or `picochat data download` first")
+    files = sorted(folder.glob("*.parquet"))
+    if len(files) < 2:
+        raise UserError(f"data folder {folder} has {len(files)} parquet shard(s); pretraining needs at least 2 "
+                        f"(the last one is held out for validation)")
+    return files
+
+
+def split_shards(folder):
+    files = list_shards(folder)
+    return files[:-1], files[-1:]
+
+
 # ---- pretraining shards: writing and reading ----------------------------------------------------------------
 def write_shard(path, texts):
     """One shard: a `text` column in row groups of 1,024 documents, zstd. Atomic, and byte-identical for the
