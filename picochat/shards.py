@@ -39,15 +39,6 @@ def eval_dir(demo=False) -> Path:
     return data_dir(demo) / "eval"
 
 
-def shard_files(folder):
-    """(train shards, [validation shard]) of a shard folder, sorted by name; the last one is validation."""
-    files = sorted(Path(folder).glob("*.parquet"))
-    if len(files) < 2:
-        raise UserError(f"{folder} has {len(files)} parquet shard(s), need at least 2 (the last is validation): "
-                        f"run `picochat data demo`, `picochat data import PATH` or `picochat data download`")
-    return files[:-1], files[-1:]
-
-
 def list_shards(folder):
     """Sorted parquet shards in folder; the last one is the validation shard."""
     folder = Path(folder)
@@ -57,11 +48,13 @@ def list_shards(folder):
     files = sorted(folder.glob("*.parquet"))
     if len(files) < 2:
         raise UserError(f"data folder {folder} has {len(files)} parquet shard(s); pretraining needs at least 2 "
-                        f"(the last one is held out for validation)")
+                        f"(the last one is held out for validation): run `picochat data demo`, "
+                        f"`picochat data import PATH` or `picochat data download`")
     return files
 
 
 def split_shards(folder):
+    """(train shards, [validation shard]) of a shard folder, sorted by name."""
     files = list_shards(folder)
     return files[:-1], files[-1:]
 

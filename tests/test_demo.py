@@ -46,7 +46,7 @@ def test_size_and_speed(full):
     out, counts, seconds = full
     assert seconds < 45, f"the curriculum took {seconds:.0f}s"
     assert 20e6 <= counts["pretrain_chars"] <= 40e6
-    train, val = shards.shard_files(out / "pretrain")
+    train, val = shards.split_shards(out / "pretrain")
     assert len(train) >= 2
     for p in train + val:
         pf = pq.ParquetFile(p)
@@ -131,7 +131,7 @@ def test_test_questions_appear_nowhere_else(full):
     sft_q = {m["content"] for c in read_jsonl(out / "sft" / "train.jsonl") for m in c["messages"]
              if m["role"] == "user"}
     assert not test_q & sft_q
-    train_files, _ = shards.shard_files(out / "pretrain")
+    train_files, _ = shards.split_shards(out / "pretrain")
     asked = set()
     for t in shards.iter_texts(train_files):
         asked.update(re.findall(r"^(?:Question|Q|User): (.*)$", t, flags=re.M))

@@ -14,7 +14,7 @@ import pytest
 from picochat import core, download
 from picochat.cli import main
 from picochat.common import UserError
-from picochat.shards import shard_files
+from picochat.shards import split_shards
 from picochat.tasks import gsm8k, spelling
 
 
@@ -205,7 +205,7 @@ def test_download_pretrain_layout_and_rerun(hub, home, capsys):
     shards = sorted((home / "data" / "pretrain").glob("*.parquet"))
     assert [p.name for p in shards] == ["shard_00000.parquet", "shard_00001.parquet", f"shard_{total - 1:05d}.parquet"]
     assert shards[-1].read_bytes() == bodies[total - 1]  # the validation shard sorts last
-    train, val = shard_files(home / "data" / "pretrain")
+    train, val = split_shards(home / "data" / "pretrain")
     assert len(train) == 2 and val == [shards[-1]]
     n = len(hub.log)
     assert main(["data", "download", "-n", "2", "--what", "pretrain", "--endpoint", hub.url]) == 0

@@ -19,7 +19,7 @@ def parquet_bytes(n_docs=3000, seed=0):
 
 
 def check_shard_readers(folder, group_rows, val_rows):
-    train, val = shards.shard_files(folder)
+    train, val = shards.split_shards(folder)
     groups = list(shards.iter_row_groups(train[0]))
     assert len(groups) > 1 and all(len(g) == group_rows for g in groups[:-1]) and 0 < len(groups[-1]) <= group_rows
     assert sum(1 for _ in shards.iter_texts(val)) == val_rows
@@ -32,7 +32,7 @@ def test_pretrain_readers_on_webtext_shards(data_root):
 
 def test_pretrain_readers_on_full_webtext_shards(shared_data):
     check_shard_readers(shared_data / "webtext" / "shards", 1024, 1024)
-    assert len(list(shards.iter_row_groups(shards.shard_files(shared_data / "webtext" / "shards")[0][0]))) == 8
+    assert len(list(shards.iter_row_groups(shards.split_shards(shared_data / "webtext" / "shards")[0][0]))) == 8
 
 
 def test_check_parquet_catches_truncation(tmp_path):
