@@ -4,12 +4,19 @@ hub (and the CORE bundle and word list from where they are published).
 Downloads are resumable (HTTP Range into a .partial file), retried with exponential backoff on dropped
 connections and 5xx, and renamed into place only after the size and a checksum (the hub's sha256 ETag) or the
 parquet footer check out, so a file under its final name is always whole.
+
+What is fetched is pinned where it can be: each hub dataset is read at a fixed revision (HF_REVISIONS, in the
+URL), the word list and (when EVAL_BUNDLE_SHA256 is set) the CORE bundle by their sha256. Only https URLs are
+fetched, redirects included; a .partial file is never opened through a symlink; the CORE bundle is refused
+if it would unzip to more than MAX_UNZIPPED_BYTES.
 """
+import errno
 import hashlib
 import json
 import os
 import random
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -38,8 +45,23 @@ HF_SETS = {
              for s in ("dev", "validation", "test", "auxiliary_train")],
     "humaneval": [("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet", "test.parquet")],
 }
+# the revision each hub dataset is read at: a commit sha where one is known, else the branch "main" (then the
+# hub's sha256 ETag still checks each file, but the files may change between downloads). The three shas are the
+# ones several public projects pin for these datasets; they were not fetched from here (no network)
+HF_REVISIONS = {
+    "karpathy/climbmix-400b-shuffle": "main",
+    "karpathy/fineweb-edu-100b-shuffle": "main",
+    "HuggingFaceTB/smol-smoltalk": "main",
+    "openai/gsm8k": "740312add88f781978c0658806c59bc2815b9866",
+    "allenai/ai2_arc": "210d026faf9955653af8916fad021475a3f00453",
+    "cais/mmlu": "c30699e8356da336a370243923dbaf21066bb9fe",
+    "openai/openai_humaneval": "main",
+}
 WHAT_SETS = {"sft": ["smoltalk"], "eval": ["gsm8k", "arc", "mmlu", "humaneval", "eval_bundle", "words"]}
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+EVAL_BUNDLE_SHA256 = None  # the zip's sha256, checked when set (not known offline: set it from a trusted download)
+MAX_UNZIPPED_BYTES = 2 << 30  # the CORE bundle unzips to well under this; a zip that claims more is refused
+SCHEMES = ("https",)  # URL schemes that may be fetched (tests widen it to reach their local http server)
 # pinned to a commit so the checksum holds
 WORDS_URL = ("https://raw.githubusercontent.com/dwyl/english-words/20f5cc9b3f0ccc8ce45d814c532b7c2031bba31c/"
              "words_alpha.txt")
@@ -54,7 +76,16 @@ class _Retry(Exception):
 
 def hf_url(repo, filename, endpoint=None):
     endpoint = (endpoint or os.environ.get("PICOCHAT_HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
-    return f"{endpoint}/datasets/{repo}/resolve/main/{filename}"
+    return f"{endpoint}/datasets/{repo}/resolve/{HF_REVISIONS[repo]}/{filename}"
+
+
+def check_url(url):
+    """A UserError unless url is one we may fetch from (https: the bytes cannot be swapped on the way)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise UserError(f"refusing to download {url}: only {' and '.join(SCHEMES)} URLs are fetched, "
+                        f"not {scheme or 'a URL without a scheme'} (for --endpoint or $PICOCHAT_HF_ENDPOINT give an "
+                        f"https:// URL)")
 
 
 def offline_error(url):
@@ -64,6 +95,7 @@ def offline_error(url):
 def check_reachable(url, timeout=10):
     """Fail fast, in one line, when a host cannot be reached at all (rather than after minutes of retries)."""
     import requests
+    check_url(url)
     try:
         requests.head(url, timeout=timeout, allow_redirects=False)
     except (requests.ConnectionError, requests.Timeout):
@@ -122,6 +154,32 @@ def _expected_sha256(resp):
     return None
 
 
+def _partial_size(partial):
+    """Bytes already in a .partial file (0 if there is none); a UserError if something else sits at its path."""
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{partial} is a symlink or not a plain file: refusing to write through it; "
+                        f"delete it and run the command again")
+    return st.st_size
+
+
+def _open_partial(partial, mode):
+    """open(partial, mode) for mode rb, wb or ab, but never through a symlink (O_NOFOLLOW)."""
+    flags = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[mode] | os.O_NOFOLLOW
+    try:
+        fd = os.open(partial, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{partial} is a symlink: refusing to write through it; delete it and run the "
+                            f"command again") from None
+        raise
+    return os.fdopen(fd, mode)
+
+
 def download_file(url, dest, sha256=None, kind=None, session=None, progress=None, retries=6, backoff=1.0,
                   timeout=(10, 60), stop=None, chunk_size=1 << 20):
     """Fetch url to dest, resumably and verified. Bytes go to dest.partial (continued with an HTTP Range request
@@ -131,6 +189,7 @@ def download_file(url, dest, sha256=None, kind=None, session=None, progress=None
     backoff (backoff * 2^k seconds)."""
     import requests
     import urllib3
+    check_url(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")  # not *.parquet: never mistaken for a shard
@@ -138,12 +197,14 @@ def download_file(url, dest, sha256=None, kind=None, session=None, progress=None
     attempt, connected, shown, total_known = 0, False, 0, False
     while True:
         try:
-            have = partial.stat().st_size if partial.exists() else 0
+            have = _partial_size(partial)
             headers = {"Accept-Encoding": "identity"}  # the bytes on disk must be the bytes Content-Length counts
             if have:
                 headers["Range"] = f"bytes={have}-"
             with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
                 connected = True
+                for hop in list(r.history) + [r]:  # a redirect must not leave https either
+                    check_url(hop.url)
                 total, digest_checked = None, False
                 if r.status_code == 416 and have:  # asked for bytes past the end: we may hold them all already
                     m = re.search(r"/(\d+)$", r.headers.get("Content-Range", ""))
@@ -178,10 +239,10 @@ def download_file(url, dest, sha256=None, kind=None, session=None, progress=None
                     if sha256 is not None:  # hash while streaming rather than reading the file back
                         hasher = hashlib.sha256()
                         if mode == "ab":
-                            with open(partial, "rb") as f:
+                            with _open_partial(partial, "rb") as f:
                                 for block in iter(lambda: f.read(1 << 20), b""):
                                     hasher.update(block)
-                    with open(partial, mode) as f:
+                    with _open_partial(partial, mode) as f:
                         for block in r.raw.stream(chunk_size, decode_content=False):
                             if stop is not None and stop.is_set():
                                 raise KeyboardInterrupt
@@ -219,13 +280,17 @@ def download_file(url, dest, sha256=None, kind=None, session=None, progress=None
 
 
 def download_all(jobs, workers=8, desc="download", **kw):
-    """jobs: [(url, dest, sha256 or None, kind or None)]. Files already in place (and whole, for parquet) are
-    skipped; the rest are fetched by a thread pool with one shared progress bar. Returns the paths."""
+    """jobs: [(url, dest, sha256 or None, kind or None)]. Files already in place (and whole, for parquet; with
+    the given sha256, when there is one) are skipped; the rest are fetched by a thread pool with one shared
+    progress bar. Returns the paths."""
     import requests
+    for url, *_ in jobs:
+        check_url(url)
     todo = []
     for url, dest, sha, kind in jobs:
         dest = Path(dest)
-        if dest.exists() and (kind != "parquet" or check_parquet(dest) is None):
+        if dest.exists() and (kind != "parquet" or check_parquet(dest) is None) and \
+                (sha is None or _verify(dest, sha, None) is None):
             continue
         if dest.exists():  # a corrupt file under the final name (e.g. copied in by hand): fetch it again
             dest.unlink()
@@ -288,29 +353,58 @@ def download_sets(names, endpoint=None, workers=8, out=None, **kw):
         jobs.append((WORDS_URL, out / "words" / "words_alpha.txt", WORDS_SHA256, None))
     bundle = out / "eval_bundle"
     if "eval_bundle" in names and not (bundle / "core.yaml").exists():
-        jobs.append((EVAL_BUNDLE_URL, out / "eval_bundle.zip", None, "zip"))
+        jobs.append((EVAL_BUNDLE_URL, out / "eval_bundle.zip", EVAL_BUNDLE_SHA256, "zip"))
     download_all(jobs, workers, desc="chat and eval sets", **kw)
     if "eval_bundle" in names and not (bundle / "core.yaml").exists():
         _unzip_bundle(out / "eval_bundle.zip", bundle)
     return out
 
 
-def _unzip_bundle(zip_path, dest):
-    """Unzip the CORE bundle and swap the folder holding its core.yaml in at dest."""
-    with replacing_dir(dest) as tmp, tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.",
-                                                                 suffix=".unzip") as raw:
-        raw = Path(raw)
-        with zipfile.ZipFile(zip_path) as z:
-            for name in z.namelist():  # refuse paths that would land outside the folder
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise UserError(f"{zip_path}: unsafe path {name!r} in the archive")
-            z.extractall(raw)
-        root = raw
-        while not (root / "core.yaml").exists():  # the zip has the files inside an eval_bundle/ folder
-            subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith("__")]
-            if len(subs) != 1:
-                raise UserError(f"{zip_path}: no core.yaml inside: not the CORE eval bundle")
-            root = subs[0]
-        for f in root.iterdir():
-            os.replace(f, tmp / f.name)
+def _unzip_bundle(zip_path, dest, max_bytes=None):
+    """Unzip the CORE bundle and swap the folder holding its core.yaml in at dest. A zip that is unsafe (paths
+    outside the folder), would unzip to more than max_bytes (default MAX_UNZIPPED_BYTES) or is not the bundle
+    is deleted, so that the next run fetches it again, and nothing is left of its contents."""
+    try:
+        with replacing_dir(dest) as tmp, tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.",
+                                                                     suffix=".unzip") as raw:
+            root = _unzip(zip_path, Path(raw), MAX_UNZIPPED_BYTES if max_bytes is None else max_bytes)
+            while not (root / "core.yaml").exists():  # the zip has the files inside an eval_bundle/ folder
+                subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith("__")]
+                if len(subs) != 1:
+                    raise UserError(f"{zip_path}: no core.yaml inside: not the CORE eval bundle")
+                root = subs[0]
+            for f in root.iterdir():
+                os.replace(f, tmp / f.name)
+    except (UserError, zipfile.BadZipFile):
+        zip_path.unlink(missing_ok=True)
+        raise
     zip_path.unlink()
+
+
+def _unzip(zip_path, folder, max_bytes):
+    """Extract zip_path into folder, refusing paths that would land outside it and more than max_bytes in all
+    (counted as declared, and again as written: a member cannot inflate past what it declares)."""
+    with zipfile.ZipFile(zip_path) as z:
+        members = z.infolist()
+        for m in members:
+            if m.filename.startswith("/") or ".." in Path(m.filename).parts:
+                raise UserError(f"{zip_path}: unsafe path {m.filename!r} in the archive")
+        declared = sum(m.file_size for m in members)
+        if declared > max_bytes:
+            raise UserError(f"{zip_path}: would unzip to {declared:,} bytes, over the cap of {max_bytes:,}: "
+                            f"not the CORE eval bundle")
+        written = 0
+        for m in members:
+            target = folder / m.filename
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(m) as src, open(target, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    written += len(block)
+                    if written > max_bytes:
+                        raise UserError(f"{zip_path}: unzips to more than its members declare (over "
+                                        f"{max_bytes:,} bytes): not the CORE eval bundle")
+                    dst.write(block)
+    return folder

@@ -101,7 +101,13 @@ class Hub:
 
 
 @pytest.fixture
-def hub():
+def allow_http(monkeypatch):
+    """The local servers speak plain http, which downloads refuse (test_only_https_is_fetched): allow it here."""
+    monkeypatch.setattr(download, "SCHEMES", ("https", "http"))
+
+
+@pytest.fixture
+def hub(allow_http):
     h = Hub()
     yield h
     h.server.shutdown()
@@ -183,7 +189,7 @@ def test_404_is_a_clear_error(hub, tmp_path):
         download.download_file(hub.url + "/nope.parquet", tmp_path / "x.parquet", backoff=0)
 
 
-def test_no_server_names_the_host(tmp_path, capsys):
+def test_no_server_names_the_host(tmp_path, capsys, allow_http):
     port = free_port()
     with pytest.raises(UserError) as e:
         download.download_file(f"http://127.0.0.1:{port}/f.parquet", tmp_path / "f.parquet", backoff=0, retries=1)
@@ -200,7 +206,7 @@ def test_download_pretrain_layout_and_rerun(hub, home, capsys):
     repo, total = download.PRETRAIN_SOURCES["climbmix"]
     bodies = {i: parquet_bytes(50, seed=i) for i in (0, 1, total - 1)}
     for i, b in bodies.items():
-        hub.add(f"/datasets/{repo}/resolve/main/shard_{i:05d}.parquet", b)
+        hub.add(f"/datasets/{repo}/resolve/{download.HF_REVISIONS[repo]}/shard_{i:05d}.parquet", b)
     assert main(["data", "download", "-n", "2", "--what", "pretrain", "--endpoint", hub.url]) == 0
     shards = sorted((home / "data" / "pretrain").glob("*.parquet"))
     assert [p.name for p in shards] == ["shard_00000.parquet", "shard_00001.parquet", f"shard_{total - 1:05d}.parquet"]
@@ -220,7 +226,7 @@ def test_download_eval_sets(hub, home, monkeypatch, tmp_path, data_root):
     pq.write_table(pa.Table.from_pylist(gsm), buf)
     for name in ("gsm8k", "arc", "mmlu", "humaneval"):
         for repo, fn, _ in download.HF_SETS[name]:
-            hub.add(f"/datasets/{repo}/resolve/main/{fn}", buf.getvalue())
+            hub.add(f"/datasets/{repo}/resolve/{download.HF_REVISIONS[repo]}/{fn}", buf.getvalue())
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
         for f in ("core.yaml", "eval_meta_data.csv", "eval_data/commonsense_reasoning/copa.jsonl"):
@@ -238,3 +244,99 @@ def test_download_eval_sets(hub, home, monkeypatch, tmp_path, data_root):
     copa = next(t for t in tasks if t["label"] == "copa")
     assert not copa["missing"] and len(core.read_core_task(copa["path"])) == 40  # the fixture's 40 rows
     assert not (ev / "eval_bundle.zip").exists()
+
+
+# ---- what is fetched, and where it goes -----------------------------------------------------------------------
+class _Hop:
+    """A stand-in for a requests response: its url and the redirects that led to it."""
+
+    def __init__(self, url, history=()):
+        self.url, self.history, self.status_code, self.headers = url, list(history), 200, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_only_https_is_fetched(tmp_path, home, capsys):
+    for url in ("http://127.0.0.1:1/f.parquet", "ftp://example.com/f.parquet", "file:///etc/passwd",
+                "example.com/f.parquet"):
+        with pytest.raises(UserError, match="only https URLs are fetched"):
+            download.download_file(url, tmp_path / "f.parquet", backoff=0, retries=1)
+    assert [p for p in tmp_path.iterdir() if p != home] == []  # nothing written
+    rc = main(["data", "download", "-n", "1", "--what", "pretrain", "--endpoint", "http://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "only https URLs are fetched" in err and "--endpoint" in err
+    assert not (home / "data").exists()
+    download.check_url("https://huggingface.co/datasets/x")  # the default endpoint passes
+
+    class RedirectedToHttp:  # a hub that redirects to a plain-http mirror
+        def get(self, url, **kw):
+            return _Hop("http://mirror.example/f.parquet", history=[_Hop(url)])
+
+    with pytest.raises(UserError, match="refusing to download http://mirror.example"):
+        download.download_file("https://hub.example/f.parquet", tmp_path / "g.parquet", session=RedirectedToHttp(),
+                               backoff=0, retries=1)
+    assert not (tmp_path / "g.parquet").exists() and not (tmp_path / "g.parquet.partial").exists()
+
+
+def test_hub_urls_carry_the_pinned_revision():
+    for name, files in download.HF_SETS.items():
+        for repo, fn, _ in files:
+            url = download.hf_url(repo, fn)
+            assert url == f"https://huggingface.co/datasets/{repo}/resolve/{download.HF_REVISIONS[repo]}/{fn}"
+    for repo, _ in download.PRETRAIN_SOURCES.values():
+        assert f"/resolve/{download.HF_REVISIONS[repo]}/" in download.hf_url(repo, "shard_00000.parquet")
+    with pytest.raises(KeyError):  # a new dataset must be given a revision
+        download.hf_url("someone/unpinned", "x.parquet")
+
+
+def test_symlink_at_partial_is_not_followed(hub, tmp_path, monkeypatch):
+    url = hub.add("/f.parquet", parquet_bytes(50))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    dest = tmp_path / "d" / "f.parquet"
+    dest.parent.mkdir()
+    (dest.parent / "f.parquet.partial").symlink_to(victim)
+    with pytest.raises(UserError, match="symlink"):
+        download.download_file(url, dest, kind="parquet", backoff=0)
+    assert victim.read_text() == "precious" and not dest.exists()
+    # planted between the check and the open: O_NOFOLLOW still refuses it
+    monkeypatch.setattr(download, "_partial_size", lambda partial: 0)
+    with pytest.raises(UserError, match="symlink"):
+        download.download_file(url, dest, kind="parquet", backoff=0)
+    assert victim.read_text() == "precious" and not dest.exists()
+    assert (dest.parent / "f.parquet.partial").is_symlink()  # left for the user to look at
+
+
+def test_wrong_sha256_is_refused_and_not_installed(hub, tmp_path):
+    body = parquet_bytes(50)
+    url = hub.add("/f.parquet", body)
+    dest = tmp_path / "f.parquet"
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        download.download_file(url, dest, sha256="0" * 64, kind="parquet", backoff=0, retries=1)
+    assert [p for p in tmp_path.iterdir() if p != tmp_path / "home"] == []  # no dest, no .partial
+    # a file already in place that does not match its pinned sha256 is fetched again
+    dest.write_bytes(b"not it")
+    download.download_all([(url, dest, hashlib.sha256(body).hexdigest(), None)], workers=1, backoff=0)
+    assert dest.read_bytes() == body
+
+
+def test_zip_bomb_is_refused_and_leaves_nothing(hub, home, monkeypatch, data_root):
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for f in ("core.yaml", "eval_meta_data.csv"):
+            z.write(data_root / "eval_bundle" / f, f"eval_bundle/{f}")
+        z.writestr("eval_bundle/eval_data/filler.jsonl", b"\0" * (8 << 20))  # 8 MB of zeros in a few KB
+    assert len(zbuf.getvalue()) < 100_000
+    monkeypatch.setattr(download, "EVAL_BUNDLE_URL", hub.add("/eval_bundle.zip", zbuf.getvalue()))
+    monkeypatch.setattr(download, "MAX_UNZIPPED_BYTES", 4 << 20)
+    with pytest.raises(UserError, match="over the cap"):
+        download.download_sets(["eval_bundle"])
+    ev = home / "data" / "eval"
+    assert list(ev.iterdir()) == []  # no bundle, no half-unzipped folder, and no zip: a rerun fetches it again
+    monkeypatch.setattr(download, "MAX_UNZIPPED_BYTES", 16 << 20)
+    download.download_sets(["eval_bundle"])
+    assert (ev / "eval_bundle" / "core.yaml").is_file() and sorted(p.name for p in ev.iterdir()) == ["eval_bundle"]
