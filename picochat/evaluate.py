@@ -84,7 +84,7 @@ TASK_GROUPS = {"demo": ["demoproblems", "demospelling"], "arc": ["arc-easy", "ar
 
 
 def task_root(task, data=None):
-    from picochat.data import eval_dir
+    from picochat.shards import eval_dir
     return eval_dir(demo=True) if task.demo else (Path(data) if data else eval_dir())
 
 
@@ -321,7 +321,8 @@ def _autocast(device):
 def base_cli(args):
     from picochat import checkpoint
     from picochat.core import evaluate_core
-    from picochat.loader import fixed_batches, split_shards
+    from picochat.loader import fixed_batches
+    from picochat.shards import split_shards
     ddp, rank, _, world, device = init_runtime(args.device)
     folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / "base"
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)

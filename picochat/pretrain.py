@@ -22,7 +22,8 @@ from picochat.common import (UserError, home_dir, init_runtime, print0, compute_
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.model import GPT, GPTConfig, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
-from picochat.loader import StepLoader, fixed_batches, split_shards
+from picochat.loader import StepLoader, fixed_batches
+from picochat.shards import split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
 from picochat.evaluate import bits_per_byte

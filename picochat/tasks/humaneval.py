@@ -8,11 +8,22 @@ picochat.sandbox.run_python, never in this process.
 import re
 import secrets
 
-from picochat.data import read_humaneval
+from picochat.common import UserError
+from picochat.shards import read_records
 from picochat.tasks.common import eval_root, find_split, has_split
 
 TIMEOUT = 10.0
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+def read_humaneval(path):
+    """HumanEval rows {"task_id", "prompt", "canonical_solution", "test", "entry_point"}."""
+    rows = read_records(path)
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(r.get(k), str)]
+        if missing:
+            raise UserError(f"{path} row {i}: missing {', '.join(missing)}")
+    return rows
 
 
 def load(split="test", root=None):
