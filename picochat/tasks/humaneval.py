@@ -4,6 +4,11 @@ Data: <root>/humaneval/test.parquet (or .jsonl): {"task_id", "prompt", "canonica
 "entry_point"}. The reply's code (a fenced block if there is one, else the whole reply) is either a whole
 definition of the function or the body that continues the prompt; either way it runs with the tests in
 picochat.sandbox.run_python, never in this process.
+
+A pass can be forged by code written to fool the check rather than to solve the task: it runs in the same
+interpreter as the tests, so it can read the marker (from its own code object) and print it, exit early, or
+return an object equal to everything. Harmless when scoring an honest model; never use check() as an RL reward
+as it stands, or a policy will learn the forgery.
 """
 import re
 import secrets
