@@ -246,13 +246,143 @@ def read_reference(folder, step=None, tokenizer=""):
     return Imported(config, weights, tok, step, f"{kind} checkpoint {model_path}")
 
 
+# ---- a transformers folder: the built-in `nanochat` model type, or picochat's own export -------------------------
+# keys every transformers config may carry, whatever the model: none of them changes what the model computes
+HF_GENERIC_KEYS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "bos_token_id",
+                   "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "_name_or_path", "return_dict",
+                   "output_hidden_states", "output_attentions", "id2label", "label2id", "problem_type",
+                   "chunk_size_feed_forward", "is_encoder_decoder", "auto_map", "tie_word_embeddings"}
+NANOCHAT_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "hidden_act", "attention_bias", "attention_dropout",
+                 "rms_norm_eps", "rope_parameters", "rope_theta", "final_logit_softcapping", "head_dim"}
+PICOCHAT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "max_position_embeddings", "rope_base", "softcap", "window_sizes", "value_embed_layers",
+                 "ve_gate_channels", "resid_scalars"}
+NANOCHAT_NAMES = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
+                  "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def _hf_config_nanochat(cfg, where):
+    """GPTConfig for transformers' NanoChatConfig, or a UserError naming what picochat does not compute."""
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10_000.0)}
+    problems = []
+    if cfg.get("intermediate_size", 4 * C) != 4 * C:
+        problems.append(f"intermediate_size {cfg['intermediate_size']} (picochat's MLP is 4 x hidden_size)")
+    if cfg.get("hidden_act", "relu2") != "relu2":
+        problems.append(f"hidden_act {cfg['hidden_act']!r} (picochat's is relu2)")
+    if cfg.get("attention_bias"):
+        problems.append("attention_bias")
+    if cfg.get("tie_word_embeddings"):
+        problems.append("tie_word_embeddings")
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+        problems.append(f"rope_parameters {rope}")
+    if cfg.get("head_dim") not in (None, C // H):
+        problems.append(f"head_dim {cfg['head_dim']} (picochat's is hidden_size / heads)")
+    if cfg.get("final_logit_softcapping") is None:
+        problems.append("no final_logit_softcapping")
+    if problems:
+        raise UserError(f"{where}: a model picochat does not compute: {'; '.join(problems)}")
+    # rms_norm_eps: picochat normalizes with the fp32 epsilon; the difference is far below fp32 logit noise
+    return GPTConfig(sequence_len=cfg["max_position_embeddings"], vocab_size=cfg["vocab_size"],
+                     n_layer=cfg["num_hidden_layers"], n_head=H, n_kv_head=cfg.get("num_key_value_heads", H),
+                     n_embd=C, window_pattern="L", value_embeds=False, resid_scalars=False,
+                     rope_base=float(rope.get("rope_theta", 10_000.0)), softcap=float(cfg["final_logit_softcapping"]))
+
+
+def _hf_config_picochat(cfg, where):
+    """GPTConfig for the config.json `picochat export --hf` writes for its own modeling file."""
+    n, seq = cfg["num_hidden_layers"], cfg["max_position_embeddings"]
+    windows = cfg.get("window_sizes") or [None] * n
+    shorts = {w for w in windows if w is not None} - {max(1, seq // 4)}  # the default width is no option
+    if len(windows) != n or len(shorts) > 1 or windows[-1] is not None:
+        raise UserError(f"{where}: window_sizes {windows} are not a picochat window pattern")
+    config = GPTConfig(sequence_len=seq, vocab_size=cfg["vocab_size"], n_layer=n,
+                       n_head=cfg["num_attention_heads"], n_kv_head=cfg["num_key_value_heads"],
+                       n_embd=cfg["hidden_size"], window_pattern="".join("L" if w is None else "S" for w in windows),
+                       short_window=shorts.pop() if shorts else 0, value_embeds=bool(cfg.get("value_embed_layers")),
+                       ve_gate_channels=cfg.get("ve_gate_channels", 32), resid_scalars=cfg.get("resid_scalars", True),
+                       rope_base=float(cfg["rope_base"]), softcap=float(cfg["softcap"]))
+    if [i for i in range(n) if config.has_value_embed(i)] != list(cfg.get("value_embed_layers") or []):
+        raise UserError(f"{where}: value_embed_layers {cfg['value_embed_layers']} are not picochat's layout")
+    return config
+
+
+def read_transformers(folder):
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        kind = cfg["model_type"]
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no config.json") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{folder / 'config.json'} is truncated or has no model_type") from None
+    known = {"nanochat": NANOCHAT_KEYS, "picochat": PICOCHAT_KEYS}.get(kind)
+    if known is None:
+        raise UserError(f"{folder}: model_type {kind!r}; picochat imports nanochat and picochat models")
+    unknown = sorted(set(cfg) - known - HF_GENERIC_KEYS)
+    if unknown:
+        raise UserError(f"{folder / 'config.json'}: keys this import does not know: {', '.join(unknown)} "
+                        f"(an architecture picochat does not compute)")
+    try:
+        config = (_hf_config_nanochat if kind == "nanochat" else _hf_config_picochat)(cfg, folder / "config.json")
+        config.window_sizes()
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{folder / 'config.json'}: missing or bad field {e}") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors weights (model.safetensors)")
+    from safetensors.torch import load_file
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:
+            raise UserError(f"cannot read {f} ({e.__class__.__name__}): truncated or not safetensors") from None
+    if kind == "nanochat":
+        def rename(k):
+            if k == "model.embed_tokens.weight":
+                return "wte.weight"
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", k)
+            if m and m.group(2) in NANOCHAT_NAMES:
+                return f"blocks.{m.group(1)}.{NANOCHAT_NAMES[m.group(2)]}.weight"
+            return k
+        sd = {rename(k): v for k, v in sd.items()}
+    weights = fit_weights(config, sd, folder)
+    tok = read_hf_tokenizer(folder / "tokenizer.json")
+    check_vocab(config, tok, folder)
+    return Imported(config, weights, tok, 0, f"transformers {kind} model {folder}")
+
+
 # ---- the import -------------------------------------------------------------------------------------------------
+HUB_FILES = ["config.json", "*.safetensors", "tokenizer.json", "model_*.pt", "meta_*.json", "tokenizer.pkl"]
+
+
+def download(repo_id):
+    """A hub repo's model files, through huggingface_hub's cache: the local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{repo_id} is not a folder here, and downloading it needs huggingface_hub "
+                        f"(pip install huggingface_hub), or download it yourself and pass the folder") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"could not download {repo_id} from the Hugging Face hub ({e.__class__.__name__}: "
+                        f"{first[:160]}): check the name and the network, or pass a local folder") from None
+
+
 def read_source(source, step=None, tokenizer=""):
     """An Imported from any SOURCE (see the module docstring)."""
     path = Path(source).expanduser()
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        path = download(source)
     if path.is_dir():
         if any(path.glob("model_*.pt")):
             return read_reference(path, step, tokenizer)
+        if (path / "config.json").exists():
+            return read_transformers(path)
         raise UserError(f"{path}: neither a reference checkpoint (model_<step>.pt) nor a transformers folder "
                         f"(config.json)")
     if path.exists():

@@ -182,3 +182,86 @@ def test_unknown_source_is_a_clear_error(home, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a reference checkpoint"):
         read_source(tmp_path / "empty")
+
+
+# ---- transformers folders ---------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def fixture_tok():
+    return read_pickled_tokenizer(FIXTURES / "jul2026_d2" / "tokenizer.pkl")
+
+
+def test_transformers_nanochat_folder(home, tmp_path, fixture_tok):
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+    cfg = NanoChatConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+    torch.manual_seed(0)
+    hf = NanoChatForCausalLM(cfg).eval()
+    with torch.no_grad():  # a random init with a near-zero head would make every continuation tie
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    fixture_tok.to_hf().save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert main(["import", str(tmp_path / "hf"), "--run", "hf", "--stage", "sft"]) == 0
+    model, tok, meta = load_model(home / "runs" / "hf" / "sft")
+    assert tok.hash == fixture_tok.hash and meta["stage"] == "sft"
+    ids = tok.encode("The Moon is Earth's only natural satellite.", prepend_bos=True)
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids]))[0], hf(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max() < 1e-4
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, use_cache=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert greedy_no_cache(model, ids, 20) == ref
+
+    # a config key this import does not know is refused by name, and so is a leftover tensor
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "hf", bad)
+    c = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(c, sliding_window=16)))
+    with pytest.raises(UserError, match="keys this import does not know: sliding_window"):
+        read_source(bad)
+    (bad / "config.json").write_text(json.dumps(dict(c, hidden_act="silu")))
+    with pytest.raises(UserError, match="hidden_act 'silu'"):
+        read_source(bad)
+    (bad / "config.json").write_text(json.dumps(c))
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(bad / "model.safetensors"))
+    save_file(dict(sd, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(32)}), str(bad / "model.safetensors"))
+    with pytest.raises(UserError, match="no place in picochat's model .blocks|model.layers.0.self_attn.q_norm"):
+        read_source(bad)
+    (bad / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot read .*model.safetensors .*truncated"):
+        read_source(bad)
+
+
+def test_picochat_export_round_trips(home, tmp_path, fixture_tok):
+    from picochat.checkpoint import save_checkpoint
+    from picochat.export import export_hf
+    from picochat.model import GPT, GPTConfig
+    for name, kw in (("native", dict(resid_scalars=False)),
+                     ("remote", dict(value_embeds=True, window_pattern="SL", n_kv_head=1))):
+        cfg = GPTConfig.from_depth(2, vocab_size=512, sequence_len=64, head_dim=32, **kw)
+        model = GPT(cfg).init_weights(seed=0)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        save_checkpoint(tmp_path / name / "base", 5, model, tokenizer=fixture_tok)
+        export_hf(tmp_path / name / "base", tmp_path / f"hf_{name}", verify=False)
+        assert main(["import", str(tmp_path / f"hf_{name}"), "--run", name]) == 0
+        back, _, _ = load_model(home / "runs" / name / "base")
+        assert back.config == model.config or name == "native"  # nanochat's config has no resid_scalars etc.
+        x = torch.randint(0, 512, (2, 40))
+        with torch.no_grad():
+            assert (back(x) - model.eval()(x)).abs().max() < 1e-4
+
+
+def test_hub_repo_id_without_network_is_a_clear_error(home, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="could not download someone/no-such-model from the Hugging Face hub"):
+        read_source("someone/no-such-model")
