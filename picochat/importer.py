@@ -154,7 +154,8 @@ def fit_weights(config, weights, source):
                         f"an architecture this import does not know")
     if missing:
         raise UserError(f"{source}: tensors missing for this architecture: {', '.join(missing[:6])}")
-    bad = [f"{k} {tuple(out[k].shape)} (expected {tuple(want[k].shape)})" for k in want if out[k].shape != want[k].shape]
+    bad = [f"{k} {tuple(out[k].shape)} (expected {tuple(want[k].shape)})"
+           for k in want if out[k].shape != want[k].shape]
     if bad:
         raise UserError(f"{source}: shapes do not match the config: {', '.join(bad[:4])}")
     return {k: v.float().contiguous() for k, v in out.items()}
@@ -174,7 +175,8 @@ JUL2026_EXTRA = {"resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lamb
 
 def read_reference(folder, step=None, tokenizer=""):
     folder = Path(folder)
-    steps = sorted(int(m.group(1)) for f in folder.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", f.name)))
+    steps = sorted(int(m.group(1)) for f in folder.glob("model_*.pt")
+                   if (m := re.fullmatch(r"model_(\d+)\.pt", f.name)))
     if not steps:
         raise UserError(f"{folder}: no model_<step>.pt in it")
     step = steps[-1] if step is None else step
@@ -211,7 +213,8 @@ def read_reference(folder, step=None, tokenizer=""):
         base = dict(sequence_len=seq, vocab_size=int(mc["vocab_size"]), n_layer=int(mc["n_layer"]), n_head=n_head,
                     n_kv_head=int(mc.get("n_kv_head", n_head)), n_embd=n_embd)
     except (KeyError, ValueError, TypeError):
-        raise UserError(f"{meta_path}: model_config lacks sequence_len, vocab_size, n_layer, n_head or n_embd") from None
+        raise UserError(f"{meta_path}: model_config lacks sequence_len, vocab_size, n_layer, n_head or "
+                        f"n_embd") from None
     if n_head < 1 or n_embd % n_head or base["n_kv_head"] < 1 or n_head % base["n_kv_head"]:
         raise UserError(f"{meta_path}: n_embd {n_embd}, n_head {n_head}, n_kv_head {base['n_kv_head']} do not fit")
     extra = {k for k in sd if not k.startswith(("transformer.", "lm_head."))}
@@ -434,7 +437,8 @@ def add_parser(sub):
     p.add_argument("--run", required=True, help="the run to create (runs/<run>/<stage>)")
     p.add_argument("--stage", default="base", choices=("base", "sft"),
                    help="base for a pretrained model, sft for a chat model (default base)")
-    p.add_argument("--step", type=int, default=None, help="which model_<step>.pt of a reference folder (default latest)")
+    p.add_argument("--step", type=int, default=None,
+                   help="which model_<step>.pt of a reference folder (default latest)")
     p.add_argument("--tokenizer", default="", help="the tokenizer when the source has none beside it: a tokenizer.pkl, "
                                                    "tokenizer.json or picochat tokenizer folder")
     p.add_argument("--force", action="store_true", help="replace the stage's existing checkpoint")
