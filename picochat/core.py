@@ -225,6 +225,8 @@ def score_shared(net, groups, head_chunk=2048):
     cache.k = [t.repeat_interleave(counts, dim=0) for t in cache.k]
     cache.v = [t.repeat_interleave(counts, dim=0) for t in cache.v]
     cache.lens = [qs[g] for g, _ in flat]
+    # each row's token before its remainder (a model with a smear reads it): its prefix's last one
+    cache.prev = torch.tensor([ids[qs[g] - 1] if qs[g] else 0 for g, (ids, _, _) in flat], device=net.device)
     h = net.hidden(rest.to(net.device), cache, slice(0, len(flat)), [qs[g] for g, _ in flat])
     return _per_sequence([seq for _, seq in flat], *_continuation_scores(net, h, mask, targets, head_chunk))
 

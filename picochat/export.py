@@ -82,6 +82,16 @@ def nanochat_gaps(config, weights):
     return gaps
 
 
+def unexportable(config):
+    """The optional features of this checkpoint (see GPTConfig) that neither target computes yet: export refuses
+    these rather than write a model that gives other logits."""
+    from dataclasses import fields
+    from picochat.model import GPTConfig
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    names = ("smear", "backout", "ve_gate_channels", "ve_gate_scale", "qk_scale", "short_window", "rope_bf16")
+    return [f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n) != defaults[n]]
+
+
 def nanochat_weights(weights, config):
     """picochat state dict -> NanoChatForCausalLM state dict. Fails unless every tensor is mapped."""
     out, used = {"model.embed_tokens.weight": weights["wte.weight"], "lm_head.weight": weights["lm_head.weight"]}, \
@@ -175,6 +185,9 @@ def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=
                         f"trained with (copy that tokenizer folder to {folder / 'tokenizer'})")
     model, tok, meta = load_model(folder, step)
     config = model.config
+    if missing := unexportable(config):
+        raise UserError(f"export cannot express this checkpoint's {', '.join(missing)} yet (an imported model's "
+                        f"features): nothing was written")
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     gaps = nanochat_gaps(config, weights)
     if gaps and not remote_code:
