@@ -20,6 +20,7 @@ import torch
 
 from picochat.checkpoint import STAGES, load_model, resolve_checkpoint, training_notes
 from picochat.common import UserError, autodetect_device, pick_run
+from picochat.sandbox import describe_sandbox
 
 
 def add_model_args(p):
@@ -143,6 +144,8 @@ def chat_cli(args):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer, info = load_chat_model(args)
     engine = Engine(model, tokenizer, tool=not args.no_tool, compile=args.compile)
+    if engine.tool:
+        print(describe_sandbox(), file=sys.stderr)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     ctx = engine.max_context
     base = info["stage"] == "base"

@@ -1,5 +1,6 @@
 """Shared plumbing: paths, devices and dtypes, distributed init, clear user errors, atomic writes."""
 import os
+import shutil
 import sys
 import json
 import time
@@ -122,7 +123,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def current_umask() -> int:
+def umask() -> int:
     """The process's umask (what a new file's permissions leave out), read without changing it: from
     /proc/self/status where Linux shows it, since the portable way (set it, then set it back) leaves a moment
     in which another thread creates its files with no umask at all."""
@@ -149,7 +150,7 @@ def _atomic_path(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -241,6 +242,29 @@ def atomic_save(path, save_fn):
     """Like atomic_write_bytes for writers that want a path (safetensors.save_file, pq.write_table, ...)."""
     with _atomic_path(path) as tmp:
         save_fn(tmp)
+
+
+@contextmanager
+def replacing_dir(out):
+    """`with replacing_dir(out) as tmp:` build a folder's new contents in tmp, a fresh folder beside out (same
+    filesystem, usual permissions). When the block ends without an error tmp is renamed to out (an older out is
+    renamed aside first, then deleted), so a reader finds the old folder or the new one, never a mix; when it
+    raises, out is left as it was. Either way no temporary folder is left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fail(msg: str, code: int = 2):

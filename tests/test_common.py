@@ -1,3 +1,4 @@
+"""picochat.common: atomic writes of files and folders, the umask, the autocast factory."""
 import hashlib
 import os
 import stat
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from picochat import common
-from picochat.common import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_stream
+from picochat.common import (atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_stream,
+                             replacing_dir, umask)
 
 
 def _fsyncs(monkeypatch):
@@ -96,11 +98,39 @@ def test_current_umask_reads_without_changing_it(monkeypatch):
     monkeypatch.setattr(common.os, "umask", lambda m: calls.append(m) or real(m))
     old = real(0o027)
     try:
-        assert common.current_umask() == 0o027
+        assert common.umask() == 0o027
         if Path("/proc/self/status").exists():
             assert calls == []
         monkeypatch.setattr(common, "Path", lambda p: Path("/nonexistent/status"))  # no /proc
-        assert common.current_umask() == 0o027 and calls
+        assert common.umask() == 0o027 and calls
         assert real(0o027) == 0o027
     finally:
         real(old)
+
+
+def test_replacing_dir_swaps_in_the_new_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with replacing_dir(out) as tmp:
+        assert tmp.parent == tmp_path and not (tmp / "old.txt").exists()
+        assert (tmp.stat().st_mode & 0o777) == 0o777 & ~umask()  # not mkdtemp's 0700
+        (tmp / "new.txt").write_text("new")
+        assert (out / "old.txt").read_text() == "old"  # untouched until the block ends
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folder left
+
+
+def test_replacing_dir_on_error_keeps_the_old_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing_dir(out) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("stop")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with replacing_dir(tmp_path / "a" / "fresh") as tmp:  # the parent is made, an absent out is fine
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "a" / "fresh" / "x").read_text() == "x" and os.listdir(tmp_path / "a") == ["fresh"]
