@@ -263,6 +263,7 @@ def replacing_dir(out):
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(out.parent)  # as for a file: the rename is durable only once the parent's entry is on disk
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -134,3 +134,11 @@ def test_replacing_dir_on_error_keeps_the_old_folder(tmp_path):
     with replacing_dir(tmp_path / "a" / "fresh") as tmp:  # the parent is made, an absent out is fine
         (tmp / "x").write_text("x")
     assert (tmp_path / "a" / "fresh" / "x").read_text() == "x" and os.listdir(tmp_path / "a") == ["fresh"]
+
+
+def test_replacing_dir_fsyncs_the_parent_after_the_rename(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    seen = _fsyncs(monkeypatch)
+    with replacing_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert seen[-1] == ["out"]  # the parent, once the new folder has its name and the old one is gone
