@@ -193,6 +193,7 @@ def _setup(args, out, ddp, rank, world, device):
     model.to_empty(device=device)
     model.init_weights(seed=args.seed)
     if init is not None:
+        checkpoint.verify_file(init, init_meta, f"model_{init_meta['step']:06d}.safetensors")
         model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
         print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
     # fast paths that change modules come before the optimizer collects the parameters
