@@ -19,7 +19,8 @@ import time
 import torch
 
 from picochat.common import autodetect_device
-from picochat.engine import Engine, Request, Scheduler
+from picochat.batching import Request, Scheduler
+from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import SPECIAL_TOKENS
 
@@ -44,7 +45,7 @@ p.add_argument("--skip-naive", action="store_true")
 args = p.parse_args()
 
 # every measurement runs in the scheduler's thread, as in the server; this one keeps one torch thread (see
-# engine.Scheduler: a second OpenMP team in the process would slow both)
+# batching.Scheduler: a second OpenMP team in the process would slow both)
 threads = args.threads or torch.get_num_threads()
 torch.set_num_threads(1)
 device = torch.device(args.device or autodetect_device())

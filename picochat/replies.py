@@ -4,7 +4,8 @@ A reply is the list of tokens generated after <|assistant_start|>, ending in <|a
 closed its turn."""
 import threading
 
-from picochat.engine import Engine, Request, Scheduler
+from picochat.batching import Request, Scheduler
+from picochat.engine import Engine
 
 FORMAT_BAD = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
 

@@ -50,7 +50,8 @@ import time
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.engine import Engine, QueueFull, Request as GenRequest, Scheduler
+from picochat.batching import QueueFull, Request as GenRequest, Scheduler
+from picochat.engine import Engine
 from picochat.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, chat_chunk,
                                  chat_completion, chat_logprob_entry, chat_logprobs_count, chat_usage_chunk,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import picochat.engine as engine_mod
+import picochat.batching as batching_mod
 from picochat.model import GPT, GPTConfig
 from picochat.openai_api import conversation
 from picochat.server import Limits, ServerThread, create_app
@@ -155,7 +155,7 @@ def test_completions_generate_stream_and_stop(client):
 def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
     S = tok.special
     script = [S("<|python_start|>")] + tok.encode("6*7") + [S("<|python_end|>")]
-    real_sample = engine_mod.sample
+    real_sample = batching_mod.sample
 
     def scripted(logits, *a, **k):
         out = real_sample(logits, *a, **k)
@@ -163,7 +163,7 @@ def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
             out[:] = script.pop(0)
         return out
 
-    monkeypatch.setattr(engine_mod, "sample", scripted)
+    monkeypatch.setattr(batching_mod, "sample", scripted)
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "6 times 7?"}],
                                        max_tokens=20, temperature=0.5, seed=0)
     text = r.choices[0].message.content
