@@ -2,10 +2,15 @@
 row of a shared StaticCache, streaming events to each request's emit callback.
 
     sched = Scheduler(engine, slots=8).start()
-    req = sched.submit(Request(prompt=ids, max_tokens=64, temperature=0.8, emit=on_event))
+    gen = sched.submit(Request(prompt=ids, max_tokens=64, temperature=0.8, emit=on_event))
     ...
-    sched.cancel(req)  # frees its slot at the next step boundary
+    sched.cancel(gen)  # frees its slot at the next step boundary
     sched.stop()
+
+A Request is what the caller asks for and never changes; submit returns the Generation that the scheduler runs for
+it (its slot, its tool call, its counters): what the caller cancels and reads `finished` and `generated` from. Each
+token goes through Engine.next_token, the step Engine.generate takes too (forced tool output, tool calls, stop
+tokens); tool calls run in a thread pool here, so one row's call never stalls the others.
 """
 import threading
 import time
@@ -25,10 +30,10 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Request:
-    """One generation for the Scheduler. emit(event) is called from the scheduler thread with
-    ("token", token, forced, logprob) per token, logprob = None or (logprob, [(token, logprob) x top_n]),
+    """One generation for the Scheduler, as the caller asks for it. emit(event) is called from the scheduler thread
+    with ("token", token, forced, logprob) per token, logprob = None or (logprob, [(token, logprob) x top_n]),
     then exactly once ("done", reason, n_generated), reason: stop | length | cancelled | error: <text>."""
     prompt: list
     max_tokens: int
@@ -38,18 +43,25 @@ class Request:
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; N >= 0: the chosen token's and the top N
     emit: Callable = lambda event: None
+
+
+@dataclass(eq=False)
+class Generation:
+    """A submitted Request as the scheduler runs it: what submit returns. The caller reads `finished` and
+    `generated` and passes it to cancel(); everything else belongs to the scheduler thread."""
+    request: Request
+    prompt: list  # the request's prompt, checked
     cancelled: bool = False
-    # scheduler state
-    slot: int | None = None
+    finished: bool = False
     generated: int = 0
-    next_input: int | None = None
-    state: ToolState | None = None
+    slot: int | None = None
+    next_input: int | None = None  # the token to decode next; None while a tool call runs
+    tool: ToolState | None = None
     generator: torch.Generator | None = None
     tool_future: Future | None = None
-    held_logits: torch.Tensor | None = None
+    held_logits: torch.Tensor | None = None  # the logits the row resumes from once its tool call returns
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
-    finished: bool = False
 
 
 class Scheduler:
@@ -110,25 +122,26 @@ class Scheduler:
     def queued(self):
         return len(self.pending)
 
-    def submit(self, req: Request):
+    def submit(self, req: Request) -> Generation:
+        """Queue req; its Generation. UserError for a prompt that does not fit, QueueFull when the queue is."""
         prompt = self.engine.check_prompt(req.prompt)
         if len(prompt) >= self.max_len:
             raise UserError(f"prompt of {len(prompt)} tokens leaves no room in the server's context of "
                             f"{self.max_len} tokens: shorten it")
-        req.prompt = prompt
+        gen = Generation(req, prompt)
         with self.cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.pending) >= self.max_queue + self.slots.count(None):
                 raise QueueFull(f"{len(self.pending)} requests are already waiting: try again shortly")
-            self.pending.append(req)
+            self.pending.append(gen)
             self.stats["requests"] += 1
             self.cond.notify_all()
-        return req
+        return gen
 
-    def cancel(self, req: Request):
-        """Free the request's slot at the next step boundary (its client went away, or it hit a stop string)."""
-        req.cancelled = True
+    def cancel(self, gen: Generation):
+        """Free the generation's slot at the next step boundary (its client went away, or it hit a stop string)."""
+        gen.cancelled = True
         with self.cond:
             self.cond.notify_all()
 
@@ -180,138 +193,156 @@ class Scheduler:
                 self._finish(r, "cancelled")
         self.pending.clear()
 
-    def _emit(self, req, event):
+    def _emit(self, gen, event):
         try:
-            req.emit(event)
+            gen.request.emit(event)
         except Exception:  # a consumer that went away must not stop the loop
-            req.cancelled = True
+            gen.cancelled = True
 
-    def _finish(self, req, reason):
-        if req.finished:
+    def _finish(self, gen, reason):
+        if gen.finished:
             return
-        req.finished = True
-        if req.slot is not None:
-            self.slots[req.slot] = None
-            self.cache.lens[req.slot] = 0
-            req.slot = None
-        if req.tool_future is not None:
-            req.tool_future.cancel()
-        req.held_logits = None
+        gen.finished = True
+        if gen.slot is not None:
+            self.slots[gen.slot] = None
+            self.cache.lens[gen.slot] = 0
+            gen.slot = None
+        if gen.tool_future is not None:
+            gen.tool_future.cancel()
+        gen.held_logits = None
         key = reason.split(":")[0]
         self.stats["finished"][key] = self.stats["finished"].get(key, 0) + 1
-        self.latency.observe(time.perf_counter() - req.submitted)
-        self._emit(req, ("done", reason, req.generated))
+        self.latency.observe(time.perf_counter() - gen.submitted)
+        self._emit(gen, ("done", reason, gen.generated))
 
     def _drop_cancelled(self):
-        for r in self.slots:
-            if r is not None and r.cancelled:
-                self._finish(r, "cancelled")
+        for g in self.slots:
+            if g is not None and g.cancelled:
+                self._finish(g, "cancelled")
         with self.cond:
-            gone = [r for r in self.pending if r.cancelled]
-            for r in gone:
-                self.pending.remove(r)
-        for r in gone:
-            self._finish(r, "cancelled")
+            gone = [g for g in self.pending if g.cancelled]
+            for g in gone:
+                self.pending.remove(g)
+        for g in gone:
+            self._finish(g, "cancelled")
 
     def _admit(self):
+        """Queued generations into free slots: prefill each one's row alone, then take its first token."""
         while True:
             with self.cond:
                 if not self.pending or None not in self.slots:
                     return
-                req = self.pending.popleft()
+                gen = self.pending.popleft()
             s = self.slots.index(None)
-            dev = self.engine.device
             self.net.refresh()
             with torch.inference_mode():
-                h = self.net.hidden(torch.tensor([req.prompt], device=dev), self.cache, slice(s, s + 1), [0])
-                logits = self.net.logits(h[:, -1])[0]
-            self.cache.lens[s] = len(req.prompt)
-            self.slots[s] = req
-            req.slot = s
-            req.state = ToolState(self.engine.python_ids)
-            req.generator = torch.Generator(device=dev)
-            if req.seed is None:
-                req.generator.seed()
+                logits = self.engine.prefill(gen.prompt, self.cache, s)
+            self.cache.lens[s] = len(gen.prompt)
+            self.slots[s] = gen
+            gen.slot = s
+            gen.tool = ToolState(self.engine.python_ids)
+            gen.generator = torch.Generator(device=self.engine.device)
+            if gen.request.seed is None:
+                gen.generator.seed()
             else:
-                req.generator.manual_seed(req.seed)
-            self.stats["prompt_tokens"] += len(req.prompt)
-            self._choose(req, logits)
+                gen.generator.manual_seed(gen.request.seed)
+            self.stats["prompt_tokens"] += len(gen.prompt)
+            self._choose(gen, logits)
 
-    def _choose(self, req, logits, greedy=None):
-        """Pick the request's next token from its logits row (or a forced one), emit it, check for the end."""
-        if req.tool_future is not None:
-            if not req.tool_future.done():
-                req.next_input, req.held_logits = None, logits  # sits out steps until the tool answers
-                return
-            try:
-                req.state.forced.extend(req.tool_future.result())
-            except Exception:
-                pass  # a failed tool call forces nothing
-            req.tool_future = None
-        if req.state.forced:
-            tok, forced, call = req.state.next(None)
-        else:
-            if greedy is not None and (req.temperature is None or req.temperature <= 0):
-                sampled = greedy
-            else:
-                with torch.inference_mode():
-                    sampled = int(sample(logits[None], req.temperature, req.top_k, req.top_p, req.generator,
-                                         self.engine.softcap)[0])
-            tok, forced, call = req.state.next(sampled)
-        if call is not None and self.engine.tool:
-            req.tool_future = self.tool_pool.submit(self.engine.tool_tokens, call)
-        lp = None
-        if req.logprobs is not None:
-            with torch.inference_mode():
-                logp = torch.log_softmax(softcap(logits.float(), self.engine.softcap), dim=-1)
-                top = []
-                if req.logprobs > 0:
-                    tv, ti = torch.topk(logp, req.logprobs)
-                    top = list(zip(ti.tolist(), tv.tolist()))
-                lp = (float(logp[tok]), top)
-        req.generated += 1
+    # ---- one token of one generation: _choose and its steps -------------------------------------------------------
+    def _choose(self, gen, logits, greedy=None):
+        """The generation's next token from its logits row (or the tool's output): emit it, check for the end."""
+        if not self._tool_answered(gen, logits):
+            return
+        sampled = None if gen.tool.forced else self._sample(gen, logits, greedy)
+        tok, forced, call, stop = self.engine.next_token(gen.tool, sampled)
+        if call is not None:
+            gen.tool_future = self.tool_pool.submit(self.engine.tool_tokens, call)
+        lp = self._logprobs(gen, logits, tok)
+        self._count(gen)
+        gen.next_input, gen.held_logits = tok, None
+        self._emit(gen, ("token", tok, forced, lp))
+        if stop:
+            self._finish(gen, "stop")
+        elif gen.generated >= gen.request.max_tokens or self.cache.lens[gen.slot] + 1 > self.max_len:
+            self._finish(gen, "length")
+
+    def _tool_answered(self, gen, logits):
+        """False while the generation's tool call runs: its row sits out steps, holding these logits. Once the call
+        returns, its output waits in gen.tool.forced (nothing when it failed)."""
+        if gen.tool_future is None:
+            return True
+        if not gen.tool_future.done():
+            gen.next_input, gen.held_logits = None, logits
+            return False
+        try:
+            gen.tool.forced.extend(gen.tool_future.result())
+        except Exception:
+            pass  # a failed tool call forces nothing
+        gen.tool_future = None
+        return True
+
+    def _sample(self, gen, logits, greedy):
+        """A token from the logits row with the request's sampling; greedy: the step's argmax, when it has one."""
+        req = gen.request
+        if greedy is not None and (req.temperature is None or req.temperature <= 0):
+            return greedy
+        with torch.inference_mode():
+            return int(sample(logits[None], req.temperature, req.top_k, req.top_p, gen.generator,
+                              self.engine.softcap)[0])
+
+    def _logprobs(self, gen, logits, tok):
+        """None, or (tok's logprob, [(token, logprob) x top_n]) when the request asked for logprobs."""
+        top_n = gen.request.logprobs
+        if top_n is None:
+            return None
+        with torch.inference_mode():
+            logp = torch.log_softmax(softcap(logits.float(), self.engine.softcap), dim=-1)
+            top = []
+            if top_n > 0:
+                tv, ti = torch.topk(logp, top_n)
+                top = list(zip(ti.tolist(), tv.tolist()))
+            return float(logp[tok]), top
+
+    def _count(self, gen):
+        gen.generated += 1
         self.stats["generated_tokens"] += 1
-        if req.first_token is None:
-            req.first_token = time.perf_counter()
-            self.ttft.observe(req.first_token - req.submitted)
-        req.next_input, req.held_logits = tok, None
-        self._emit(req, ("token", tok, forced, lp))
-        if tok in self.engine.stop_ids and not forced:
-            self._finish(req, "stop")
-        elif req.generated >= req.max_tokens or self.cache.lens[req.slot] + 1 > self.max_len:
-            self._finish(req, "length")
+        if gen.first_token is None:
+            gen.first_token = time.perf_counter()
+            self.ttft.observe(gen.first_token - gen.submitted)
 
+    # ---- one decode step of the batch ------------------------------------------------------------------------------
     def _step(self):
         """One decode step for every slot that has its next input. Returns False if no row could run."""
-        for r in self.slots:  # rows that waited on a tool call and can go on now
-            if r is not None and r.next_input is None and r.tool_future is not None and r.tool_future.done():
-                self._choose(r, r.held_logits)
-        busy = [i for i, r in enumerate(self.slots) if r is not None]
+        # 1) rows whose tool call returned take their next token (from the logits they held)
+        for g in self.slots:
+            if g is not None and g.next_input is None and g.tool_future is not None and g.tool_future.done():
+                self._choose(g, g.held_logits)
+        busy = [i for i, g in enumerate(self.slots) if g is not None]
         if not busy:
             return False
         hi = busy[-1] + 1
         ready = [i for i in busy if self.slots[i].next_input is not None]
         if not ready:
             return False
+        # 2) decode rows [0, hi) at their own positions; idle rows get a dummy token, overwritten before it is read
         t0 = time.perf_counter()
-        ids = [[self.slots[i].next_input if i in ready else 0] for i in range(hi)]
-        start = self.cache.lens[:hi]
+        ids = [self.slots[i].next_input if i in ready else 0 for i in range(hi)]
         with torch.inference_mode():
-            h = self.net.hidden(torch.tensor(ids, device=self.engine.device), self.cache, slice(0, hi), start)
-            logits = self.net.logits(h[:, 0])
+            logits = self.engine.decode(ids, self.cache, self.cache.lens[:hi])
             greedy = logits.argmax(-1).tolist() if any(
-                (self.slots[i].temperature or 0) <= 0 for i in ready) else None
+                (self.slots[i].request.temperature or 0) <= 0 for i in ready) else None
         for i in ready:
             self.cache.lens[i] += 1
+        # 3) each ready row takes its next token
         for i in ready:
-            req = self.slots[i]
-            if req is None:
+            gen = self.slots[i]
+            if gen is None:
                 continue
-            if req.cancelled:
-                self._finish(req, "cancelled")
+            if gen.cancelled:
+                self._finish(gen, "cancelled")
             else:
-                self._choose(req, logits[i], greedy[i] if greedy is not None else None)
+                self._choose(gen, logits[i], greedy[i] if greedy is not None else None)
         self.stats["steps"] += 1
         self.stats["step_seconds"] += time.perf_counter() - t0
         return True
-

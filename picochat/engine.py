@@ -488,8 +488,30 @@ class Engine:
                             f"{self.max_context} tokens: shorten it")
         return prompt
 
+    # ---- the steps both decode loops share (generate below, batching.Scheduler) ---------------------------------
+    def prefill(self, prompt, cache, row=0):
+        """The prompt's keys and values into cache row `row` (positions 0..len-1); its last position's raw logits
+        (V,). The caller advances cache.lens."""
+        h = self.net.hidden(torch.tensor([prompt], device=self.device), cache, slice(row, row + 1), [0])
+        return self.net.logits(h[:, -1])[0]
+
+    def decode(self, tokens, cache, start):
+        """One token per cache row 0..len(tokens)-1, row b's at position start[b]: raw logits (B, V)."""
+        ids = torch.tensor([[t] for t in tokens], device=self.device)
+        h = self.net.hidden(ids, cache, slice(0, len(tokens)), start)
+        return self.net.logits(h[:, -1])
+
+    def next_token(self, state, sampled):
+        """One sample's next token: the tool's output while any is waiting in state.forced (`sampled` is ignored
+        then, and may be None), else `sampled`. Returns (token, forced, call, stop): call is the tool call this
+        token closed, or None (always None without the tool): the caller evaluates it with tool_tokens and queues
+        the result on state.forced; stop says the sample ends with this token (a sampled stop token)."""
+        tok, forced, call = state.next(sampled)
+        return tok, forced, call if self.tool else None, tok in self.stop_ids and not forced
+
     def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=0):
         """Yields (tokens, forced), one step at a time (see the module docstring)."""
+        # 1) check the request and clip it to the context
         prompt = self.check_prompt(prompt_ids)
         n = int(num_samples)
         if n < 1:
@@ -499,15 +521,15 @@ class Engine:
             return
         net, dev = self.net, self.device
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        # inference mode only around the compute: a caller may train between our yields (RL)
+        # 2) prefill the prompt once into a one-row cache, then copy the row to every sample.
+        # Inference mode only around the compute: a caller may train between our yields (RL)
         with torch.inference_mode():
             net.refresh()
             length = len(prompt) + budget
             if net.static:  # a CUDA graph per cache length: round lengths up so that few distinct ones occur
                 length = min(self.max_context, -(-length // 256) * 256)
             cache = StaticCache(self.model.config, 1, length, dev, net.dtype, static=net.static)
-            h = net.hidden(torch.tensor([prompt], device=dev), cache, slice(0, 1), [0])
-            logits = net.logits(h[:, -1])
+            logits = self.prefill(prompt, cache)[None]
             cache.expand(n)
             logits = logits.expand(n, -1)
         states = [ToolState(self.python_ids) for _ in range(n)]
@@ -515,30 +537,29 @@ class Engine:
         live = list(range(n))  # live[r] = the sample in cache row r
         pos = len(prompt)
         for step in range(budget):
+            # 3) sample every live row, take each unfinished sample's next token (tool calls run right here)
             with torch.inference_mode():
                 sampled = sample(logits, temperature, top_k, top_p, gen, self.softcap).tolist()
             tokens, forced = [None] * n, [False] * n
             for r, i in enumerate(live):
                 if done[i]:
                     continue
-                tok, f, call = states[i].next(sampled[r])
+                tokens[i], forced[i], call, done[i] = self.next_token(states[i], sampled[r])
                 if call is not None:
                     states[i].forced.extend(self.tool_tokens(call))
-                tokens[i], forced[i] = tok, f
-                if tok in self.stop_ids and not f:
-                    done[i] = True
             yield tokens, forced
             if step == budget - 1 or all(done):
                 return
+            # 4) drop the cache rows of finished samples once they are half the batch: they cost as much as live ones
             active = [r for r, i in enumerate(live) if not done[i]]
-            if len(active) <= len(live) // 2:  # compact: finished rows cost as much as live ones
+            if len(active) <= len(live) // 2:
                 with torch.inference_mode():
                     cache.keep(active)
                 live = [live[r] for r in active]
-            ids = [[tokens[i] if not done[i] else self.bos_id] for i in live]
+            # 5) decode the step's tokens (a finished sample still in the batch feeds <|bos|>, never read)
             with torch.inference_mode():
-                h = net.hidden(torch.tensor(ids, device=dev), cache, slice(0, len(live)), [pos] * len(live))
-                logits = net.logits(h[:, -1])
+                logits = self.decode([tokens[i] if not done[i] else self.bos_id for i in live], cache,
+                                     [pos] * len(live))
             pos += 1
 
     def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,

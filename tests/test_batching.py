@@ -1,3 +1,4 @@
+import dataclasses
 import threading
 import time
 
@@ -42,8 +43,7 @@ def run_requests(sched, reqs, timeout=60):
         return emit
 
     for r in reqs:
-        r.emit = emitter(r)
-        sched.submit(r)
+        sched.submit(dataclasses.replace(r, emit=emitter(r)))
     for _ in reqs:
         assert done.acquire(timeout=timeout)
     return [events[id(r)] for r in reqs]
@@ -145,3 +145,20 @@ def test_scheduler_logprobs_match_scoring(tok):
     for (lp, top), (ref, ref_top) in zip(lps, scored):
         assert abs(lp - ref) < 1e-4
         assert [t for t, _ in top] == [t for t, _ in ref_top]
+
+
+def test_submit_leaves_the_request_as_the_caller_made_it(tok):
+    eng = Engine(tiny(vocab=tok.vocab_size, seq=64), tok, tool=False)
+    eng.stop_ids = frozenset()  # runs to max_tokens
+    sched = Scheduler(eng, slots=1).start()
+    try:
+        req = Request(prompt=[float(tok.bos_id), 5], max_tokens=3, temperature=0.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            req.max_tokens = 4
+        done = threading.Event()
+        gen = sched.submit(dataclasses.replace(req, emit=lambda ev: ev[0] == "done" and done.set()))
+        assert done.wait(30)
+        assert gen.finished and gen.generated == 3 and gen.prompt == [tok.bos_id, 5]
+        assert req.prompt == [float(tok.bos_id), 5] and gen.request.max_tokens == 3
+    finally:
+        sched.stop()

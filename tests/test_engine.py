@@ -271,6 +271,25 @@ def test_tool_state_machine():
     assert st.next(9) == (9, False, None)
 
 
+def test_next_token_is_the_shared_step(tok):
+    model = tiny(vocab=tok.vocab_size)
+    S = tok.special
+    start, end, stop = S("<|python_start|>"), S("<|python_end|>"), S("<|assistant_end|>")
+    eng = Engine(model, tok, tool=True)
+    st = ToolState(eng.python_ids)
+    assert eng.next_token(st, start) == (start, False, None, False)
+    assert eng.next_token(st, 7) == (7, False, None, False)
+    assert eng.next_token(st, end) == (end, False, [7], False)  # the caller runs the call
+    st.forced.extend([stop, 9])
+    assert eng.next_token(st, None) == (stop, True, None, False)  # a forced stop token ends nothing
+    assert eng.next_token(st, 3) == (9, True, None, False)
+    assert eng.next_token(st, stop) == (stop, False, None, True)
+    off = Engine(model, tok, tool=False)
+    st = ToolState(off.python_ids)
+    off.next_token(st, start)
+    assert off.next_token(st, end) == (end, False, None, False)  # without the tool a call runs nothing
+
+
 def test_tool_tokens(tok):
     model = tiny(vocab=tok.vocab_size)
     S = tok.special
