@@ -4,10 +4,12 @@ Everything is derived from one dial, --depth (see GPTConfig.from_depth). A forwa
 (returns a scalar loss, computed chunk by chunk so the full logits never exist), scores (per-token losses)
 or generates (logits, reading and extending a KVCache).
 """
+import argparse
 import math
 from dataclasses import dataclass, asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -411,6 +413,65 @@ def loss_chunk_rows(device, vocab_size):
 @torch.compiler.disable
 def fused_loss(h, W, targets, weights, softcap, chunk, kernel=softcap_ce_chunk):
     return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk, kernel)
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches, token_bytes, autocast=None):
+    """Sum of target-token losses (nats) / (ln 2 * UTF-8 bytes of those targets). Targets that are special
+    tokens have 0 bytes and are left out of both sums. Sums are all-reduced across ranks."""
+    token_bytes = torch.as_tensor(token_bytes, dtype=torch.float32)
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.float64)
+    for x, y in batches:
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            loss = model(x, y, reduction="none").float().cpu()
+        nbytes = token_bytes[y.clamp(min=0).cpu()] * (y >= 0).cpu()
+        total_nats += (loss * (nbytes > 0)).sum().double()
+        total_bytes += nbytes.sum().double()
+    if dist.is_initialized():
+        both = torch.stack([total_nats, total_bytes]).to(next(model.parameters()).device)
+        dist.all_reduce(both)
+        total_nats, total_bytes = both.cpu()
+    if total_bytes == 0:
+        return float("nan")
+    return float(total_nats / (math.log(2) * total_bytes))
+
+
+# ---- the single dial: shape flags and the scaling rules -----------------------------------------------------
+def add_shape_args(g):
+    """The model's shape flags (--depth and what refines it) on an argparse parser or group: pretrain's, which
+    speedrun reads its presets with too."""
+    g.add_argument("--depth", type=int, default=20, help="number of layers: sets width, heads and the budget")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x this, rounded to the head dim")
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped attention (0 = all)")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+
+
+D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
+
+
+def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
+    """Block matrices + lm_head, from the shape alone (12 C^2 per layer: 4 C^2 attention, 8 C^2 MLP, for
+    full multi-head attention)."""
+    c = GPTConfig.from_depth(depth, vocab_size=vocab_size, aspect_ratio=aspect_ratio, head_dim=head_dim)
+    kv = c.n_kv_head * c.head_dim
+    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv + 8 * c.n_embd * c.n_embd
+    return c.n_layer * per_layer + c.n_embd * vocab_size
+
+
+def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128):
+    """The scaling rules of the single dial: tokens = ratio x params; batch grows as D^0.383 around 2^19 at
+    d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
+    n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
+    tokens = int(ratio * n)
+    tokens_d12 = ratio * scaling_params(D12_REF["depth"], D12_REF["vocab_size"], aspect_ratio, head_dim)
+    batch = 2 ** round(math.log2(2 ** 19 * (tokens / tokens_d12) ** 0.383))
+    lr_scale = math.sqrt(batch / 2 ** 19)
+    return dict(scaling_params=n, tokens=tokens, total_batch_size=batch, lr_scale=lr_scale,
+                weight_decay=0.28 * lr_scale * tokens_d12 / tokens)
 
 
 def describe(model: GPT) -> str:

@@ -563,7 +563,7 @@ class ServerThread:
 
 
 def add_parser(sub):
-    from picochat.chat import add_model_args
+    from picochat.checkpoint import add_model_args
     p = sub.add_parser("serve", help="serve the web UI and an OpenAI-compatible API",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -589,7 +589,7 @@ def add_parser(sub):
 def serve_cli(args):
     import torch
     import uvicorn
-    from picochat.chat import load_chat_model
+    from picochat.checkpoint import load_chat_model
     if args.port < 0 or args.port > 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.slots < 1 or args.max_queue < 0:

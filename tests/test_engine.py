@@ -401,7 +401,7 @@ def test_parse_reply_round_trips_through_the_tokenizer(tok):
 # ---- the chat command -------------------------------------------------------------------------------------------
 def test_chat_cli_one_shot_and_stage_choice(tok, tmp_path, capsys, webtext_tokenizer):
     from picochat import checkpoint
-    from picochat.chat import resolve_checkpoint
+    from picochat.checkpoint import resolve_checkpoint
     from picochat.cli import main
     from picochat.common import home_dir
     model = tiny(vocab=tok.vocab_size, seq=64)

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from picochat.common import UserError
-from picochat.model import GPT, GPTConfig, KVCache
+from picochat.model import GPT, GPTConfig, KVCache, bits_per_byte
 
 
 def tiny(**kw):
@@ -221,3 +223,15 @@ def test_flops_and_params():
     c = model.config
     assert model.num_scaling_params() == 2 * 12 * c.n_embd ** 2 + c.n_embd * 1000
     assert model.flops_per_token() == 6 * model.num_scaling_params() + 2 * 12 * c.n_embd * 128
+
+
+# ---- bits per byte (the validation metric) --------------------------------------------------------------------------------------
+def test_bits_per_byte_by_hand(tok):
+    model = tiny(vocab_size=tok.vocab_size, sequence_len=32).eval()
+    ids = tok.encode("The cat sat on the mat. " * 4, prepend_bos=True)[:17]
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x)[0].double(), -1)
+    nats = -sum(float(logp[t, ids[t + 1]]) for t in range(16))
+    nbytes = sum(len(tok.decode([i]).encode()) for i in ids[1:])
+    assert math.isclose(bits_per_byte(model, [(x, y)], tok.token_bytes()), nats / (math.log(2) * nbytes), rel_tol=1e-4)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.cli import main
-from picochat.pretrain import derive_hparams, scaling_params
+from picochat.model import derive_hparams, scaling_params
 
 TINY = ["--depth", "2", "--head-dim", "32", "--seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "512", "--eval-tokens", "2048", "--log-every", "5"]
