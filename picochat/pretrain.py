@@ -20,6 +20,7 @@ import torch
 
 from picochat.common import (UserError, home_dir, init_runtime, print0, compute_dtype, peak_flops,
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
+from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches, split_shards
@@ -255,7 +256,7 @@ def _train(args, st, ddp, rank, world, device):
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
             val_bpb = evaluate(step)
         if rank == 0 and args.sample_every > 0 and (step % args.sample_every == 0 or last) and step > 0:
-            sample(model, tokenizer, autocast)
+            sample(model, tokenizer)
         if last:
             break
         t0 = time.perf_counter()
@@ -339,11 +340,11 @@ def save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, ke
 SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "2 + 3 =", "The opposite of hot is"]
 
 
-def sample(model, tokenizer, autocast):
-    model.eval()
+def sample(model, tokenizer):
+    """Greedy completions of a few prompts, printed: a quick look at the model during training."""
+    engine = Engine(model, tokenizer, tool=False)
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend_bos=True)
-        with autocast(), fastpath.bf16_linears(model):
-            out = list(model.generate(ids, 16, stop=(tokenizer.bos_id,)))
-        print0(f"  {prompt!r} -> {tokenizer.decode([t for t in out if t != tokenizer.bos_id])!r}")
-    model.train()
+        seqs, _ = engine.generate_batch(ids, max_tokens=16, temperature=0.0)
+        out = [t for t in seqs[0][len(ids):] if t not in engine.stop_ids]
+        print0(f"  {prompt!r} -> {tokenizer.decode(out)!r}")
