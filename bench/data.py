@@ -1,6 +1,6 @@
 """Data pipeline throughput; prints one JSON line.
 
-- download: one ~80 MB file from a local http.server (Range-capable), fetched by picochat.data.download_file
+- download: one ~80 MB file from a local http.server (Range-capable), fetched by picochat.download.download_file
   (with and without its sha256 check; always fsynced) and by `curl` in the same run, interleaved; best of
   --repeats each; ratio = ours / curl throughput.
 - import: `picochat data import` of shared/data/webtext (parquet) -> shards, in MB/s of UTF-8 text.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from picochat import data, demo
+from picochat import data, demo, download
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBTEXT = next((p for p in (ROOT.parent / "shared" / "data" / "webtext" / "webtext_shared.parquet",
@@ -75,12 +75,13 @@ def main():
         body = os.urandom(args.mb * 1_000_000)
         sha = hashlib.sha256(body).hexdigest()
         server, url = serve(body)
+        download.SCHEMES = ("https", "http")  # the local server speaks plain http, which downloads refuse
         mb = len(body) / 1e6
 
         def ours(check=True):
             dest = tmp / "ours.bin"
             dest.unlink(missing_ok=True)
-            data.download_file(url, dest, sha256=sha if check else None)
+            download.download_file(url, dest, sha256=sha if check else None)
 
         def curl():
             dest = tmp / "curl.bin"

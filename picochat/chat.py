@@ -18,6 +18,7 @@ import sys
 
 from picochat.checkpoint import add_model_args, load_chat_model
 from picochat.common import UserError
+from picochat.sandbox import describe_sandbox
 
 
 class Style:
@@ -108,6 +109,8 @@ def chat_cli(args):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer, info = load_chat_model(args)
     engine = Engine(model, tokenizer, tool=not args.no_tool, compile=args.compile)
+    if engine.tool:
+        print(describe_sandbox(), file=sys.stderr)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     ctx = engine.max_context
     base = info["stage"] == "base"

@@ -7,7 +7,8 @@ import sys
 from picochat.common import UserError
 
 # module names under picochat/, in the order their commands are listed in --help
-COMMAND_MODULES = ("speedrun", "data", "tokenizer", "pretrain", "sft", "rl", "evaluate", "chat", "server", "report", "export")
+COMMAND_MODULES = ("speedrun", "data", "tokenizer", "pretrain", "sft", "rl", "evaluate", "chat", "server", "report",
+                   "export", "importer")
 
 
 def build_parser():

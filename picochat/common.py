@@ -1,10 +1,12 @@
 """Shared plumbing: paths, devices and dtypes, distributed init, clear user errors, atomic writes."""
 import math
 import os
+import shutil
 import sys
 import json
 import time
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,10 +112,15 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def _umask_mode():
+def umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode():
+    return 0o666 & ~umask()
 
 
 def atomic_write_bytes(path, data: bytes):
@@ -176,6 +183,29 @@ def atomic_save(path, save_fn):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def replacing_dir(out):
+    """`with replacing_dir(out) as tmp:` build a folder's new contents in tmp, a fresh folder beside out (same
+    filesystem, usual permissions). When the block ends without an error tmp is renamed to out (an older out is
+    renamed aside first, then deleted), so a reader finds the old folder or the new one, never a mix; when it
+    raises, out is left as it was. Either way no temporary folder is left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fail(msg: str, code: int = 2):

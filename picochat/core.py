@@ -18,18 +18,57 @@ and only their remainders run (score_shared).
 """
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
 from picochat.common import UserError, print0
-from picochat import data as datalib
+from picochat.shards import read_jsonl
 from picochat.engine import InferenceModel, StaticCache, softcap
 
 FEWSHOT_SEED = 1234    # item i draws its examples with random.Random(FEWSHOT_SEED + i)
 SUBSAMPLE_SEED = 1337  # --max-per-task takes the first N items of a fixed shuffle
 EXAMPLE_SEP = "\n\n"
+
+
+# ---- the bundle ---------------------------------------------------------------------------------------------
+def read_core_bundle(folder):
+    """The CORE eval bundle -> one dict per task of core.yaml: label, type (multiple_choice | schema |
+    language_modeling), num_fewshot, continuation_delimiter (default ' '), has_categories, path of its jsonl,
+    missing (True if that file is absent: score over the rest and say so) and random_baseline (a fraction:
+    eval_meta_data.csv gives percent)."""
+    import csv
+    import yaml
+    folder = Path(folder)
+    if not (folder / "core.yaml").is_file():
+        raise UserError(f"{folder}: no core.yaml: not a CORE eval bundle (run `picochat data download --what eval`)")
+    try:
+        tasks = yaml.safe_load((folder / "core.yaml").read_text())["icl_tasks"]
+    except Exception as e:
+        raise UserError(f"{folder / 'core.yaml'}: not the expected YAML with an icl_tasks list ({e})") from None
+    baselines = {}
+    with open(folder / "eval_meta_data.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"]] = float(row["Random baseline"]) / 100
+    out = []
+    for t in tasks:
+        shots = t.get("num_fewshot", [0])
+        path = folder / "eval_data" / t["dataset_uri"]
+        out.append({"label": t["label"], "type": t["icl_task_type"],
+                    "num_fewshot": int(shots[0] if isinstance(shots, list) else shots),
+                    "continuation_delimiter": t.get("continuation_delimiter", " "),
+                    "has_categories": bool(t.get("has_categories", False)),
+                    "path": path, "missing": not path.is_file(),
+                    "random_baseline": baselines.get(t["label"], 0.0)})
+    return out
+
+
+def read_core_task(path):
+    """Rows of one CORE task file (query/choices/gold, context_options/continuation/gold, or
+    context/continuation)."""
+    return read_jsonl(path)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------
@@ -186,6 +225,8 @@ def score_shared(net, groups, head_chunk=2048):
     cache.k = [t.repeat_interleave(counts, dim=0) for t in cache.k]
     cache.v = [t.repeat_interleave(counts, dim=0) for t in cache.v]
     cache.lens = [qs[g] for g, _ in flat]
+    # each row's token before its remainder (a model with a smear reads it): its prefix's last one
+    cache.prev = torch.tensor([ids[qs[g] - 1] if qs[g] else 0 for g, (ids, _, _) in flat], device=net.device)
     h = net.hidden(rest.to(net.device), cache, slice(0, len(flat)), [qs[g] for g, _ in flat])
     return _per_sequence([seq for _, seq in flat], *_continuation_scores(net, h, mask, targets, head_chunk))
 
@@ -318,7 +359,7 @@ def evaluate_core(model, tokenizer, bundle, device, max_per_task=None, batch_tok
     """Score every task of the bundle whose data is present. Returns {"core", "label", "tasks": {label: ...},
     "missing": [labels], "num_tasks", "num_scored", "seconds", "examples"}."""
     t_start = time.perf_counter()
-    meta = datalib.read_core_bundle(bundle)
+    meta = read_core_bundle(bundle)
     if tasks:
         unknown = set(tasks) - {t["label"] for t in meta}
         if unknown:
@@ -333,7 +374,7 @@ def evaluate_core(model, tokenizer, bundle, device, max_per_task=None, batch_tok
             log(f"warning: CORE task {task['label']} skipped: {task['path']} is missing")
             continue
         t0 = time.perf_counter()
-        rows = datalib.read_core_task(task["path"])
+        rows = read_core_task(task["path"])
         correct, total = evaluate_task(model, tokenizer, task, rows, device, max_per_task, batch_tokens, autocast,
                                        rank, world, single, share_prefix, net)
         acc = correct / max(1, total)

@@ -23,14 +23,13 @@ import ast
 import json
 import operator
 import random
-import re
-import shutil
 import time
 from pathlib import Path
 
-from picochat.common import UserError, atomic_write_bytes, atomic_write_json
-from picochat.data import data_dir, extract_answer, write_shards, temp_dir_beside, _install
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, replacing_dir
+from picochat.shards import data_dir, write_shards
 from picochat.sandbox import arithmetic_value, format_value
+from picochat.tasks.gsm8k import CALC_RE, answer_to_parts, extract_answer
 
 # What a model trained on this curriculum knows, and prompts in the shapes it learned (chat, serve and the
 # speedrun show them, so that a user does not mistake "knows only this" for "broken")
@@ -224,7 +223,6 @@ def solve(meta):
     return x
 
 
-_CALC_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 # the demo's steps are integer + - * // only (division always exact): stricter than the tool, which
 # also takes floats, / % ** and unary signs
 _CALC_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
@@ -241,27 +239,12 @@ def calc(expr):
 
 def check_calculations(answer):
     """True if every <<expr=result>> step of a worked answer shows exactly what the python tool prints."""
-    return all(format_value(calc(e)) == r for e, r in _CALC_RE.findall(answer))
+    return all(format_value(calc(e)) == r for e, r in CALC_RE.findall(answer))
 
 
 def strip_calculations(answer):
     """The worked answer as plain prose (the <<...>> annotations removed)."""
-    return _CALC_RE.sub("", answer)
-
-
-def answer_to_parts(answer):
-    """A GSM8K-style answer -> assistant content parts where each <<expr=result>> becomes a python tool call
-    and its output: [text, python expr, python_output result, text, ...] (the tokenizer's part format)."""
-    parts, pos = [], 0
-    for m in _CALC_RE.finditer(answer):
-        if m.start() > pos:
-            parts.append({"type": "text", "text": answer[pos:m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        parts.append({"type": "python_output", "text": m.group(2)})
-        pos = m.end()
-    if pos < len(answer):
-        parts.append({"type": "text", "text": answer[pos:]})
-    return parts
+    return CALC_RE.sub("", answer)
 
 
 def check_word_problem(record, answer_text):
@@ -574,12 +557,8 @@ def build(out=None, seed=0, scale=1.0):
     """Generate the curriculum into out (default data/demo) atomically: written to a temp folder beside it and
     swapped in at the end, replacing an older one. Returns (out, counts); counts is also out/demo.json."""
     out = Path(out) if out else data_dir(demo=True)
-    tmp = temp_dir_beside(out)
-    try:
+    with replacing_dir(out) as tmp:
         counts = generate(tmp, seed, scale)
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, counts
 
 

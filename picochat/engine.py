@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from picochat.common import UserError
-from picochat.model import norm
+from picochat.model import norm, smear
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 TOOL_TAGS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
@@ -69,6 +69,7 @@ class StaticCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.lens = [0] * batch
         self.max_len = max_len
+        self.prev = torch.zeros(batch, dtype=torch.long, device=device)  # each row's last token (for a smear)
         self.static = static  # attend over all max_len positions (fixed shapes for a compiled step)
         self._mark_static()
 
@@ -76,7 +77,7 @@ class StaticCache:
         # a CUDA graph replays fixed addresses: the tensors it writes keys and values into must be declared so,
         # or the compiled step is not graphed at all; a new tensor (expand, keep) makes it re-record once
         if self.static:
-            for t in self.k + self.v:
+            for t in self.k + self.v + [self.prev]:
                 torch._dynamo.mark_static_address(t)
 
     @property
@@ -89,6 +90,7 @@ class StaticCache:
         self.k = [t.expand(n, *t.shape[1:]).contiguous() for t in self.k]
         self.v = [t.expand(n, *t.shape[1:]).contiguous() for t in self.v]
         self.lens = self.lens * n
+        self.prev = self.prev.expand(n).contiguous()
         self._mark_static()
 
     def keep(self, rows):
@@ -97,6 +99,7 @@ class StaticCache:
         self.k = [t.index_select(0, idx) for t in self.k]
         self.v = [t.index_select(0, idx) for t in self.v]
         self.lens = [self.lens[r] for r in rows]
+        self.prev = self.prev.index_select(0, idx)
         self._mark_static()
 
 
@@ -160,6 +163,9 @@ class InferenceModel:
             # training moves them (RL): there they are tensors
             scalars = (lambda p: p.detach().to(dt).clone()) if self.compiled else (lambda p: p.tolist())
             self.resid = (scalars(m.resid_lambdas), scalars(m.x0_lambdas)) if self.config.resid_scalars else None
+            self.smear = ((m.smear_gate.weight.detach().to(dt).clone(), m.smear_lambda.detach().to(dt).clone())
+                          if self.config.smear else None)
+            self.backout = scalars(m.backout_lambda) if self.config.backout else None
             self.layers = []
             for i, (block, mats) in enumerate(zip(m.blocks, self._linear_weights())):
                 a = block.attn
@@ -172,7 +178,7 @@ class InferenceModel:
             self._packed = None  # rebuilt on demand from the new weights
             self._fingerprint = fp
             if self.static:  # read by the CUDA-graphed step: fixed addresses, not inputs copied in at each replay
-                for t in [self.wte, self.head, self.cos, self.sin, *(self.resid or ())]:
+                for t in [self.wte, self.head, self.cos, self.sin, *(self.resid or ()), *(self.smear or ())]:
                     torch._dynamo.mark_static_address(t)
                 for ly in self.layers:
                     for t in ly.values():
@@ -260,6 +266,14 @@ class InferenceModel:
         cos, sin, pos, bidx = plan["cos"], plan["sin"], plan["pos"], plan["bidx"]
         packed = plan["packed"]
         x = norm(F.embedding(ids, self.wte))
+        if self.smear is not None:  # each row's token before this block: its last one in the cache (none at 0)
+            if cache is None:
+                prev = x[:, :-1]
+            else:
+                before = torch.cat([cache.prev[rows][:, None], ids[:, :-1]], dim=1)
+                prev = norm(F.embedding(before, self.wte)) * (pos > 0)[..., None].to(x.dtype)
+                cache.prev[rows] = ids[:, -1]
+            x = smear(x, prev, *self.smear)
         x0 = x
         for i, ly in enumerate(self.layers):
             pk = packed["layers"][i] if packed is not None else None
@@ -276,10 +290,12 @@ class InferenceModel:
             qk = qkv[..., :(H + Hk) * D].view(B, T, H + Hk, D)
             v = qkv[..., (H + Hk) * D:].view(B, T, Hk, D)
             if ly["ve"] is not None:
-                gate = 2 * torch.sigmoid(matmul(h[..., :ly["gate_channels"]], ly["gate"]))  # (B, T, H_kv)
+                gate = c.ve_gate_scale * torch.sigmoid(matmul(h[..., :ly["gate_channels"]], ly["gate"]))  # (B, T, H_kv)
                 v = v + gate.unsqueeze(-1) * F.embedding(ids, ly["ve"]).view(B, T, Hk, D)
             d = D // 2  # rotary, then QK-norm, per head: q and k go through together
             qk = norm(qk * cos + torch.cat([qk[..., d:], qk[..., :d]], dim=-1) * sin)
+            if c.qk_scale != 1.0:
+                qk = qk * c.qk_scale
             q, k = qk[:, :, :H], qk[:, :, H:]
             if cache is None:
                 keys, values = k.transpose(1, 2), v.transpose(1, 2)
@@ -303,6 +319,10 @@ class InferenceModel:
                                                    is_causal=causal, enable_gqa=self.gqa)
             x = x + mm(y.transpose(1, 2).reshape(B, T, H * D), "wo")
             x = x + mm(mm(norm(x), "fc").relu_().square_(), "proj")
+            if self.backout is not None and i == c.backout_layer:
+                mid = x
+        if self.backout is not None:
+            x = x - self.backout[0] * mid
         return norm(x)
 
     def logits(self, h):

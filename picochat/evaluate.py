@@ -23,6 +23,7 @@ import torch.distributed as dist
 from picochat.common import UserError, home_dir, init_runtime, print0, compute_dtype, atomic_write_json, pick_run
 from picochat import fastpath
 from picochat.model import bits_per_byte
+from picochat.sandbox import describe_sandbox
 
 
 def _all_reduce(values, device):
@@ -62,7 +63,7 @@ TASK_GROUPS = {"demo": ["demoproblems", "demospelling"], "arc": ["arc-easy", "ar
 
 
 def task_root(task, data=None):
-    from picochat.data import eval_dir
+    from picochat.shards import eval_dir
     return eval_dir(demo=True) if task.demo else (Path(data) if data else eval_dir())
 
 
@@ -299,7 +300,8 @@ def _autocast(device):
 def base_cli(args):
     from picochat import checkpoint
     from picochat.core import evaluate_core
-    from picochat.loader import fixed_batches, split_shards
+    from picochat.loader import fixed_batches
+    from picochat.shards import split_shards
     ddp, rank, _, world, device = init_runtime(args.device)
     folder = Path(args.checkpoint) if args.checkpoint else home_dir() / "runs" / pick_run(args.run) / "base"
     model, tokenizer, meta = checkpoint.load_model(folder, args.step, device)
@@ -403,6 +405,7 @@ def chat_cli(args):
         if task.kind == "generate" and engine is None:
             from picochat.engine import Engine
             engine = Engine(model, tokenizer, tool=True)
+            print0(describe_sandbox())
         print0(f"{task.name}: {len(items)} problems" + (f", {args.num_samples} samples each at temperature "
                                                          f"{temperature}" if task.kind == "generate" else ""))
         r = run_chat_task(task, model, tokenizer, device, items, engine, args.num_samples, args.batch_size,

@@ -15,15 +15,13 @@ Every tensor of the checkpoint is mapped, or the export fails. Before OUT appear
 back with transformers and its logits are compared with picochat's (--no-verify skips this). Files are
 written to a temporary folder next to OUT and renamed at the end: OUT is either complete or untouched.
 """
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, atomic_write_bytes, atomic_write_json, pick_run
+from picochat.common import UserError, atomic_write_bytes, atomic_write_json, pick_run, replacing_dir
 from picochat.checkpoint import load_model, resolve_checkpoint
 from picochat.model import describe
 
@@ -82,6 +80,16 @@ def nanochat_gaps(config, weights):
                                      bool((weights["x0_lambdas"] == 0).all())):
         gaps.append("residual scalars (resid_lambdas/x0_lambdas)")
     return gaps
+
+
+def unexportable(config):
+    """The optional features of this checkpoint (see GPTConfig) that neither target computes yet: export refuses
+    these rather than write a model that gives other logits."""
+    from dataclasses import fields
+    from picochat.model import GPTConfig
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    names = ("smear", "backout", "ve_gate_channels", "ve_gate_scale", "qk_scale", "short_window", "rope_bf16")
+    return [f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n) != defaults[n]]
 
 
 def nanochat_weights(weights, config):
@@ -177,6 +185,9 @@ def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=
                         f"trained with (copy that tokenizer folder to {folder / 'tokenizer'})")
     model, tok, meta = load_model(folder, step)
     config = model.config
+    if missing := unexportable(config):
+        raise UserError(f"export cannot express this checkpoint's {', '.join(missing)} yet (an imported model's "
+                        f"features): nothing was written")
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     gaps = nanochat_gaps(config, weights)
     if gaps and not remote_code:
@@ -191,9 +202,7 @@ def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=
     stage = stage or folder.name
     tok_json, tok_config = tokenizer_files(tok, stage, config.sequence_len)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with replacing_dir(out) as tmp:
         from safetensors.torch import save_file
         tensors = {k: v.to(torch_dtype).contiguous() for k, v in hf_weights.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -210,11 +219,6 @@ def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=
             # the reference is picochat run on exactly the weights written (rounded to the export dtype)
             model.load_state_dict({k: v.to(torch_dtype).float() for k, v in weights.items()})
             err = check_logits(tmp, model, tok, trust_remote_code=target == "picochat")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"out": str(out), "target": target, "gaps": gaps, "step": meta["step"], "dtype": dtype,
             "bytes": size, "max_rel_err": err, "stage": stage}
@@ -244,25 +248,6 @@ def check_logits(folder, model, tok, trust_remote_code, tol=1e-4):
         raise UserError(f"check failed: transformers ({type(hf).__name__}) gives logits {err:.2e} (relative) away "
                         f"from picochat's; nothing was written (--no-verify writes it anyway; please report this)")
     return err
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(tmp, out):
-    """Put the finished folder at `out`: a rename when out is absent or empty; else swap, then delete the old."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.replace(out, old / "x")
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(folder, meta, description, target, dtype):

@@ -13,31 +13,12 @@ and gradient accumulation: 2 ranks x 1 accumulation step see exactly the data of
 checkpoint resumes exactly on any number of ranks that divides S.
 """
 import bisect
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from picochat.common import UserError
-
-
-def list_shards(folder):
-    """Sorted parquet shards in folder; the last one is the validation shard."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"data folder {folder} does not exist: run `picochat data demo`, `picochat data import PATH` "
-                        f"or `picochat data download` first")
-    files = sorted(folder.glob("*.parquet"))
-    if len(files) < 2:
-        raise UserError(f"data folder {folder} has {len(files)} parquet shard(s); pretraining needs at least 2 "
-                        f"(the last one is held out for validation)")
-    return files
-
-
-def split_shards(folder):
-    files = list_shards(folder)
-    return files[:-1], files[-1:]
 
 
 def _row_groups(files):

@@ -37,6 +37,14 @@ class GPTConfig:
     resid_scalars: bool = True    # learned per-layer mix of the residual stream and the first-layer input
     rope_base: float = 100_000.0
     softcap: float = 15.0
+    # Features of other GPTs of this family (picochat import), off by default. Each changes what the weights mean:
+    smear: bool = False           # add a gated share of the previous token's embedding to each token's (a bigram path)
+    backout: bool = False         # subtract a learned share of the middle layer's output before the final norm
+    ve_gate_channels: int = 32    # the value-embedding gate reads this many leading channels of its input
+    ve_gate_scale: float = 2.0    # ... and scales its sigmoid by this (so 1 at a zero init for 2.0)
+    qk_scale: float = 1.0         # q and k multiplied by this after QK-norm (sharper attention above 1)
+    short_window: int = 0         # an S layer's window in tokens, the current one included; 0 = sequence_len // 4
+    rope_bf16: bool = False       # rotary tables rounded to bf16, as the weights were trained with
 
     @classmethod
     def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128,
@@ -62,13 +70,19 @@ class GPTConfig:
         pat = self.window_pattern.upper()
         if not pat or set(pat) - {"S", "L"}:
             raise UserError(f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
-        sizes = [None if pat[i % len(pat)] == "L" else max(1, self.sequence_len // 4) for i in range(self.n_layer)]
+        short = self.short_window or max(1, self.sequence_len // 4)
+        sizes = [None if pat[i % len(pat)] == "L" else short for i in range(self.n_layer)]
         sizes[-1] = None
         return sizes
 
     def has_value_embed(self, layer):
         # alternate layers, always including the last one
         return self.value_embeds and (layer % 2 == (self.n_layer - 1) % 2)
+
+    @property
+    def backout_layer(self):
+        """The layer whose output the backout subtracts (the middle one)."""
+        return self.n_layer // 2
 
 
 def norm(x):
@@ -86,6 +100,19 @@ def apply_rotary(x, cos, sin):
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the token's embedding
+
+
+def smear(x, prev, gate_weight, lam):
+    """x (B, T, C) normed token embeddings; prev (B, T - 1 or T, C) the embedding before each of x's last
+    prev.shape[1] positions (fewer than T: the first position has none and stays as it is). Each such position
+    gains lam * sigmoid(gate . x[:24]) times its predecessor's embedding."""
+    n = prev.shape[1]
+    tail = x[:, x.shape[1] - n:]
+    gate = lam.to(x.dtype) * torch.sigmoid(F.linear(tail[..., :SMEAR_CHANNELS], gate_weight.to(x.dtype)))
+    return torch.cat([x[:, :x.shape[1] - n], tail + gate * prev], dim=1)
 
 
 def sdpa_attention(q, k, v, window):
@@ -117,7 +144,8 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
-        self.ve_gate_channels = min(32, C)
+        self.ve_gate_channels = min(config.ve_gate_channels, C)
+        self.ve_gate_scale, self.qk_scale = config.ve_gate_scale, config.qk_scale
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
 
     def forward(self, x, cos, sin, window, ve=None):
@@ -126,9 +154,11 @@ class Attention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, H_kv), 1 at init
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, H_kv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         y = attention(q, k, v, window)  # a module global: fastpath may swap it
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -222,6 +252,11 @@ class GPT(nn.Module):
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         cos, sin = self._rotary(config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -236,6 +271,8 @@ class GPT(nn.Module):
         d = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        if self.config.rope_bf16:
+            return freqs.cos().bfloat16().float(), freqs.sin().bfloat16().float()
         return freqs.cos(), freqs.sin()
 
     @torch.no_grad()
@@ -265,6 +302,11 @@ class GPT(nn.Module):
         if self.config.resid_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
+        if self.config.smear:  # starts off (lambda 0) with a gate that can open either way
+            fill(self.smear_gate.weight, lambda t: t.uniform_(0.0, 0.02, generator=gen))
+            self.smear_lambda.zero_()
+        if self.config.backout:
+            self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary(self.config.sequence_len, self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -275,6 +317,8 @@ class GPT(nn.Module):
         matrices = [p for p in self.blocks.parameters()]
         embeds = [self.wte.weight] + [e.weight for e in self.value_embeds.values()]
         scalars = [self.resid_lambdas, self.x0_lambdas] if self.config.resid_scalars else []
+        scalars += [self.smear_gate.weight, self.smear_lambda] if self.config.smear else []
+        scalars += [self.backout_lambda] if self.config.backout else []
         return {"matrix": matrices, "embedding": embeds, "lm_head": [self.lm_head.weight], "scalar": scalars}
 
     def num_params(self):
@@ -300,12 +344,18 @@ class GPT(nn.Module):
         # the residual stream in the compute dtype (bf16 under autocast on GPUs, as the projections' outputs
         # are): fp32 would double its bytes and saved activations and add a cast before every matmul
         x = norm(self.wte(idx).to(dtype))
+        if self.config.smear:
+            x = smear(x, x[:, :-1], self.smear_gate.weight, self.smear_lambda)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, self.windows[i], ve)
+            if self.config.backout and i == self.config.backout_layer:
+                mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda.to(x.dtype) * mid
         return norm(x)
 
     @staticmethod

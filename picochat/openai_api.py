@@ -10,9 +10,9 @@ Everything the checks reject is a 4xx; nothing here touches the scheduler.
 """
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from picochat.engine import TOOL_TAGS, StreamDecoder, parse_reply
 
@@ -24,24 +24,39 @@ class Limits:
     max_tokens: int = 0            # generated tokens per request (0 = the model's context)
     max_n: int = 8                 # choices per request
     max_prompts: int = 64          # prompts in one /v1/completions request
+    max_choices: int = 64          # generations in one request: prompts x n
+    max_logprobs: int = 500_000    # logprob values in one answer: tokens with logprobs x (1 + top logprobs)
     max_stop: int = 4              # stop strings, each at most 200 characters
     max_body_bytes: int = 4 << 20  # request body
 
 
 # ---- request schemas (strict: "12" is not a number, true is not 1) --------------------------------------------
+def _unicode(s):
+    # JSON's "\ud800" parses to a lone surrogate, which neither the tokenizer nor a UTF-8 response can carry
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode") \
+            from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request may carry
+
+
 class _Schema(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class TextPart(_Schema):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Schema):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
 
 class StreamOptions(_Schema):
@@ -49,18 +64,18 @@ class StreamOptions(_Schema):
 
 
 class _Sampling(_Schema):
-    model: str | None = None
+    model: Text | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted for compatibility, not applied
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = None
+    user: Text | None = None
 
 
 class ChatRequest(_Sampling):
@@ -72,7 +87,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -164,6 +179,20 @@ def parse_prompts(prompt, tokenizer, limits, vocab):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             out.append((list(x), tokenizer.decode(list(x))))
     return out
+
+
+def check_work(limits, *, choices, tokens, top_n):
+    """Bounds what one request asks of the server: at most limits.max_choices generations (choices: prompts x n)
+    and, with logprobs on (top_n not None), at most limits.max_logprobs logprob values in its answer (tokens: the
+    most tokens that carry logprobs, generated and scored prompt tokens together; each carries 1 + top_n)."""
+    if choices > limits.max_choices:
+        raise APIError(400, f"{choices} generations (prompts x n): this server takes at most {limits.max_choices} "
+                            "per request", param="n")
+    values = 0 if top_n is None else tokens * (1 + top_n)
+    if values > limits.max_logprobs:
+        raise APIError(400, f"the answer could hold {values} logprob values (tokens x (1 + top logprobs)): this "
+                            f"server sends at most {limits.max_logprobs}; ask for fewer tokens, choices or top "
+                            "logprobs", param="logprobs")
 
 
 def room(prompt, max_len):

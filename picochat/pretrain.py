@@ -23,7 +23,8 @@ from picochat.common import (UserError, home_dir, init_runtime, print0, compute_
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
 from picochat.optim import build_optimizer, lr_multiplier, muon_momentum, wire_dtype_for
-from picochat.loader import StepLoader, fixed_batches, split_shards
+from picochat.loader import StepLoader, fixed_batches
+from picochat.shards import split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
 from picochat import checkpoint
@@ -39,7 +40,11 @@ def add_parser(sub):
                                               "default $PICOCHAT_HOME/data/pretrain")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default runs/<run>/tokenizer)")
     p.add_argument("--out", default="", help="checkpoint folder (default runs/<run>/base)")
-    add_shape_args(p.add_argument_group("model"))
+    g = p.add_argument_group("model")
+    add_shape_args(g)
+    g.add_argument("--init-from", default="", help="start from this checkpoint's weights (a folder, RUN or RUN:STAGE, "
+                                                    "stage base by default) with a fresh optimizer and schedule: its "
+                                                    "architecture replaces the model flags (not --resume)")
     g = p.add_argument_group("budget and batch")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
@@ -104,11 +109,40 @@ def run(args):
             gc.enable()
 
 
+def init_folder(spec, out):
+    """--init-from: the checkpoint folder spec names (a folder, else RUN or RUN:STAGE, stage base by default)."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        run, _, stage = spec.partition(":")
+        folder, _ = checkpoint.resolve_checkpoint(run, stage or "base")
+    if folder.resolve() == Path(out).resolve():
+        raise UserError(f"--init-from {spec} is this run's own output folder {out}: continue it with --resume, "
+                        f"or write the new model to another --run or --out")
+    return folder
+
+
+def init_config(folder, tokenizer, seq_len):
+    """(meta, config) of the --init-from checkpoint, refused unless it fits this run's tokenizer and --seq-len."""
+    meta = checkpoint.read_meta(folder)
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise UserError(f"--init-from {folder} was trained with another tokenizer than this run's: continue it in a "
+                        f"new --run (which takes the model's tokenizer) or pass that --tokenizer")
+    config = GPTConfig(**meta["config"])
+    if seq_len > config.sequence_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the context of the --init-from model ({config.sequence_len}): "
+                        f"pass --seq-len {config.sequence_len} or less")
+    return meta, config
+
+
 def _setup(args, ddp, rank, world, device):
     run_dir = home_dir() / "runs" / args.run
     out = Path(args.out) if args.out else run_dir / "base"
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
-    tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer")
+    init = init_folder(args.init_from, out) if args.init_from else None
+    tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer"
+    if init is not None and not args.tokenizer and not tok_dir.is_dir():
+        tok_dir = init / "tokenizer"  # a new run continuing an imported model: the model's own tokenizer
+    tokenizer = Tokenizer.load(tok_dir)
     train_files, val_files = split_shards(data)
     if args.seq_len < 2:
         raise UserError("--seq-len must be >= 2")
@@ -118,14 +152,21 @@ def _setup(args, ddp, rank, world, device):
     dtype = compute_dtype(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     torch.manual_seed(args.seed)
-    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
-                                  aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
-                                  window_pattern=args.window_pattern, value_embeds=args.value_embeds)
+    if init is not None:
+        init_meta, config = init_config(init, tokenizer, args.seq_len)
+    else:
+        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
+                                      aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                      n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
+                                      value_embeds=args.value_embeds)
     config.window_sizes()  # validates the pattern before any work
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights(seed=args.seed)
+    if init is not None:
+        model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
+        print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
     # fast paths that change modules come before the optimizer collects the parameters
     if args.fp8:
         fastpath.enable_fp8(model, device)
@@ -148,7 +189,9 @@ def _setup(args, ddp, rank, world, device):
         if meta["config"] != checkpoint.config_to_dict(config):
             raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); resume with the same flags")
 
-    hp = derive_hparams(args.depth, tokenizer.vocab_size, args.target_param_data_ratio, args.aspect_ratio, args.head_dim)
+    shape = ((config.n_layer, config.n_embd // config.n_layer, config.head_dim) if init is not None
+             else (args.depth, args.aspect_ratio, args.head_dim))
+    hp = derive_hparams(shape[0], tokenizer.vocab_size, args.target_param_data_ratio, *shape[1:])
     total_batch = args.total_batch_size if args.total_batch_size > 0 else hp["total_batch_size"]
     if total_batch % (args.seq_len * world):
         raise UserError(f"--total-batch-size {total_batch} is not a multiple of seq len x ranks = {args.seq_len} x "

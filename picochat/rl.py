@@ -32,6 +32,7 @@ from picochat.optim import build_optimizer
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
 from picochat.replies import follows_format, greedy_replies, reply_text
+from picochat.sandbox import describe_sandbox
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks
 
@@ -320,6 +321,7 @@ def run(args):
 
     from picochat.engine import Engine
     engine = Engine(model, tokenizer, tool=True)
+    print0(describe_sandbox())
     lrs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                scalar_lr=args.scalar_lr)
     optimizer = build_optimizer(model, **{k: v * args.init_lr_frac for k, v in lrs.items()})

@@ -19,8 +19,9 @@ evaluate_expression returns text, never raises: ints as digits, integral floats 
 "2"), other floats to 10 significant digits, strings without quotes, anything else as repr; None on
 any failure. The training data's tool outputs must be rendered with the same format_value.
 
-What is contained, in layers (`sandbox_info()` says which layers this machine gives; `run_python`
-picks the strongest, probing once):
+What is contained, in layers (`sandbox_info()` says which layers this machine gives and whether that makes
+the sandbox "strong" or "weak"; `describe_sandbox()` says it in one line; `run_python` picks the strongest,
+probing once):
 
   always (any user, any Linux):
     - wall time: the parent kills the whole process group at `timeout` (then sweeps by uid, see below).
@@ -31,50 +32,55 @@ picks the strongest, probing once):
       (status "output_limit"), so a print loop cannot fill the caller's memory.
     - environment: only PATH, LANG/LC_ALL, HOME and TMPDIR (inside the sandbox dir), USER, PYTHONHASHSEED=0
       and a few PYTHON*/MALLOC settings; the parent's secrets are not passed.
+    - a fresh session keyring: keys in the caller's session keyring are not the code's to read.
+    - oom_score_adj 1000 and nice 10: under memory pressure the kernel kills the sandbox, not the server
+      holding the model, and the code yields the CPU to it.
     - cwd: a private temp dir, deleted afterwards; no_new_privs (setuid binaries give nothing).
     - a guard inside the child (on by default, `guard=False` turns it off to test the real
       containment): imports of socket/ctypes/subprocess/multiprocessing/... fail; os.system, fork,
       exec*, spawn*, kill, setuid... raise PermissionError; writes, deletes, renames, chmods outside
       the sandbox dir raise PermissionError. It is a speed bump against accidents, NOT a security
       boundary: pure Python can get around it. The layers below are the containment.
+  on x86_64 and aarch64 (seccomp; see _DENIED in sandbox_child.py): no sockets of any family (AF_VSOCK and
+    AF_UNIX included), no new namespaces, no mounts, no keyctl, bpf, io_uring, userfaultfd, perf_event_open,
+    ptrace or reads of other processes' memory, no kernel modules. Another syscall ABI (i386, x32) is refused.
   as root:
-    - a fresh unprivileged uid/gid per run (random in [_UID_BASE, _UID_BASE + 2^20), no groups): the
-      code cannot touch root's files, other users' 0700/0600 files, or other sandboxes' processes, and
-      RLIMIT_NPROC (default 64 processes+threads) is enforced (the kernel does not enforce it for root,
-      and a uid shared by concurrent runs, like `nobody`, would let one run's fork bomb starve the
-      others). After the run every live process of that uid is killed (fork bombs that called
+    - a fresh unprivileged uid/gid per run (random in [_UID_BASE, _UID_BASE + 2^20), no groups, held with an
+      flock so that no other process on the machine draws it at the same time): the code cannot touch root's
+      files or other sandboxes' processes, and RLIMIT_NPROC (default 64 processes+threads) is enforced (the
+      kernel does not enforce it for root, and a uid shared by concurrent runs would let one run's fork bomb
+      starve the others). After the run every live process of that uid is killed (fork bombs that called
       setsid() to leave the process group included).
-  when namespaces work (root, or an unprivileged user where user namespaces are enabled; probed with
-  a real run at first use, via util-linux `unshare`):
-    - network namespace: no interfaces but a down loopback; connect() to anything, 127.0.0.1
-      included, fails with ENETUNREACH.
+  when namespaces work (root, or an unprivileged user where user namespaces are enabled; via util-linux
+  `unshare`):
+    - its own root: an empty tmpfs holding read-only binds of only the interpreter's stdlib folders, the
+      system's shared-library folders (/lib, /usr/lib, ...: extension modules load from them), /etc/ld.so.cache
+      and /dev/{null,zero,full,random,urandom}, plus a private tmpfs on /tmp (min(memory_mb, 256) MB and 4,096
+      inodes; the code runs in /tmp/sandbox), made the root with pivot_root. The host's files (the repository,
+      checkpoints, /etc, /home), its sockets (/run, /dev/log) and /proc and /sys are not there at all.
+    - network namespace: no interfaces but a down loopback (and no socket() anyway, above).
     - PID namespace: a tiny init (the bootstrap) is PID 1 and the code runs as its child, so it sees
-      only its own processes in /proc, keeps ordinary signal semantics, and when it exits or is
-      killed the init exits and the kernel kills every process the code left behind.
-    - mount namespace: every mount is remounted read-only (for this child only) and a fresh tmpfs
-      (size min(memory_mb, 256) MB) is mounted on /tmp; the code runs in /tmp/sandbox. Writes
-      anywhere else fail with EROFS, even to world-writable dirs like /var/tmp or /dev/shm.
+      only its own processes, keeps ordinary signal semantics, and when it exits or is killed the init
+      exits and the kernel kills every process the code left behind.
     - IPC and UTS namespaces (System V IPC, hostname).
     - as an unprivileged user (no uid to switch to) the code keeps the caller's uid inside a user
-      namespace with all capabilities dropped after setup; the read-only mounts, the tmpfs, the netns
-      and the PID namespace still hold, and a tmpfs hides the caller's home directory.
+      namespace with all capabilities dropped after setup; everything above still holds.
+
+"strong" = namespaces and seccomp. `serve` runs the model's tool calls only in a strong sandbox unless it is
+given --allow-weak-sandbox; chat, RL and the evals say which one they have.
 
 What is NOT contained (know this before exposing it to strangers):
-    - reading world-readable files (the repo, /etc, /usr, /sys, ...): the file system is read-only,
-      not hidden. Files readable only by the caller are safe via the uid switch (root) or, for an
-      unprivileged caller with namespaces, only those under its home directory (hidden by a tmpfs).
-      The caller's environment is never passed; /proc/<caller>/environ is out of reach through the
-      fresh /proc of the PID namespace or, without one, the uid switch (an unprivileged caller
-      without namespaces has neither).
-    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb.
-      A cgroup (memory.max, pids.max) would bound the total; we do not create cgroups (they need
-      root and a delegated hierarchy, and would nest under whatever supervises the caller).
-    - CPU share: a run can use every core until its limits hit (no cgroup cpu quota, no nice).
-    - kernel attack surface: no seccomp filter; a kernel exploit escapes everything above.
-    - without namespaces (no unshare(1), or namespaces disallowed): no network isolation beyond the
-      guard, world-writable dirs (/tmp, /var/tmp, /dev/shm) are writable by the code (as its own
-      uid when root), and a process that leaves the process group survives cleanup unless we are
-      root (uid sweep). `PICOCHAT_SANDBOX=basic` forces this mode, `=ns` demands namespaces.
+    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb
+      (the calculator tool: 4 x 128 MB). A cgroup (memory.max, pids.max) would bound the total; we do not
+      create cgroups (they need a delegated cgroup v2 hierarchy, and would nest under whatever supervises
+      the caller).
+    - CPU share: a run can use every core (at nice 10) until its limits hit (no cgroup cpu quota).
+    - kernel attack surface beyond the seccomp list: a kernel exploit through an allowed syscall escapes.
+    - in the weak sandbox (no namespaces: no unshare(1), or namespaces disallowed, as in Docker without
+      CAP_SYS_ADMIN; `PICOCHAT_SANDBOX=basic` forces it, `=ns` demands namespaces): the code can read every
+      world-readable file (the repository, /etc, /proc, where the server's command line is), world-writable
+      dirs (/tmp, /var/tmp, /dev/shm) are writable (as its own uid when root), and a process that leaves the
+      process group survives cleanup unless we are root (uid sweep).
     - if the caller is SIGKILLed mid-run: with namespaces everything dies (PR_SET_PDEATHSIG on unshare
       via setpriv(1), re-armed by the bootstrap on PID 1); without them the code dies but processes
       it moved to their own session survive until RLIMIT_CPU or their own end. Either way its empty
@@ -86,7 +92,10 @@ import re
 import sys
 import ast
 import math
+import stat
 import time
+import fcntl
+import platform
 import random
 import shutil
 import signal
@@ -98,14 +107,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _UID_BASE = 1_500_000_000   # per-run uids live far above any real account (no passwd entry needed)
+_UID_LOCK_DIR = "/tmp/picochat-sandbox-uids"
 _CHILD_DIR = "/tmp/sandbox"  # the code's cwd and HOME inside the mount namespace (a private tmpfs)
 _SETUP_FAILED = 125          # bootstrap exit code: the sandbox itself could not be set up
 _MAX_PROCS = 64              # run_python's default RLIMIT_NPROC (processes + threads)
+_TMPFS_MAX_MB, _TMPFS_INODES = 256, 4096  # the private /tmp: at most this size (and memory_mb), files+folders
 # the namespace probe: one tiny run; a generous wall clock, so a slow machine is not taken for one
 # without namespaces
 _PROBE_TIMEOUT, _PROBE_MEMORY_MB, _PROBE_MAX_OUTPUT = 10.0, 256, 1000
 # the calculator tool's runs: one expression's value, not a program's output
-_EVAL_MEMORY_MB, _EVAL_MAX_OUTPUT = 256, 16_000
+_EVAL_MEMORY_MB, _EVAL_MAX_PROCS, _EVAL_MAX_OUTPUT = 128, 4, 16_000
 
 
 @dataclass
@@ -127,7 +138,7 @@ class SandboxResult:
 # -----------------------------------------------------------------------------
 # The bootstrap: trusted code that runs first in the child, as root when we are root. It reads the
 # program, sets up mounts and limits, drops privileges, installs the guard, then runs the program.
-# It imports only os, sys, resource and ctypes, so a run costs ~25 ms end to end. Its contract is at the
+# It imports only os, sys, resource and ctypes, so a run starts fast. Its contract is at the
 # top of sandbox_child.py; it is passed as text with -c, never by path (see there why).
 
 _BOOTSTRAP = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
@@ -142,7 +153,9 @@ _uids_in_use = set()
 
 
 def sandbox_info() -> dict:
-    """What containment this machine gives, detected once at first use with a real sandboxed run."""
+    """What containment this machine gives, detected once at first use with real sandboxed runs, strongest
+    first. Keys: mode ("strong": namespaces with the minimal root, and seccomp; else "weak"), root,
+    namespaces, seccomp, unshare, setpriv, note (why a layer is missing)."""
     global _probe_result
     if _probe_result is not None:
         return _probe_result
@@ -150,8 +163,8 @@ def sandbox_info() -> dict:
         if _probe_result is not None:
             return _probe_result
         root = os.geteuid() == 0
-        info = {"root": root, "namespaces": False, "setpriv": None, "unshare": shutil.which("unshare"),
-                "note": ""}
+        info = {"root": root, "namespaces": False, "seccomp": False, "setpriv": None,
+                "unshare": shutil.which("unshare"), "note": ""}
         setpriv = shutil.which("setpriv")
         if setpriv:  # --pdeathsig needs util-linux >= 2.33
             try:
@@ -160,33 +173,85 @@ def sandbox_info() -> dict:
             except (OSError, subprocess.SubprocessError):
                 pass
         mode = os.environ.get("PICOCHAT_SANDBOX", "auto")
-        if mode != "basic" and info["unshare"]:
-            r = _run(info | {"namespaces": True}, "print(6 * 7)", timeout=_PROBE_TIMEOUT,
+        notes = []
+        if mode == "basic":
+            notes.append("PICOCHAT_SANDBOX=basic")
+        elif not info["unshare"]:
+            notes.append("unshare(1) not found")
+        seccomps = [True, False] if platform.machine() in ("x86_64", "aarch64") else [False]
+        if not seccomps[0]:
+            notes.append(f"no seccomp filter for {platform.machine()}")
+        for ns, sc in [(ns, sc) for ns in ([True] if mode != "basic" and info["unshare"] else []) + [False]
+                       for sc in seccomps]:
+            r = _run(info | {"namespaces": ns, "seccomp": sc}, "print(6 * 7)", timeout=_PROBE_TIMEOUT,
                      memory_mb=_PROBE_MEMORY_MB, max_output=_PROBE_MAX_OUTPUT, stdin="", max_procs=_MAX_PROCS,
                      guard=True)
             if r.status == "ok" and r.stdout.strip() == "42":
-                info["namespaces"] = True
-            else:
-                info["note"] = f"namespaces unavailable: {r.status}: {(r.reason or r.stderr).strip()[:300]}"
-        elif mode != "basic":
-            info["note"] = "unshare(1) not found"
+                info["namespaces"], info["seccomp"] = ns, sc
+                break
+            notes.append(f"{'namespaces' if ns else 'basic'}{' + seccomp' if sc else ''} failed: {r.status}: "
+                         f"{(r.reason or r.stderr).strip()[:300]}")
+        info["mode"] = "strong" if info["namespaces"] and info["seccomp"] else "weak"
+        info["note"] = "; ".join(notes)
         if mode == "ns" and not info["namespaces"]:
             raise RuntimeError(f"PICOCHAT_SANDBOX=ns but {info['note']}")
         _probe_result = info
         return info
 
 
-def _alloc_uid() -> int:
-    with _uid_lock:
-        while True:
-            uid = _UID_BASE + random.randrange(1 << 20)
-            if uid not in _uids_in_use:
-                _uids_in_use.add(uid)
-                return uid
+def describe_sandbox() -> str:
+    """One line for a command's start: what the Python tool's sandbox gives on this machine."""
+    info = sandbox_info()
+    if info["mode"] == "strong":
+        return ("sandbox: strong (" + ("fresh uid, " if info["root"] else "") +
+                "own root with only the Python install, no network, seccomp, namespaces)")
+    return ("sandbox: WEAK, code the model writes can read world-readable files" +
+            ("" if info["namespaces"] else ", reach the network through the guard's gaps") +
+            f" ({info['note'] or 'no seccomp'})")
 
 
-def _free_uid(uid: int):
+def _uid_lock_dir() -> str:
+    """A folder only root can write, shared by every process on this machine that runs sandboxes (a fixed path:
+    processes with different TMPDIRs must still see each other's locks)."""
+    path = _UID_LOCK_DIR
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise RuntimeError(f"{path} is not a folder of root's with mode 0700: refusing to trust its uid locks")
+    return path
+
+
+def _alloc_uid():
+    """A uid no other run on this machine holds, in this process or another (two RL ranks, an eval beside a
+    server): each run holds an flock on <lock dir>/<uid> while it lives. Returns (uid, fd)."""
+    folder = _uid_lock_dir()
+    while True:
+        uid = _UID_BASE + random.randrange(1 << 20)
+        with _uid_lock:
+            if uid in _uids_in_use:
+                continue
+            path = os.path.join(folder, str(uid))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:  # not unlinked meanwhile
+                    _uids_in_use.add(uid)
+                    return uid, fd
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            os.close(fd)
+
+
+def _free_uid(uid: int, fd: int):
     with _uid_lock:
+        try:  # unlink before unlocking: whoever opened the old file sees it unlinked and draws again
+            os.unlink(os.path.join(_uid_lock_dir(), str(uid)))
+        except OSError:
+            pass
+        os.close(fd)
         _uids_in_use.discard(uid)
 
 
@@ -282,10 +347,15 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     """run_python with the containment given by info (sandbox_info() or a variant of it, e.g. namespaces
     off); every limit is explicit, the defaults live in run_python."""
     t0 = time.monotonic()
-    ns, root = info["namespaces"], info["root"]
-    uid = _alloc_uid() if root else -1
-    layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "ro-fs"] if ns else [])
-    isolation = ",".join(layers + ["rlimits"] + (["guard"] if guard else []))
+    ns, root, seccomp = info["namespaces"], info["root"], info["seccomp"]
+    layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "own-root"] if ns else [])
+    isolation = ",".join(layers + (["seccomp"] if seccomp else []) + ["rlimits"] + (["guard"] if guard else []))
+    try:  # never raises for what it is given: text the child could not read is the code's error
+        code_bytes, stdin_bytes = code.encode("utf-8"), stdin.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return SandboxResult("error", "", "", None, f"the program or its stdin is not valid text: {e.reason}",
+                             time.monotonic() - t0, isolation=isolation)
+    uid, uid_fd = _alloc_uid() if root else (-1, None)
     workdir = tempfile.mkdtemp(prefix="picochat-sbx-")  # 0700, ours: holds the program and its stdin
     child_dir = _CHILD_DIR if ns else workdir
     cpu = int(math.ceil(timeout)) + 1
@@ -298,13 +368,13 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     returncode, cpu_time = None, 0.0
     try:
         code_path, stdin_path = os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin")
-        with open(code_path, "w", encoding="utf-8") as f:
-            f.write(code)
-        with open(stdin_path, "w", encoding="utf-8") as f:
-            f.write(stdin)
-        cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "uid": uid, "ns": int(ns),
-               "guard": int(guard), "mem": memory_mb, "cpu": cpu, "nproc": nproc,
-               "tmpfs_mb": min(memory_mb, 256), "hide": os.path.expanduser("~") if ns and not root else ""}
+        with open(code_path, "wb") as f:
+            f.write(code_bytes)
+        with open(stdin_path, "wb") as f:
+            f.write(stdin_bytes)
+        cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "stage": workdir, "uid": uid,
+               "ns": int(ns), "seccomp": int(seccomp), "guard": int(guard), "mem": memory_mb, "cpu": cpu,
+               "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES}
         cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
         cmd += [f"{k}={v}" for k, v in cfg.items()]
         if ns:
@@ -386,7 +456,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 proc.returncode = -signal.SIGKILL
         shutil.rmtree(workdir, ignore_errors=True)
         if uid >= 0:
-            _free_uid(uid)
+            _free_uid(uid, uid_fd)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     if ns and returncode is not None:
         returncode, stderr = _ns_exit(returncode, stderr)
@@ -543,8 +613,8 @@ def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
         pass
     except (ArithmeticError, ValueError, TypeError, RecursionError):
         return None
-    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB,
-                   max_output=_EVAL_MAX_OUTPUT, stdin=expr)
+    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB, max_output=_EVAL_MAX_OUTPUT,
+                   stdin=expr, max_procs=_EVAL_MAX_PROCS)
     if r.status != "ok":
         return None
     text = r.stdout

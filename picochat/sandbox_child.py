@@ -7,7 +7,10 @@ never by its path, so that the script's folder never lands on the child's sys.pa
 no access to this file. Any change here changes what every sandboxed run starts with.
 
 What it guards (see picochat/sandbox.py for the layers the parent adds around it):
-    - mounts (ns=1): every mount read-only, a fresh tmpfs on /tmp, a tmpfs over the caller's home (hide).
+    - its own root (ns=1): a tmpfs with read-only binds of only what the interpreter needs and a private
+      /tmp, made the root with pivot_root; the host's tree is detached.
+    - a fresh session keyring, oom_score_adj 1000, nice 10.
+    - seccomp (seccomp=1): the syscalls in _DENIED fail, as do clone with a CLONE_NEW* flag and clone3.
     - rlimits: CPU, address space, file size, open files, processes+threads, no core dumps, no mlock.
     - privileges: no_new_privs; a fresh uid/gid and no groups (uid >= 0), or every capability dropped
       inside a user namespace; the parent-death signal re-armed after the credential change.
@@ -24,7 +27,9 @@ What it expects from the parent:
         ns        1 inside fresh net/pid/mount/ipc/uts namespaces (and a user namespace unless root), else 0
         guard     1 to install the guard, else 0
         mem       RLIMIT_AS in MB;  cpu  RLIMIT_CPU in s (hard limit cpu+1);  nproc  RLIMIT_NPROC
-        tmpfs_mb  size of the /tmp tmpfs (ns=1);  hide  a folder to cover with a tmpfs, or empty
+        stage     an existing folder of the parent's where the new root is built (ns=1)
+        seccomp   1 to install the seccomp filter (x86_64 and aarch64), else 0
+        tmpfs_mb  size of the /tmp tmpfs (ns=1);  inodes  its file+folder cap
     - env: the whole environment, built by the parent (no secrets; HOME and TMPDIR = work).
     - fds: 0 is the stdin file, 1 and 2 are the parent's pipes; nothing else is expected open.
 
@@ -40,46 +45,90 @@ def _fail(msg):
     os.write(2, ("sandbox setup failed: " + msg + "\n").encode())
     os._exit(125)
 
+# The namespace's file system: an empty tmpfs holding read-only binds of only what the interpreter needs (its
+# stdlib, the system's shared libraries for extension modules, a few /dev nodes) and a private tmpfs on /tmp,
+# made the root with pivot_root. The host's files, sockets (/run, /dev/log) and /proc are not there at all.
+_LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib")
+_FILES = ("/etc/ld.so.cache",)
+_DEV_NODES = ("null", "zero", "full", "random", "urandom")
+# MS_* flags; a bind's remount must keep the source mount's locked flags (nosuid, nodev, noexec, atime),
+# read here with statvfs, whose ST_* bits equal the MS_* bits but for relatime
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+_KEPT_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048  # ... | MS_NOATIME | MS_NODIRATIME
+_ST_RELATIME, MS_RELATIME = 4096, 1 << 21
+# syscall numbers for (x86_64, aarch64): the ones the bootstrap itself calls
+_NR = {"pivot_root": (155, 41), "umount2": (166, 39), "keyctl": (250, 219)}
+
+def _arch():
+    m = os.uname().machine
+    return 0 if m == "x86_64" else 1 if m == "aarch64" else None
+
 def _setup(cfg):
     import ctypes, errno
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    def mount(src, dst, fstype, flags, data):
-        if libc.mount(src, dst, fstype, flags, data) != 0:
+    def mount(src, dst, fstype, flags, data, what):
+        if libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
+                      data and data.encode()) != 0:
+            _fail("%s: %s" % (what, os.strerror(ctypes.get_errno())))
+    def syscall(name, *args):
+        if libc.syscall(_NR[name][cfg["arch"]], *args) != 0:
             return ctypes.get_errno()
         return 0
+    try:  # the OOM killer takes the sandbox before the server that holds the model
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    os.setpriority(os.PRIO_PROCESS, 0, 10)
+    # a fresh session keyring: the caller's keys are no longer "possessed", so the code cannot read them
+    if cfg["arch"] is not None:
+        err = syscall("keyctl", ctypes.c_long(1), ctypes.c_void_p(0))  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
+        if err and err not in (errno.ENOSYS, errno.EPERM):
+            _fail("session keyring: " + os.strerror(err))
     uid = int(cfg["uid"])
     work = cfg["work"]
     if cfg["ns"] == "1":
-        # every mount read-only for this child only (the namespace is private), keeping the locked
-        # flags (nosuid/nodev/noexec/atime) or an unprivileged remount would fail with EPERM
-        bits = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
-                "relatime": 1 << 21, "strictatime": 1 << 24, "nosymfollow": 256}
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            fields = line.split(" ")
-            target = fields[4]
-            for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-                target = target.replace(esc, ch)
-            flags = 32 | 4096 | 1  # MS_REMOUNT | MS_BIND | MS_RDONLY
-            for opt in fields[5].split(","):
-                flags |= bits.get(opt, 0)
-            err = mount(None, target.encode(), None, flags, None)
-            if err and err not in (errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.EINVAL):
-                _fail("read-only remount of %s: %s" % (target, os.strerror(err)))
-        if not os.statvfs("/").f_flag & 1:
-            _fail("root file system is still writable")
-        size = cfg["tmpfs_mb"]
-        err = mount(b"tmpfs", b"/tmp", b"tmpfs", 2 | 4, ("size=%sm,mode=1777" % size).encode())
+        if cfg["arch"] is None:
+            _fail("pivot_root: unknown architecture " + os.uname().machine)
+        new = cfg["stage"]  # a folder of the parent's that exists; the tmpfs covers it in this namespace only
+        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=512,mode=0755", "tmpfs root")
+        binds = [p for p in _LIB_DIRS + _FILES if os.path.lexists(p)]
+        binds += [p for p in sys.path if os.path.isdir(p) and not any(p.startswith(b + "/") for b in binds)]
+        binds += ["/dev/" + n for n in _DEV_NODES if os.path.exists("/dev/" + n)]
+        for path in binds:
+            dst = new + path
+            os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+            if os.path.islink(path):  # /lib -> usr/lib on merged-/usr systems
+                os.symlink(os.readlink(path), dst)
+                continue
+            if os.path.isdir(path):
+                os.makedirs(dst, 0o755, exist_ok=True)
+            else:
+                os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
+            mount(path, dst, None, MS_BIND, None, "bind " + path)
+            st = os.statvfs(path)
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (st.f_flag & _KEPT_FLAGS)
+            flags |= MS_RELATIME if st.f_flag & _ST_RELATIME else 0
+            mount(None, dst, None, flags, None, "read-only remount of " + path)
+            if not os.statvfs(dst).f_flag & MS_RDONLY:
+                _fail("%s is still writable" % path)
+        os.mkdir(new + "/tmp", 0o1777)
+        mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+              "size=%sm,nr_inodes=%s,mode=1777" % (cfg["tmpfs_mb"], cfg["inodes"]), "tmpfs on /tmp")
+        os.mkdir(new + "/.old", 0o700)
+        err = syscall("pivot_root", new.encode(), (new + "/.old").encode())
         if err:
-            _fail("tmpfs on /tmp: " + os.strerror(err))
-        home = cfg.get("hide")
-        if home and os.path.isdir(home):
-            err = mount(b"tmpfs", home.encode(), b"tmpfs", 2 | 4 | 8, b"size=1m,mode=0755")
-            if err:
-                _fail("tmpfs over %s: %s" % (home, os.strerror(err)))
+            _fail("pivot_root: " + os.strerror(err))
+        os.chdir("/")
+        err = syscall("umount2", b"/.old", ctypes.c_int(2))  # MNT_DETACH: the host's tree is gone from here
+        if err:
+            _fail("detaching the old root: " + os.strerror(err))
+        os.rmdir("/.old")
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None, "read-only root")
+        if not os.statvfs("/").f_flag & MS_RDONLY:
+            _fail("root file system is still writable")
     if not os.path.isdir(work):
         os.mkdir(work, 0o700)
     if uid >= 0:
@@ -126,6 +175,53 @@ def _drop(cfg, libc):
     libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != cfg["ppid"]:  # the parent died before the re-arm
         os._exit(137)
+    if cfg["seccomp"] == "1":
+        _seccomp(libc, cfg["arch"])
+
+# The seccomp filter: syscalls the code has no business making, for (x86_64, aarch64). They fail with EPERM:
+# new namespaces (the code would be root in a nested user namespace), mounts, keys, BPF, io_uring (its own
+# syscall path), userfaultfd, perf, ptrace and reading other processes, kernel modules, and creating sockets
+# (AF_VSOCK and AF_UNIX paths are outside what the network namespace covers). clone with a CLONE_NEW* flag
+# fails with EPERM; clone3, whose flags a filter cannot read, with ENOSYS, so libc falls back to clone.
+_DENIED = {"socket": (41, 198), "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40),
+           "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51), "keyctl": (250, 219),
+           "add_key": (248, 217), "request_key": (249, 218), "bpf": (321, 280), "io_uring_setup": (425, 425),
+           "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "userfaultfd": (323, 282),
+           "perf_event_open": (298, 241), "ptrace": (101, 117), "process_vm_readv": (310, 270),
+           "process_vm_writev": (311, 271), "open_tree": (428, 428), "move_mount": (429, 429),
+           "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+           "mount_setattr": (442, 442), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+           "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+           "name_to_handle_at": (303, 264), "open_by_handle_at": (304, 265), "acct": (163, 89),
+           "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "sethostname": (170, 161),
+           "setdomainname": (171, 162), "quotactl": (179, 60), "syslog": (103, 116), "pidfd_getfd": (438, 438)}
+_CLONE, _CLONE3 = (56, 220), (435, 435)
+_AUDIT_ARCH = (0xC000003E, 0xC00000B7)
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+_CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
+
+def _seccomp(libc, arch):
+    import ctypes, errno
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+    ALLOW, KILL, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+    deny = (RET, 0, 0, ERRNO | errno.EPERM)
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, _AUDIT_ARCH[arch]), (RET, 0, 0, KILL),  # another ABI (i386 on x86_64)
+            (LD, 0, 0, 0)]
+    if arch == 0:
+        prog += [(JGE, 0, 1, 0x40000000), deny]  # the x32 ABI's numbers
+    for nrs in _DENIED.values():
+        prog += [(JEQ, 0, 1, nrs[arch]), deny]
+    prog += [(JEQ, 0, 1, _CLONE3[arch]), (RET, 0, 0, ERRNO | errno.ENOSYS)]
+    prog += [(JEQ, 0, 3, _CLONE[arch]), (LD, 0, 0, 16), (JSET, 0, 1, _CLONE_NEW), deny]  # 16: args[0], low half
+    prog += [(RET, 0, 0, ALLOW)]
+    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
+    fprog = Prog(len(prog), insns)
+    if libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        _fail("seccomp: " + os.strerror(ctypes.get_errno()))
 
 def _paths():
     # the interpreter may live where the new uid cannot reach (pyenv under /root, mode 0700): keep the
@@ -240,12 +336,16 @@ def _run(cfg):
         except OSError:
             pass
     cfg["ppid"] = os.getppid()
-    paths = _paths()  # before _setup: it may hide the directory the interpreter lives in
+    cfg["arch"] = _arch()
+    # without namespaces the new uid may not reach the interpreter's folders: keep them open. Never with a
+    # new root: a folder fd from the old root would lead back into the host's tree with openat(fd, "..")
+    paths = _paths() if cfg["ns"] != "1" else None
     libc = _setup(cfg)
     _limits(cfg)
     _drop(cfg, libc)
     del libc
-    _repath(paths)
+    if paths:
+        _repath(paths)
     if cfg["ns"] == "1":
         _init()
     if cfg["guard"] == "1":

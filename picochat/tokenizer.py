@@ -327,7 +327,7 @@ def _paths(args):
 def train_cli(args):
     import time
     import pyarrow.parquet as pq
-    from picochat.loader import split_shards
+    from picochat.shards import split_shards
     data, out = _paths(args)
     train_files, _ = split_shards(data)
 
@@ -347,7 +347,7 @@ def train_cli(args):
 def eval_cli(args):
     import inspect
     import pyarrow.parquet as pq
-    from picochat.loader import split_shards
+    from picochat.shards import split_shards
     data, folder = _paths(args)
     tok = Tokenizer.load(folder)
     samples = {}

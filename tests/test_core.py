@@ -10,8 +10,8 @@ from picochat import checkpoint
 from picochat.cli import main
 from picochat.core import (fewshot_indices, render_mc, render_schema, render_lm, build_requests, item_requests,
                            score_batch, make_batches, score_shared, make_group_batches, shared_prefix, judge,
-                           evaluate_task, evaluate_core, centered, core_label, select_items)
-from picochat.data import read_core_bundle, read_core_task
+                           evaluate_task, evaluate_core, centered, core_label, select_items,
+                           read_core_bundle, read_core_task)
 from picochat.engine import InferenceModel
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
@@ -39,11 +39,12 @@ def rows_of(bundle, label):
     return task, _ROWS[task["path"]]
 
 
-def random_model(vocab, seq_len=128, seed=0):
+def random_model(vocab, seq_len=128, seed=0, **kw):
     """A tiny GPT with every weight random and large, so that losses differ clearly between choices (at init
     the head is near zero and every choice would tie)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_depth(2, vocab_size=vocab, sequence_len=seq_len, head_dim=32)).init_weights(seed=seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=vocab, sequence_len=seq_len, head_dim=32, **kw))
+    model.init_weights(seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.4 if p.ndim > 1 else 0.2)
@@ -135,11 +136,16 @@ def plain_scores(model, ids, start, end, max_len):
     return sum(losses) / len(losses), exact
 
 
-@pytest.mark.parametrize("label,shots", [("hellaswag", 3), ("hellaswag_zeroshot", 0), ("copa", 0), ("winogrande", 0),
-                                         ("winograd", 0), ("arc_easy", 1), ("lambada_openai", 0),
-                                         ("bigbench_qa_wikidata", 3)])
-def test_batched_scoring_matches_one_at_a_time(bundle, tok, label, shots):
-    model = random_model(tok.vocab_size, seq_len=128)
+# an imported model's optional features (a smear reads the token before each row's remainder from the cache)
+FEATURES = dict(smear=True, backout=True, value_embeds=True, ve_gate_channels=12, ve_gate_scale=3.0, qk_scale=1.2)
+
+
+@pytest.mark.parametrize("label,shots,kw", [("hellaswag", 3, {}), ("hellaswag_zeroshot", 0, {}), ("copa", 0, {}),
+                                            ("winogrande", 0, {}), ("winograd", 0, {}), ("arc_easy", 1, {}),
+                                            ("lambada_openai", 0, {}), ("bigbench_qa_wikidata", 3, {}),
+                                            ("winogrande", 0, FEATURES), ("arc_easy", 1, FEATURES)])
+def test_batched_scoring_matches_one_at_a_time(bundle, tok, label, shots, kw):
+    model = random_model(tok.vocab_size, seq_len=128, **kw)
     net = InferenceModel(model)
     task, rows = rows_of(bundle, label)
     task = dict(task, num_fewshot=shots)  # 3-shot hellaswag (500+ tokens) and some lambada items are cropped

@@ -6,7 +6,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from picochat import data, demo
+from picochat import demo, shards
+from picochat.shards import read_jsonl
+from picochat.tasks import gsm8k
 from picochat.cli import main
 from picochat.tokenizer import normalize_messages
 
@@ -44,7 +46,7 @@ def test_size_and_speed(full):
     out, counts, seconds = full
     assert seconds < 45, f"the curriculum took {seconds:.0f}s"
     assert 20e6 <= counts["pretrain_chars"] <= 40e6
-    train, val = data.shard_files(out / "pretrain")
+    train, val = shards.split_shards(out / "pretrain")
     assert len(train) >= 2
     for p in train + val:
         pf = pq.ParquetFile(p)
@@ -52,36 +54,36 @@ def test_size_and_speed(full):
         assert all(pf.metadata.row_group(i).num_rows == 1024 for i in range(pf.num_row_groups - 1))
     assert pq.read_metadata(val[0]).num_rows == 1024
     assert counts["word_problems_test"] >= 500 and counts["spelling_test"] >= 500
-    chars = {c for p in train for t in data.iter_texts([p]) for c in t}
+    chars = {c for p in train for t in shards.iter_texts([p]) for c in t}
     assert len(chars) < 100  # a small alphabet: plain ASCII prose
 
 
 def test_every_word_problem_is_right(full):
     out = full[0]
     for split in ("train", "test"):
-        rows = data.read_gsm8k(out / "eval" / "gsm8k" / f"{split}.jsonl")
+        rows = gsm8k.read_gsm8k(out / "eval" / "gsm8k" / f"{split}.jsonl")
         assert len(rows) >= 500
         for r in rows:
             m = r["meta"]
             assert 1 <= len(m["ops"]) <= 3 and demo.solve(m) == m["result"] >= 0
             assert demo.check_word_problem(r, r["answer"])
             assert demo.check_calculations(r["answer"])
-            assert data.extract_answer(r["answer"]) == str(m["result"])
+            assert gsm8k.extract_answer(r["answer"]) == str(m["result"])
             steps = re.findall(r"<<([^=]+)=(\d+)>>", r["answer"])
             assert len(steps) == len(m["ops"]) and steps[-1][1] == str(m["result"])
             for expr, result in steps:  # plain Python on integers: the tool returns exactly the result
                 assert eval(expr, {"__builtins__": {}}) == int(result)
             assert not demo.check_word_problem(r, r["answer"].replace(f"#### {m['result']}", f"#### {m['result'] + 1}"))
-    train = data.read_gsm8k(out / "eval" / "gsm8k" / "train.jsonl")
-    test = data.read_gsm8k(out / "eval" / "gsm8k" / "test.jsonl")
+    train = gsm8k.read_gsm8k(out / "eval" / "gsm8k" / "train.jsonl")
+    test = gsm8k.read_gsm8k(out / "eval" / "gsm8k" / "test.jsonl")
     assert len({r["question"] for r in test}) == len(test)
     assert not {r["question"] for r in test} & {r["question"] for r in train}
 
 
 def test_every_spelling_answer_is_right(full):
     out = full[0]
-    test = data.read_jsonl(out / "eval" / "spelling" / "test.jsonl")
-    train = data.read_jsonl(out / "eval" / "spelling" / "train.jsonl")
+    test = read_jsonl(out / "eval" / "spelling" / "test.jsonl")
+    train = read_jsonl(out / "eval" / "spelling" / "train.jsonl")
     assert len(test) >= 500 and all(r["meta"]["task"] == "count" for r in test)
     assert {r["meta"]["task"] for r in train} == {"count", "spell"}
     for r in test + train:
@@ -99,10 +101,10 @@ def test_every_spelling_answer_is_right(full):
 
 def test_sft_conversations_are_valid_and_tool_calls_right(full):
     out = full[0]
-    convs = data.read_jsonl(out / "sft" / "train.jsonl")
+    convs = read_jsonl(out / "sft" / "train.jsonl")
     assert {c["source"] for c in convs} == {"word_problem", "spelling", "identity", "world"}
     n_tool = 0
-    for c in convs + data.read_jsonl(out / "eval" / "chat" / "val.jsonl"):
+    for c in convs + read_jsonl(out / "eval" / "chat" / "val.jsonl"):
         msgs = normalize_messages(c)
         for m in msgs:
             if m["role"] != "assistant":
@@ -114,38 +116,38 @@ def test_sft_conversations_are_valid_and_tool_calls_right(full):
                     assert parts[i + 1]["type"] == "python_output"
                     assert str(demo.calc(p["text"])) == parts[i + 1]["text"]
     assert n_tool > 5000
-    for c in data.read_jsonl(out / "eval" / "identity" / "train.jsonl"):
+    for c in read_jsonl(out / "eval" / "identity" / "train.jsonl"):
         normalize_messages(c)
     # a word problem's conversation still carries the checkable final answer
     wp = next(c for c in convs if c["source"] == "word_problem")
     text = "".join(p["text"] for p in wp["messages"][1]["content"] if p["type"] != "python")
-    assert data.extract_answer(text) is not None
+    assert gsm8k.extract_answer(text) is not None
 
 
 def test_test_questions_appear_nowhere_else(full):
     out = full[0]
-    test_q = {r["question"] for r in data.read_jsonl(out / "eval" / "gsm8k" / "test.jsonl")}
-    test_q |= {r["question"] for r in data.read_jsonl(out / "eval" / "spelling" / "test.jsonl")}
-    sft_q = {m["content"] for c in data.read_jsonl(out / "sft" / "train.jsonl") for m in c["messages"]
+    test_q = {r["question"] for r in read_jsonl(out / "eval" / "gsm8k" / "test.jsonl")}
+    test_q |= {r["question"] for r in read_jsonl(out / "eval" / "spelling" / "test.jsonl")}
+    sft_q = {m["content"] for c in read_jsonl(out / "sft" / "train.jsonl") for m in c["messages"]
              if m["role"] == "user"}
     assert not test_q & sft_q
-    train_files, _ = data.shard_files(out / "pretrain")
+    train_files, _ = shards.split_shards(out / "pretrain")
     asked = set()
-    for t in data.iter_texts(train_files):
+    for t in shards.iter_texts(train_files):
         asked.update(re.findall(r"^(?:Question|Q|User): (.*)$", t, flags=re.M))
     assert asked and not test_q & asked
     # and the letter counts of held-out pairs are never stated in the prose
-    spelling_test = data.read_jsonl(out / "eval" / "spelling" / "test.jsonl")
+    spelling_test = read_jsonl(out / "eval" / "spelling" / "test.jsonl")
     pairs = [(r["meta"]["word"], r["meta"]["letter"]) for r in spelling_test]
     stated = set()
-    for t in data.iter_texts(train_files):
+    for t in shards.iter_texts(train_files):
         stated.update(re.findall(r"The letter (\w) appears \d+ times? in (\w+)\.", t))
     assert stated and not {(w, c) for w, c in pairs} & {(w, c) for c, w in stated}
 
 
 def test_answer_helpers():
     ans = "Tom has 3 * 4 = <<3*4=12>>12 cups.\nTom keeps 12 / 4 = <<12//4=3>>3 cups.\n#### 3"
-    assert demo.answer_to_parts(ans) == [
+    assert gsm8k.answer_to_parts(ans) == [
         {"type": "text", "text": "Tom has 3 * 4 = "}, {"type": "python", "text": "3*4"},
         {"type": "python_output", "text": "12"}, {"type": "text", "text": "12 cups.\nTom keeps 12 / 4 = "},
         {"type": "python", "text": "12//4"}, {"type": "python_output", "text": "3"},
@@ -159,5 +161,5 @@ def test_answer_helpers():
             demo.calc(expr)
     assert demo.calc("(2+3)*4//3") == 6
     # the real GSM8K's annotations split the same way
-    assert [p["type"] for p in demo.answer_to_parts("48/2 = <<48/2=24>>24\n#### 24")] == \
+    assert [p["type"] for p in gsm8k.answer_to_parts("48/2 = <<48/2=24>>24\n#### 24")] == \
         ["text", "python", "python_output", "text"]

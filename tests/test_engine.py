@@ -34,6 +34,12 @@ def tiny(vocab=300, depth=2, seq=64, scale=0.05, head_scale=1.0, **kw):
     return model.eval()
 
 
+# every optional feature of the reference's recent models at once (see GPTConfig)
+REFERENCE_FEATURES = {"value_embeds": True, "window_pattern": "SL", "depth": 3, "smear": True, "backout": True,
+                      "ve_gate_channels": 12, "ve_gate_scale": 3.0, "qk_scale": 1.2, "short_window": 7,
+                      "rope_bf16": True}
+
+
 def greedy_reference(model, prompt, n, stops=(), forced_script=None, tool=None):
     """Greedy decoding by full recompute (model.forward over the whole sequence every step), with the tool
     state machine written out naively: the reference the cached engine must match token for token."""
@@ -87,7 +93,7 @@ def test_decode_layout_computes_linear(out_f, in_f, parts):
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3},
-                                {"n_kv_head": 1, "depth": 4}, {"resid_scalars": False}])
+                                {"n_kv_head": 1, "depth": 4}, {"resid_scalars": False}, REFERENCE_FEATURES])
 def test_inference_model_matches_model_forward(kw, threads):
     model = tiny(**kw)
     net = InferenceModel(model)
@@ -114,8 +120,9 @@ def test_inference_model_matches_model_forward(kw, threads):
                 assert torch.allclose(out[b, 0], ref[b, lens[b] + t], atol=1e-5)
 
 
-def test_static_cache_attends_over_the_whole_cache():
-    model = tiny(window_pattern="SL", seq=32)
+@pytest.mark.parametrize("kw", [{"window_pattern": "SL"}, REFERENCE_FEATURES])
+def test_static_cache_attends_over_the_whole_cache(kw):
+    model = tiny(seq=32, **kw)
     net = InferenceModel(model)
     x = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
@@ -210,8 +217,9 @@ def test_static_decode_steps_compile_once_not_once_per_position():
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
-def test_greedy_generation_matches_full_recompute(tok):
-    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
+@pytest.mark.parametrize("kw", [{}, REFERENCE_FEATURES])
+def test_greedy_generation_matches_full_recompute(tok, kw):
+    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0, **kw)
     eng = Engine(model, tok, tool=False)
     stops = eng.stop_ids
     prompts = [tok.encode("The history of science", prepend_bos=True), [tok.bos_id], tok.encode("x" * 30),

@@ -178,6 +178,13 @@ def test_features_nanochat_lacks_need_remote_code_or_are_refused(tmp_path, tok):
     assert s["target"] == "nanochat" and s["max_rel_err"] < 1e-4
 
 
+def test_features_neither_target_computes_are_refused(tmp_path, tok):
+    ckpt = make_checkpoint(tmp_path / "ckpt", tok, **NATIVE, smear=True, qk_scale=1.2)
+    with pytest.raises(UserError, match=r"smear=True, qk_scale=1\.2 yet"):
+        export_hf(ckpt, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_every_tensor_is_mapped(tok):
     cfg = GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=32, head_dim=32, **NATIVE)
     weights = GPT(cfg).state_dict()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from picochat.common import UserError
-from picochat.loader import PretrainLoader, split_shards, list_shards
+from picochat.loader import PretrainLoader
+from picochat.shards import list_shards, split_shards
 from picochat.tokenizer import Tokenizer
 
 

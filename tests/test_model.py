@@ -187,7 +187,7 @@ def test_flops_and_params():
     assert model.flops_per_token() == 6 * model.num_scaling_params() + 2 * 12 * c.n_embd * 128
 
 
-# ---- bits per byte (the validation metric) --------------------------------------------------------------------------------------
+# ---- bits per byte (the validation metric) ---------------------------------------------------------------------------
 def test_bits_per_byte_by_hand(tok):
     model = tiny(vocab_size=tok.vocab_size, sequence_len=32).eval()
     ids = tok.encode("The cat sat on the mat. " * 4, prepend_bos=True)[:17]
@@ -197,3 +197,32 @@ def test_bits_per_byte_by_hand(tok):
     nats = -sum(float(logp[t, ids[t + 1]]) for t in range(16))
     nbytes = sum(len(tok.decode([i]).encode()) for i in ids[1:])
     assert math.isclose(bits_per_byte(model, [(x, y)], tok.token_bytes()), nats / (math.log(2) * nbytes), rel_tol=1e-4)
+
+
+REFERENCE_FEATURES = dict(value_embeds=True, window_pattern="SL", smear=True, backout=True, ve_gate_channels=12,
+                          ve_gate_scale=3.0, qk_scale=1.2, short_window=5, rope_bf16=True)
+
+
+def test_optional_features_are_off_by_default_and_train():
+    plain = GPT(GPTConfig.from_depth(3, vocab_size=64, sequence_len=32, head_dim=16))
+    assert not any(k.startswith(("smear", "backout")) for k in plain.state_dict())
+    model = GPT(GPTConfig.from_depth(3, vocab_size=64, sequence_len=32, head_dim=16, **REFERENCE_FEATURES))
+    model.init_weights(seed=0)
+    with torch.no_grad():  # open the smear and give the blocks outputs, so every new parameter matters
+        model.smear_lambda.fill_(0.5)
+        for b in model.blocks:
+            b.attn.c_proj.weight.normal_(0, 0.05)
+            b.mlp.c_proj.weight.normal_(0, 0.05)
+    assert model.windows == [5, None, None]
+    groups = model.param_groups()
+    assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+    x = torch.randint(0, 64, (2, 16))
+    model(x, targets=torch.roll(x, -1, 1)).backward()
+    for p in (model.smear_gate.weight, model.smear_lambda, model.backout_lambda):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # the smear looks one token back, never ahead: changing token 5 leaves every position before it as it was
+    with torch.no_grad():
+        y = x.clone()
+        y[:, 5] = (y[:, 5] + 1) % 64
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) and not torch.allclose(a[:, 5:], b[:, 5:])

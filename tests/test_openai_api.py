@@ -7,9 +7,9 @@ from pydantic import ValidationError
 
 from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, chat_chunk,
                                  chat_completion, chat_logprob_entry, chat_logprobs_count, chat_usage_chunk,
-                                 check_echo, check_sampling, check_stops, completion, completion_logprobs,
-                                 conversation, echo_logprobs, error_body, finish_reason, parse_prompts, room,
-                                 sampling_params, sse, text_chunk, token_str, usage)
+                                 check_echo, check_sampling, check_stops, check_work, completion,
+                                 completion_logprobs, conversation, echo_logprobs, error_body, finish_reason,
+                                 parse_prompts, room, sampling_params, sse, text_chunk, token_str, usage)
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -49,6 +49,28 @@ def test_chat_schema_refuses(fields):
 def test_completion_schema_refuses(fields):
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"prompt": "a", **fields})
+
+
+LONE = json.loads('"a\\ud800b"')  # what JSON's "\ud800" parses to: a lone surrogate, no Unicode text
+
+
+@pytest.mark.parametrize("fields", [
+    {"messages": [{"role": "user", "content": LONE}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+    {"messages": [{"role": "user", "content": "hi", "name": LONE}]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": LONE},
+                  {"role": "user", "content": "hi"}]},
+    {"stop": LONE}, {"stop": ["x", LONE]}, {"model": LONE}, {"user": LONE},
+])
+def test_lone_surrogates_are_refused_anywhere(fields):
+    with pytest.raises(ValidationError, match="lone UTF-16 surrogate"):
+        chat(**fields)
+    for prompt in (LONE, ["ok", LONE]):
+        with pytest.raises(ValidationError, match="lone UTF-16 surrogate"):
+            CompletionRequest.model_validate({"prompt": prompt, "echo": True})
+    # a pair of surrogates in JSON is one character beyond the BMP: fine
+    pair = json.loads('"\\ud83d\\ude00"')
+    assert chat(messages=[{"role": "user", "content": pair}]).messages[0].content == "\U0001F600"
 
 
 def test_schema_defaults_and_unknown_fields():
@@ -137,6 +159,18 @@ def test_room_echo_and_generation_parameters():
     assert sampling_params(chat(top_k=5, seed=3), 2)["top_k"] == 5 and sampling_params(chat(seed=3), 2)["seed"] == 5
     assert chat_logprobs_count(chat()) is None and chat_logprobs_count(chat(top_logprobs=3)) is None
     assert chat_logprobs_count(chat(logprobs=True)) == 0 and chat_logprobs_count(chat(logprobs=True, top_logprobs=3)) == 3
+
+
+def test_check_work():
+    lim = Limits(max_choices=8, max_logprobs=1000)
+    check_work(lim, choices=8, tokens=10 ** 6, top_n=None)  # without logprobs, tokens do not count
+    check_work(lim, choices=8, tokens=50, top_n=19)  # 50 x 20 = 1000
+    e = api_error(check_work, lim, choices=9, tokens=1, top_n=None)
+    assert (e.status, e.param) == (400, "n") and "at most 8" in e.message
+    e = api_error(check_work, lim, choices=1, tokens=51, top_n=19)
+    assert (e.status, e.param) == (400, "logprobs") and "1020" in e.message
+    e = api_error(check_work, lim, choices=1, tokens=1001, top_n=0)
+    assert e.param == "logprobs"
 
 
 # ---- streaming text and the response bodies --------------------------------------------------------------------

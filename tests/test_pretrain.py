@@ -283,3 +283,29 @@ def test_training_samples_are_greedy_engine_completions(tok, capsys):
         out = eng.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
         expected.append(f"  {p!r} -> {tok.decode([t for t in out if t not in eng.stop_ids])!r}")
     assert lines == expected and any(line.split(" -> ")[1] != "''" for line in lines)
+
+
+def test_init_from_continues_an_imported_model(setup, monkeypatch, capsys):
+    """--init-from: the imported reference model's weights with a fresh optimizer and schedule, on new text."""
+    from pathlib import Path
+    from picochat.checkpoint import load_model
+    home, data = setup
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    fixture = Path(__file__).parent / "fixtures" / "nanochat_ckpt" / "nov2025_d2"
+    assert main(["import", str(fixture), "--run", "ref"]) == 0
+    args = ["--data", str(data), "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
+            "--eval-tokens", "2048", "--log-every", "1", "--num-iterations", "2", "--eval-every", "100"]
+    # run t has another tokenizer: refused; a new run takes the model's own
+    assert main(["pretrain", "--run", "t", "--init-from", "ref", *args]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+    assert main(["pretrain", "--run", "c", "--init-from", "ref:base", *args[:2], "--seq-len", "256"]) == 2
+    assert "exceeds the context of the --init-from model (128)" in capsys.readouterr().err
+    assert main(["pretrain", "--run", "ref", "--init-from", "ref", *args]) == 2
+    assert "this run's own output folder" in capsys.readouterr().err
+    assert main(["pretrain", "--run", "c", "--init-from", "ref", *args]) == 0
+    rows = [json.loads(l) for l in (home / "runs/c/base/metrics.jsonl").read_text().splitlines()]
+    first = [r["loss"] for r in rows if "loss" in r][0]
+    assert first < 5.0  # a fresh model starts at ln(512) = 6.2; the imported one has learned webtext already
+    model, tok, meta = load_model(home / "runs/c/base")
+    assert meta["step"] == 2 and model.config.rope_bf16 and not model.config.resid_scalars
+    assert tok.hash == load_model(home / "runs/ref/base")[1].hash

@@ -1,4 +1,6 @@
+import argparse
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import picochat.batching as batching_mod
 from picochat.model import GPT, GPTConfig
+from picochat.common import UserError
 from picochat.openai_api import conversation
-from picochat.server import Limits, ServerThread, create_app
+from picochat.server import Limits, ServerThread, add_parser, allowed_hosts, create_app, read_api_key, serve_cli
 from picochat.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -210,9 +213,13 @@ def test_errors_are_openai_shaped(server, client, tok):
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
-def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch):
+GENERIC = "the model failed while generating (the server's log has the details)"
+
+
+def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch, caplog):
     """A decode step that raises fails its requests: a 500 when not streaming, an error event then the choice's
-    finish and [DONE] when streaming; the server goes on serving."""
+    finish and [DONE] when streaming; the client gets a generic message, the log the exception; the server goes
+    on serving."""
     app = create_app(model, tok, slots=2)
     with ServerThread(app) as url:
         net = app.state.engine.net
@@ -223,11 +230,13 @@ def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch):
             body = dict(body, max_tokens=5)
             r = httpx.post(url + path, json=body, timeout=30)
             assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
-            assert "boom" in r.json()["error"]["message"]
+            assert r.json()["error"]["message"] == GENERIC
             lines = [x for x in httpx.post(url + path, json=dict(body, stream=True), timeout=30).text.split("\n") if x]
             events = [json.loads(x[6:]) for x in lines[:-1]]
-            assert lines[-1] == "data: [DONE]" and "boom" in events[-2]["error"]["message"], lines
+            assert lines[-1] == "data: [DONE]" and events[-2]["error"]["message"] == GENERIC, lines
+            assert "boom" not in "".join(lines) and "RuntimeError" not in "".join(lines)
             assert events[-1]["choices"][0]["finish_reason"] is not None
+        assert "RuntimeError: boom" in caplog.text  # the detail is in the server's log
         monkeypatch.setattr(net, "hidden", real)
         assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
 
@@ -351,6 +360,10 @@ def test_load_and_abuse(server, tok):
     finally:
         sched.min_step_time = 0.0
     assert httpx.get(url + "/health").json()["active"] == 0
+    svc, deadline = server.app.state.service, time.time() + 5
+    while svc.total and time.time() < deadline:  # the dropped streams gave their client's share back
+        time.sleep(0.01)
+    assert svc.total == 0 and svc.in_flight == {}
 
 
 def test_info_tells_the_ui_the_limits(model, tok):
@@ -367,3 +380,247 @@ def test_info_tells_the_ui_the_limits(model, tok):
     with ServerThread(app) as url:
         info = httpx.get(url + "/info").json()
         assert info["max_tokens"] == 256 and info["tool"] is True and info["trained_on"] == "" and info["examples"] == []
+
+
+# ---- hardening: dropped clients, fairness, Host names, hostile input, the key ----------------------------------
+def raw_post(url, path, body, host=None):
+    """A POST on a raw socket (the test decides when the client goes away); returns the socket."""
+    addr, port = url.split("//")[1].rsplit(":", 1)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    s = socket.create_connection((addr, int(port)))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host or addr}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def counter(app, name, **labels):
+    """A sample of the app's /metrics, as Prometheus would read it."""
+    fams = {f.name: f for f in text_string_to_metric_families(app.state.service.metrics.render().decode())}
+    return sum(s.value for s in fams[name].samples if s.name == name + "_total" and s.labels == labels)
+
+
+def test_a_dropped_request_stops_generating(model, tok):
+    """A client that leaves a request that does not stream stops its generations at once (not after 200
+    tokens): the scheduler cancels them, the slot frees, /metrics counts a 499."""
+    app = create_app(model, tok, slots=2)
+    sched = app.state.scheduler
+    sched.min_step_time = 0.02  # 200 tokens would take 4 s
+    with ServerThread(app) as url:
+        for path, body in [("/v1/completions", {"prompt": "Once upon", "max_tokens": 200, "n": 2}),
+                           ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 200})]:
+            before, cancelled = sched.stats["generated_tokens"], sched.stats["finished"].get("cancelled", 0)
+            s = raw_post(url, path, body)
+            deadline = time.time() + 30
+            while sched.stats["generated_tokens"] < before + 5:  # it is generating
+                assert time.time() < deadline
+                time.sleep(0.01)
+            s.close()
+            t_drop = time.time()
+            want = cancelled + body.get("n", 1)
+            while sched.stats["finished"].get("cancelled", 0) < want and time.time() < t_drop + 10:
+                time.sleep(0.005)
+            assert sched.stats["finished"].get("cancelled", 0) == want and time.time() - t_drop < 1.0
+            assert wait_idle(sched, timeout=5)
+            generated = sched.stats["generated_tokens"] - before
+            time.sleep(0.2)
+            assert sched.stats["generated_tokens"] - before == generated < 100  # and nothing more after
+            deadline = time.time() + 5
+            while counter(app, "picochat_http_requests", path=path, status="499") < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            assert counter(app, "picochat_http_requests", path=path, status="499") == 1
+            assert app.state.service.total == 0 and app.state.service.in_flight == {}
+        # scoring prompts for echo stops too, before the next prompt
+        engine, scored = app.state.engine, []
+        real_score = engine.score
+        engine.score = lambda *a, **k: (scored.append(1), time.sleep(0.05), real_score(*a, **k))[-1]
+        s = raw_post(url, "/v1/completions", {"prompt": ["a b c"] * 40, "max_tokens": 0, "echo": True,
+                                              "logprobs": 1})
+        deadline = time.time() + 30
+        while not scored:
+            assert time.time() < deadline
+            time.sleep(0.005)
+        s.close()
+        deadline = time.time() + 5
+        while app.state.service.total and time.time() < deadline:
+            time.sleep(0.01)
+        assert app.state.service.total == 0 and len(scored) <= 3
+        time.sleep(0.2)
+        assert len(scored) <= 3
+
+
+def test_one_client_cannot_crowd_out_another(model, tok):
+    """A flood of one client's requests takes its share (client_limit generations) and gets 429s past it; another
+    client is still served. Generations count per choice and per prompt scored for echo; prompts x n and the
+    logprob values of one answer are bounded."""
+    app = create_app(model, tok, slots=2, max_queue=4, client_limit=3,
+                     limits=Limits(max_choices=3, max_logprobs=1000))
+    sched, svc = app.state.scheduler, app.state.service
+    sched.min_step_time = 0.02
+    flood_client = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60)
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"), timeout=60)
+    with ServerThread(app) as url, flood_client, other:
+        def flood(i):
+            return flood_client.post(url + "/v1/completions", json={"prompt": "Once upon", "max_tokens": 150, "seed": i})
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(flood, i) for i in range(8)]
+            deadline = time.time() + 30
+            while svc.in_flight.get("127.0.0.2", 0) < 3 or sum(f.done() for f in futures) < 5:
+                assert time.time() < deadline, (svc.in_flight, [f.done() for f in futures])
+                time.sleep(0.01)
+            assert svc.in_flight == {"127.0.0.2": 3}
+            r = other.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+            # prompt scoring counts too: 2 prompts scored + 2 generated = 4, over the share of 3
+            r = other.post(url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1, "echo": True,
+                                                          "logprobs": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "client_limit", r.text
+            assert "127.0.0.3" in r.json()["error"]["message"]
+            sched.min_step_time = 0.0  # the flood may finish now
+            responses = [f.result(timeout=60) for f in futures]
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200] * 3 + [429] * 5, codes
+        refused = [r.json()["error"] for r in responses if r.status_code == 429]
+        assert all(e["code"] == "client_limit" and e["type"] == "rate_limit_error" for e in refused)
+        assert "127.0.0.2" in refused[0]["message"] and "limit of 3 per client" in refused[0]["message"]
+        # one request cannot ask for more than max_choices generations or max_logprobs values
+        r = other.post(url + "/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = other.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 200, "logprobs": 20})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        # nothing to generate or score (echo alone) costs nothing and leaves nothing behind
+        r = other.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 0, "echo": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a"
+        assert wait_idle(sched) and svc.total == 0 and svc.in_flight == {}
+
+
+def test_only_the_allowed_host_names_are_answered(server, model, tok):
+    """DNS rebinding: a page whose name now points at 127.0.0.1 reaches the server with its own Host; refused
+    (421), on every path. The loopback names, with any port, are answered."""
+    url = server.url
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
+                 "127.0.0.1:8000@evil.example", "localhost:80:80", "[::1]x", "localhost:8o", ""):
+        for path in ("/", "/info", "/health", "/metrics", "/v1/models"):
+            r = httpx.get(url + path, headers={"Host": host})
+            assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed", (host, path)
+        assert "--allowed-host" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1}, headers={"Host": host})
+        assert r.status_code == 421
+    for host in ("localhost", "LocalHost:8000", "127.0.0.1:1", "[::1]:8000", "[::1]"):
+        assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+    # behind a reverse proxy: its name is allowed as well
+    app = create_app(model, tok, allowed_hosts=allowed_hosts("0.0.0.0", ["Chat.Example.org"]))
+    with ServerThread(app) as url:
+        assert httpx.get(url + "/health", headers={"Host": "chat.example.org:443"}).status_code == 200
+        assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 421
+
+
+def test_allowed_hosts():
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("box.lan", ["proxy.example:443"]) == {"localhost", "127.0.0.1", "::1", "box.lan",
+                                                               "proxy.example"}
+    assert allowed_hosts("::1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("fe80::2") == {"localhost", "127.0.0.1", "::1", "fe80::2"}
+    # every interface: keyless, only the loopback names and --allowed-host; with a key, any name
+    assert allowed_hosts("0.0.0.0", ["[fe80::1]"]) == {"localhost", "127.0.0.1", "::1", "fe80::1"}
+    assert allowed_hosts("::") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("0.0.0.0", api_key="k") is None and allowed_hosts("::", api_key="k") is None
+    assert allowed_hosts("127.0.0.1", api_key="k") == {"localhost", "127.0.0.1", "::1"}
+
+
+def test_hostile_text_and_bodies(server, model, tok):
+    """A lone surrogate anywhere gets a 400 (streaming or not, echoed or not); a chunked body over the limit
+    gets a 413 like a declared one."""
+    url = server.url
+    lone = b'"a\\ud800b"'
+    cases = [("/v1/completions", b'{"prompt": %s, "echo": true, "max_tokens": 2}' % lone),
+             ("/v1/completions", b'{"prompt": ["ok", %s], "echo": true, "max_tokens": 0, "logprobs": 1}' % lone),
+             ("/v1/completions", b'{"prompt": %s, "echo": true, "stream": true, "max_tokens": 2}' % lone),
+             ("/v1/completions", b'{"prompt": "ok", "stop": %s, "max_tokens": 2}' % lone),
+             ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": %s}]}' % lone),
+             ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}], "stream": true}'),
+             ("/v1/chat/completions",
+              b'{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % lone)]
+    params = []
+    for path, body in cases:
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        assert "lone UTF-16 surrogate" in r.json()["error"]["message"]
+        params.append(r.json()["error"]["param"])
+    assert params == ["prompt", "prompt.1", "prompt", "stop", "messages.0.content", "messages.0.content",
+                      "messages.0.content.0.text"]
+    pair = b'{"prompt": "\\ud83d\\ude00", "echo": true, "max_tokens": 1}'  # a proper pair is one character
+    r = httpx.post(url + "/v1/completions", content=pair, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("\U0001F600")
+
+    app = create_app(model, tok, limits=Limits(max_body_bytes=1000))
+    with ServerThread(app) as url:
+        def chunks(n):
+            for _ in range(n):
+                yield b" " * 400
+        r = httpx.post(url + "/v1/completions", content=chunks(3), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        body = b'{"prompt": "Hi", "max_tokens": 1}'
+        r = httpx.post(url + "/v1/completions", content=iter([body[:10], body[10:]]),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text  # a chunked body under the limit is read whole
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def serve_args(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+def test_the_api_key_from_a_file_or_the_environment(tmp_path, capsys):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert read_api_key(serve_args(["--api-key-file", str(key_file)]), {}) == "s3cret"
+    assert read_api_key(serve_args([]), {"PICOCHAT_API_KEY": "from-env"}) == "from-env"
+    assert read_api_key(serve_args([]), {}) is None and read_api_key(serve_args([]), {"PICOCHAT_API_KEY": ""}) is None
+    assert capsys.readouterr().err == ""
+    # in argv: it works, with a warning (ps shows it to every user)
+    assert read_api_key(serve_args(["--api-key", "k-123"]), {"PICOCHAT_API_KEY": "env"}) == "k-123"
+    err = capsys.readouterr().err
+    assert "warning" in err and "--api-key-file" in err and "k-123" not in err
+    (tmp_path / "empty").write_text(" \n")
+    for argv in (["--api-key-file", str(tmp_path / "empty")], ["--api-key-file", str(tmp_path / "missing")],
+                 ["--api-key", "a", "--api-key-file", str(key_file)]):
+        with pytest.raises(UserError):
+            read_api_key(serve_args(argv), {})
+
+
+@pytest.mark.parametrize("argv, env, key, foreign_host", [
+    (["--api-key-file", "KEYFILE"], {}, "from-file", 421),
+    ([], {"PICOCHAT_API_KEY": "from-env"}, "from-env", 421),
+    (["--host", "0.0.0.0"], {"PICOCHAT_API_KEY": "from-env"}, "from-env", 200),  # the key protects: any name
+    (["--host", "0.0.0.0", "--allowed-host", "evil.example"], {}, None, 200),
+    (["--host", "0.0.0.0"], {}, None, 421),  # keyless on every interface: still only the allowed names
+])
+def test_serve_wires_the_key_and_the_host_names(argv, env, key, foreign_host, model, tok, tmp_path, monkeypatch,
+                                                capsys):
+    """`picochat serve` as the command line has it (the model loader and uvicorn.run stubbed, the app served
+    live): the key from its file or $PICOCHAT_API_KEY guards /v1 and /metrics, not /health; the Host names."""
+    import uvicorn
+    import picochat.checkpoint
+    (tmp_path / "key").write_text("from-file")
+    argv = [str(tmp_path / "key") if a == "KEYFILE" else a for a in argv]
+    for name in ("PICOCHAT_API_KEY",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    info = {"run": "r", "stage": "sft", "description": "tiny", "trained_on": "nothing", "examples": []}
+    monkeypatch.setattr(picochat.checkpoint, "load_chat_model", lambda args: (model, tok, info))
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert serve_cli(serve_args(argv + ["--port", "0"])) == 0
+    assert "warning" not in capsys.readouterr().err  # no key in argv
+    with ServerThread(served["app"]) as url:
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        for path in ("/v1/models", "/metrics"):
+            assert httpx.get(url + path, headers=auth).status_code == 200
+            assert httpx.get(url + path).status_code == (401 if key else 200)
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == foreign_host

@@ -10,8 +10,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "picochat"
 # CLI commands that are also libraries every stage needs
 LIBRARY_COMMANDS = {"data", "tokenizer"}
 STAGES = {f"picochat.{m}" for m in COMMAND_MODULES} - {f"picochat.{m}" for m in LIBRARY_COMMANDS}
-# data.py <-> demo.py: being removed by the split of data.py into a library and its CLI; drop this on that merge
-KNOWN_CYCLE_EDGES = {("picochat.demo", "picochat.data")}
 
 
 def module_name(path):
@@ -47,16 +45,14 @@ def import_graph():
     return graph
 
 
-def find_cycle(graph, skip=frozenset()):
-    """One import cycle as a list of modules [a, b, ..., a], or None. Edges in skip do not count."""
+def find_cycle(graph):
+    """One import cycle as a list of modules [a, b, ..., a], or None."""
     state = {}
 
     def visit(m, stack):
         state[m] = "open"
         stack.append(m)
         for n in sorted(graph.get(m, ())):
-            if (m, n) in skip:
-                continue
             if state.get(n) == "open":
                 return stack[stack.index(n):] + [n]
             if n not in state:
@@ -86,14 +82,11 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
 def test_find_cycle_names_the_loop():
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {}}) is None
-    assert find_cycle({"a": {"b": 1}, "b": {"a": 1}}, skip={("b", "a")}) is None
 
 
 def test_no_import_cycles():
     graph = import_graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        assert b in graph.get(a, {}), f"{a} no longer imports {b}: remove the edge from KNOWN_CYCLE_EDGES"
-    cycle = find_cycle(graph, skip=KNOWN_CYCLE_EDGES)
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(
         f"{m} (line {graph[m][n]})" for m, n in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
 

@@ -3,15 +3,77 @@
 A user's own file ({"messages": [...]} per line) is checked strictly: a conversation the tokenizer would refuse
 (roles out of order, an empty assistant turn, ...) stops the run with an error naming the file and line, since
 it is data the user wrote and wants trained on. Published sets (SmolTalk, ShareGPT, hh-rlhf) are converted
-leniently instead: what can be fixed safely is fixed, the rest is skipped and counted (see data.to_messages).
+leniently instead: what can be fixed safely is fixed, the rest is skipped and counted (see to_messages).
 """
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.data import iter_jsonl, read_conversations, to_messages, eval_dir, sft_dir
+from picochat.shards import eval_dir, iter_jsonl, read_records, sft_dir
 from picochat.tokenizer import normalize_messages
 
 CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+ROLE_MAP = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+            "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+
+
+def to_messages(turns):
+    """ShareGPT-ish turns ({role|from, content|value}) -> our messages, or (None, reason) if it cannot be fixed.
+    Fixes what is safe: renames roles, drops empty turns, merges consecutive turns of one role, drops a leading
+    assistant turn and a trailing user turn (nothing to learn from them). Returns (messages, reason)."""
+    if not isinstance(turns, list):
+        return None, "no list of turns"
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return None, "turn is not an object"
+        role = ROLE_MAP.get(str(t.get("role", t.get("from", ""))).lower())
+        text = t.get("content", t.get("value"))
+        if role is None:
+            return None, "unknown role"
+        if not isinstance(text, str):
+            return None, "content is not a string"
+        if not text.strip():
+            continue
+        if role == "system":
+            if out:
+                return None, "system turn in the middle"
+            out.append({"role": "system", "content": text})
+        elif out and out[-1]["role"] == role:
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + text}
+        else:
+            out.append({"role": role, "content": text})
+    first = 1 if out and out[0]["role"] == "system" else 0
+    while len(out) > first and out[first]["role"] == "assistant":
+        del out[first]
+    if out and out[-1]["role"] != "assistant":
+        out.pop()
+    if len(out) - first < 2:
+        return None, "no user/assistant exchange"
+    return out, None
+
+
+def read_conversations(path):
+    """Chat data -> ([{"messages": [...]}], skipped): our own format, ShareGPT ({"conversations": [{"from",
+    "value"}]}), or preference pairs ({"chosen": [...]}, the chosen side). skipped counts the rows left out,
+    by reason. Works on .jsonl, .jsonl.gz and .parquet (a `messages` column, e.g. SmolTalk)."""
+    convs, skipped = [], {}
+    for row in read_records(path):
+        turns = row.get("messages", row.get("conversations", row.get("chosen")))
+        msgs, why = to_messages(turns)
+        if msgs is None:
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
+        conv = {"messages": msgs}
+        if "id" in row:
+            conv["id"] = row["id"]
+        convs.append(conv)
+    return convs, skipped
+
+
+def read_smoltalk(path):
+    """SmolTalk parquet (a `messages` column of [{role, content}]) -> ([{"messages"}], skipped)."""
+    return read_conversations(path)
 
 
 def check_conversation(conv, where):

@@ -11,7 +11,7 @@ evaluator scores them by the logits of those letters right after <|assistant_sta
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.data import eval_dir
+from picochat.shards import eval_dir
 
 LETTERS = "ABCDEFGHIJ"
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
@@ -63,3 +63,12 @@ def mc_check(item, text):
     """A generated reply is right if its first non-space character is the right letter."""
     text = (text or "").strip()
     return bool(text) and text[0] == answer_letter(item)
+
+
+def mc_row(path, i, question, choices, labels, answer, **extra):
+    """A multiple-choice row as the readers return it, or a UserError naming path and row i when the question,
+    choices or answer index are malformed."""
+    if not (isinstance(question, str) and isinstance(choices, list) and len(choices) >= 2 and
+            len(labels) == len(choices) and isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise UserError(f"{path} row {i}: not a multiple-choice question with a valid answer")
+    return {"question": question, "choices": choices, "labels": labels, "answer": answer, **extra}

@@ -12,7 +12,7 @@ tasks.spelling) with root=data/demo/eval.
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.data import data_dir, iter_jsonl
+from picochat.shards import data_dir, iter_jsonl
 from picochat.tasks import chat, gsm8k, spelling
 
 

@@ -4,15 +4,31 @@ Data: <root>/humaneval/test.parquet (or .jsonl): {"task_id", "prompt", "canonica
 "entry_point"}. The reply's code (a fenced block if there is one, else the whole reply) is either a whole
 definition of the function or the body that continues the prompt; either way it runs with the tests in
 picochat.sandbox.run_python, never in this process.
+
+A pass can be forged by code written to fool the check rather than to solve the task: it runs in the same
+interpreter as the tests, so it can read the marker (from its own code object) and print it, exit early, or
+return an object equal to everything. Harmless when scoring an honest model; never use check() as an RL reward
+as it stands, or a policy will learn the forgery.
 """
 import re
 import secrets
 
-from picochat.data import read_humaneval
+from picochat.common import UserError
+from picochat.shards import read_records
 from picochat.tasks.common import eval_root, find_split, has_split
 
 TIMEOUT = 10.0
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+def read_humaneval(path):
+    """HumanEval rows {"task_id", "prompt", "canonical_solution", "test", "entry_point"}."""
+    rows = read_records(path)
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(r.get(k), str)]
+        if missing:
+            raise UserError(f"{path} row {i}: missing {', '.join(missing)}")
+    return rows
 
 
 def load(split="test", root=None):

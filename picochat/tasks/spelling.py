@@ -8,12 +8,17 @@ questions generated from the word list <root>/words/words_alpha.txt with a fixed
 import random
 
 from picochat.common import UserError
-from picochat.data import read_jsonl, read_words
+from picochat.shards import read_jsonl, read_text
 from picochat.demo import make_count_question, random_letter, check_spelling
 from picochat.tasks.common import eval_root
 
 SEED = 42
 WORDS_FILE = ("words", "words_alpha.txt")
+
+
+def read_words(path):
+    """A word list, one word per line (.txt or .txt.gz; Windows line endings are fine)."""
+    return [w for w in read_text(path).split() if w]
 
 
 def _words_path(root):
