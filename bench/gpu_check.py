@@ -661,7 +661,7 @@ def kernels_per_decode_step(ctx, net, cfg, V, prompt):
 # ---- 6. validation ------------------------------------------------------------------------------------------------
 def validation(ctx):
     from torch._dynamo.utils import counters
-    from picochat.evaluate import bits_per_byte
+    from picochat.model import bits_per_byte
     depth, T, V, hd, B, nb = (2, 64, 512, 32, 2, 2) if ctx.smoke else (20, 2048, 32768, 128, 8, 2)
     cfg = GPTConfig.from_depth(depth, vocab_size=V, sequence_len=T, head_dim=hd, window_pattern="SSSL",
                                value_embeds=True)

@@ -1,6 +1,6 @@
 """Inference throughput: decode tokens/s at batch 1 (Engine.generate) and aggregate tokens/s of concurrent
-requests through the continuous-batching Scheduler (what the server runs), against the naive KV-cache loop of
-GPT.generate on the same model.
+requests through the continuous-batching Scheduler (what the server runs), against a naive loop on the same model
+(GPT.forward over the whole sequence for every new token, no cache: naive_generate_tok_s).
 
     python bench/infer.py                       # depth 6, width 384 (head dim 64), vocab 32768, fp32
     python bench/infer.py --threads 2 --compile
@@ -19,7 +19,8 @@ import time
 import torch
 
 from picochat.common import autodetect_device
-from picochat.engine import Engine, Request, Scheduler
+from picochat.batching import Request, Scheduler
+from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import SPECIAL_TOKENS
 
@@ -44,7 +45,7 @@ p.add_argument("--skip-naive", action="store_true")
 args = p.parse_args()
 
 # every measurement runs in the scheduler's thread, as in the server; this one keeps one torch thread (see
-# engine.Scheduler: a second OpenMP team in the process would slow both)
+# batching.Scheduler: a second OpenMP team in the process would slow both)
 threads = args.threads or torch.get_num_threads()
 torch.set_num_threads(1)
 device = torch.device(args.device or autodetect_device())
@@ -87,9 +88,23 @@ def engine_run():
     return n
 
 
+@torch.no_grad()
 def naive_run():
+    """The obvious decoding loop: the whole sequence through GPT.forward for each token, top-k and temperature on the
+    last position's logits."""
+    seq = list(prompt)
+    gen = torch.Generator(device=device).manual_seed(0)
     n = 0
-    for _ in model.generate(prompt, args.tokens, temperature=args.temperature, top_k=top_k):
+    while n < args.tokens and len(seq) < config.sequence_len:
+        logits = model(torch.tensor([seq], device=device))[0, -1]
+        if args.temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.numel()))
+                logits[logits < v[-1]] = -float("inf")
+            nxt = int(torch.multinomial(torch.softmax(logits / args.temperature, -1), 1, generator=gen))
+        seq.append(nxt)
         n += 1
     return n
 

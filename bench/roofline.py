@@ -646,7 +646,7 @@ def picochat_setup(cfg, fake):
 
 
 def picochat_total_batch(cfg):
-    from picochat.pretrain import derive_hparams
+    from picochat.model import derive_hparams
     return derive_hparams(cfg["depth"], cfg["vocab_size"], aspect_ratio=cfg["aspect_ratio"],
                           head_dim=cfg["head_dim"])["total_batch_size"]
 

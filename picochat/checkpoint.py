@@ -336,3 +336,38 @@ def training_notes(meta):
     then = {"sft": f"the {args.get('mixture', 'SFT')} chat mixture",
             "rl": f"chat fine-tuning and RL on {args.get('task', 'word problems')}"}
     return {"trained_on": f"pretraining text, then {then.get(stage, stage)}", "examples": list(GENERAL_EXAMPLES)}
+
+
+# ---- loading a model to talk to (chat, serve) --------------------------------------------------------------
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
+    g.add_argument("--stage", choices=STAGES[::-1], default=None,  # most trained first, as the default picks
+                   help="which checkpoint of the run (default: the latest stage that has one: rl, else sft, else base)")
+    g.add_argument("--checkpoint", default="", help="a stage folder to load instead of --run/--stage")
+    g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    g.add_argument("--device", default="", help="cpu, cuda or mps (default: the best available)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
+    g.add_argument("--no-tool", action="store_true", help="do not run the model's calculator tool calls")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default; 1 is often fastest on a busy machine)")
+
+
+def load_chat_model(args):
+    """(model, tokenizer, info) for chat and serve: weights in bf16 on GPUs (the engine decodes in bf16 there)."""
+    from picochat.common import autodetect_device, pick_run
+    from picochat.engine import inference_dtype
+    from picochat.model import describe
+    run = "" if args.checkpoint else pick_run(args.run)
+    folder, stage = resolve_checkpoint(run, args.stage, args.checkpoint)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or autodetect_device())
+    model, tokenizer, meta = load_model(folder, args.step, device)
+    dtype = inference_dtype(device)
+    if dtype != torch.float32:
+        model.to(dtype=dtype)
+    info = {"run": run or folder.parent.name, "stage": stage, "folder": str(folder),
+            "step": meta["step"], "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}",
+            **training_notes(meta)}
+    return model, tokenizer, info

@@ -1,4 +1,5 @@
 """Shared plumbing: paths, devices and dtypes, distributed init, clear user errors, atomic writes."""
+import math
 import os
 import shutil
 import sys
@@ -338,6 +339,19 @@ def peak_flops(device, dtype=torch.float32):
         except OSError:
             pass
     return max(flops, best)
+
+
+def fmt(v, digits=4):
+    """A number as people read it: 5,457 tokens/s, 412.3 s, 0.1523 bpb."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
 
 
 def format_duration(seconds):

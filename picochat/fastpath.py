@@ -26,15 +26,14 @@ from picochat.common import UserError
 def checkpoint_blocks(model):
     """Keep only each block's input in the forward pass and recompute the rest in the backward pass: the
     activation memory of a block drops to one (B, T, C) tensor, for about a third more compute. Inference
-    (no grad, or a KV cache) runs the blocks as they are. The weights and their names do not change."""
+    (no grad) runs the blocks as they are. The weights and their names do not change."""
     for block in model.blocks:
         if getattr(block, "_checkpointed", False):
             continue
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
-            kv_cache = args[5] if len(args) > 5 else kwargs.get("kv_cache")
-            if torch.is_grad_enabled() and kv_cache is None:
+            if torch.is_grad_enabled():
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
 

@@ -2,12 +2,22 @@
 
 Everything is derived from one dial, --depth (see GPTConfig.from_depth). A forward pass either trains
 (returns a scalar loss, computed chunk by chunk so the full logits never exist), scores (per-token losses)
-or generates (logits, reading and extending a KVCache).
+or returns the logits of every position.
+
+The same architecture is written twice more, and the three must compute the same thing: engine.InferenceModel
+runs this trunk over a static KV cache with the weights laid out for decoding (chat, the server, RL's sampling,
+pretraining's samples and CORE's scoring go through it), and hf_modeling.py is the `transformers` model that
+`picochat export --hf` ships inside an export. Tests hold both to GPT.forward: tests/test_engine.py
+(test_inference_model_matches_model_forward, test_greedy_generation_matches_full_recompute), tests/test_core.py
+(test_batched_scoring_matches_one_at_a_time) and tests/test_export.py (test_logits_match_picochat,
+test_greedy_generation_matches). A change to one is a change to all three.
 """
+import argparse
 import math
 from dataclasses import dataclass, asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -92,29 +102,6 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-class KVCache:
-    """Keys and values per layer, (B, T_max, H_kv, D), with a separate length per row so rows can be at
-    different positions (the engine batches requests that started at different times)."""
-
-    def __init__(self, config: GPTConfig, batch_size, max_len, device, dtype):
-        shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-
-    @property
-    def batch_size(self):
-        return self.lens.shape[0]
-
-    def expand(self, n):
-        """Replicate a one-row cache into n rows (prefill once, then sample n continuations)."""
-        assert self.batch_size == 1
-        self.k = [t.expand(n, *t.shape[1:]).contiguous() for t in self.k]
-        self.v = [t.expand(n, *t.shape[1:]).contiguous() for t in self.v]
-        self.lens = self.lens.expand(n).contiguous()
-
-
 SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the token's embedding
 
 
@@ -161,7 +148,7 @@ class Attention(nn.Module):
         self.ve_gate_scale, self.qk_scale = config.ve_gate_scale, config.qk_scale
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
 
-    def forward(self, x, cos, sin, window, ve=None, kv_cache=None, positions=None):
+    def forward(self, x, cos, sin, window, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -172,23 +159,8 @@ class Attention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         if self.qk_scale != 1.0:
             q, k = q * self.qk_scale, k * self.qk_scale
-        gqa = self.n_head != self.n_kv_head
-        if kv_cache is None:
-            y = attention(q, k, v, window).transpose(1, 2)  # a module global: fastpath may swap it
-        else:
-            rows = torch.arange(B, device=x.device)[:, None]
-            kc, vc = kv_cache.k[self.layer], kv_cache.v[self.layer]
-            kc[rows, positions] = k.to(kc.dtype)
-            vc[rows, positions] = v.to(vc.dtype)
-            L = int(positions.max()) + 1  # only the filled prefix of the cache takes part
-            j = torch.arange(L, device=x.device)
-            mask = j[None, None, :] <= positions[:, :, None]  # (B, T, L)
-            if window is not None:
-                mask &= positions[:, :, None] - j[None, None, :] < window
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :L].transpose(1, 2).to(q.dtype),
-                                               vc[:, :L].transpose(1, 2).to(q.dtype), attn_mask=mask[:, None],
-                                               enable_gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attention(q, k, v, window)  # a module global: fastpath may swap it
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -208,8 +180,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, window, ve, kv_cache, positions):
-        x = x + self.attn(norm(x), cos, sin, window, ve, kv_cache, positions)
+    def forward(self, x, cos, sin, window, ve):
+        x = x + self.attn(norm(x), cos, sin, window, ve)
         return x + self.mlp(norm(x))
 
 
@@ -362,38 +334,26 @@ class GPT(nn.Module):
         attn = sum(12 * c.n_head * c.head_dim * (w or c.sequence_len) for w in self.windows)
         return 6 * self.num_scaling_params() + attn
 
-    def trunk(self, idx, kv_cache=None):
+    def trunk(self, idx):
         B, T = idx.shape
-        if kv_cache is None:
-            if T > self.cos.shape[0]:
-                raise UserError(f"sequence of {T} tokens is longer than the model's context ({self.cos.shape[0]})")
-            positions = None
-            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
-        else:
-            positions = kv_cache.lens[:, None] + torch.arange(T, device=idx.device)[None, :]
-            if int(positions.max()) >= min(kv_cache.max_len, self.cos.shape[0]):
-                raise UserError(f"context full: {int(positions.max()) + 1} tokens exceed the limit of "
-                                f"{min(kv_cache.max_len, self.cos.shape[0])}")
-            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        if T > self.cos.shape[0]:
+            raise UserError(f"sequence of {T} tokens is longer than the model's context ({self.cos.shape[0]})")
+        cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
         dtype = self.compute_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
         # the residual stream in the compute dtype (bf16 under autocast on GPUs, as the projections' outputs
         # are): fp32 would double its bytes and saved activations and add a cast before every matmul
         x = norm(self.wte(idx).to(dtype))
         if self.config.smear:
-            if kv_cache is not None:
-                raise UserError("this model smears the previous token in: decode it with engine.InferenceModel")
             x = smear(x, x[:, :-1], self.smear_gate.weight, self.smear_lambda)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, self.windows[i], ve, kv_cache, positions)
+            x = block(x, cos, sin, self.windows[i], ve)
             if self.config.backout and i == self.config.backout_layer:
                 mid = x
-        if kv_cache is not None:
-            kv_cache.lens += T
         if self.config.backout:
             x = x - self.backout_lambda.to(x.dtype) * mid
         return norm(x)
@@ -402,11 +362,11 @@ class GPT(nn.Module):
     def compute_dtype(device):
         return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_weights=None, reduction="mean"):
+    def forward(self, idx, targets=None, loss_weights=None, reduction="mean"):
         """No targets: logits (B, T, V) in fp32. With targets (negative = ignore):
         reduction="mean" -> mean loss over valid targets; "sum" -> sum(loss_weights * loss) (weights
         default to 1 on valid targets); "none" -> per-token losses (B, T), 0 where ignored."""
-        h = self.trunk(idx, kv_cache)
+        h = self.trunk(idx)
         sc = self.config.softcap
         if targets is None:
             logits = self.lm_head(h).float()
@@ -427,31 +387,6 @@ class GPT(nn.Module):
             weights = loss_weights.reshape(-1).float() * valid
         return fused_loss(h, self.lm_head.weight, flat_targets, weights, sc, chunk, self.ce_kernel)
 
-    @torch.no_grad()
-    def generate(self, ids, max_new_tokens, temperature=0.0, top_k=None, seed=0, stop=()):
-        """Naive single-sequence sampling with a KV cache, for quick looks during training.
-        The engine (engine.py) is the batched, tool-aware generator."""
-        device = self.lm_head.weight.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(self.config, 1, min(self.config.sequence_len, len(ids) + max_new_tokens), device,
-                        self.lm_head.weight.dtype)
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        for _ in range(max_new_tokens):
-            if int(cache.lens[0]) + x.shape[1] > cache.max_len:
-                break
-            logits = self(x, kv_cache=cache)[0, -1]
-            if temperature <= 0:
-                nxt = int(logits.argmax())
-            else:
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.numel()))
-                    logits[logits < v[-1]] = -float("inf")
-                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-            yield nxt
-            if nxt in stop:
-                break
-            x = torch.tensor([[nxt]], dtype=torch.long, device=device)
-
 
 def loss_chunk_rows(device, vocab_size):
     """Rows per loss chunk. On a CPU, 16 MB of fp32 logits, which stay in cache. On a GPU, 512 MB: every chunk
@@ -463,6 +398,65 @@ def loss_chunk_rows(device, vocab_size):
 @torch.compiler.disable
 def fused_loss(h, W, targets, weights, softcap, chunk, kernel=softcap_ce_chunk):
     return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk, kernel)
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches, token_bytes, autocast=None):
+    """Sum of target-token losses (nats) / (ln 2 * UTF-8 bytes of those targets). Targets that are special
+    tokens have 0 bytes and are left out of both sums. Sums are all-reduced across ranks."""
+    token_bytes = torch.as_tensor(token_bytes, dtype=torch.float32)
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.float64)
+    for x, y in batches:
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            loss = model(x, y, reduction="none").float().cpu()
+        nbytes = token_bytes[y.clamp(min=0).cpu()] * (y >= 0).cpu()
+        total_nats += (loss * (nbytes > 0)).sum().double()
+        total_bytes += nbytes.sum().double()
+    if dist.is_initialized():
+        both = torch.stack([total_nats, total_bytes]).to(next(model.parameters()).device)
+        dist.all_reduce(both)
+        total_nats, total_bytes = both.cpu()
+    if total_bytes == 0:
+        return float("nan")
+    return float(total_nats / (math.log(2) * total_bytes))
+
+
+# ---- the single dial: shape flags and the scaling rules -----------------------------------------------------
+def add_shape_args(g):
+    """The model's shape flags (--depth and what refines it) on an argparse parser or group: pretrain's, which
+    speedrun reads its presets with too."""
+    g.add_argument("--depth", type=int, default=20, help="number of layers: sets width, heads and the budget")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x this, rounded to the head dim")
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped attention (0 = all)")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+
+
+D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
+
+
+def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
+    """Block matrices + lm_head, from the shape alone (12 C^2 per layer: 4 C^2 attention, 8 C^2 MLP, for
+    full multi-head attention)."""
+    c = GPTConfig.from_depth(depth, vocab_size=vocab_size, aspect_ratio=aspect_ratio, head_dim=head_dim)
+    kv = c.n_kv_head * c.head_dim
+    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv + 8 * c.n_embd * c.n_embd
+    return c.n_layer * per_layer + c.n_embd * vocab_size
+
+
+def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128):
+    """The scaling rules of the single dial: tokens = ratio x params; batch grows as D^0.383 around 2^19 at
+    d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
+    n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
+    tokens = int(ratio * n)
+    tokens_d12 = ratio * scaling_params(D12_REF["depth"], D12_REF["vocab_size"], aspect_ratio, head_dim)
+    batch = 2 ** round(math.log2(2 ** 19 * (tokens / tokens_d12) ** 0.383))
+    lr_scale = math.sqrt(batch / 2 ** 19)
+    return dict(scaling_params=n, tokens=tokens, total_batch_size=batch, lr_scale=lr_scale,
+                weight_decay=0.28 * lr_scale * tokens_d12 / tokens)
 
 
 def describe(model: GPT) -> str:

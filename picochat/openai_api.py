@@ -216,7 +216,7 @@ def check_echo(body):
 
 
 def sampling_params(body, i):
-    """The engine.Request sampling fields of choice i: choice i draws with seed + i, so n choices differ and the
+    """The batching.Request sampling fields of choice i: choice i draws with seed + i, so n choices differ and the
     same seed gives the same n choices; temperature defaults to 1, top_k 0 means off."""
     seed = None if body.seed is None else (body.seed + i) % (1 << 63)
     temperature = 1.0 if body.temperature is None else body.temperature

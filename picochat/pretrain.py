@@ -19,38 +19,16 @@ import torch
 
 from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, compute_dtype, peak_flops,
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
-from picochat.model import GPT, GPTConfig, describe
+from picochat.engine import Engine
+from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
 from picochat.optim import build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches
 from picochat.shards import split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
-from picochat.evaluate import bits_per_byte
 from picochat import checkpoint
 
-D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
 GC_EVERY = 1000  # steps between garbage collections once the GC is frozen and disabled after the first step
-
-
-def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
-    """Block matrices + lm_head, from the shape alone (12 C^2 per layer: 4 C^2 attention, 8 C^2 MLP, for
-    full multi-head attention)."""
-    c = GPTConfig.from_depth(depth, vocab_size=vocab_size, aspect_ratio=aspect_ratio, head_dim=head_dim)
-    kv = c.n_kv_head * c.head_dim
-    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv + 8 * c.n_embd * c.n_embd
-    return c.n_layer * per_layer + c.n_embd * vocab_size
-
-
-def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128):
-    """The scaling rules of the single dial: tokens = ratio x params; batch grows as D^0.383 around 2^19 at
-    d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
-    n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
-    tokens = int(ratio * n)
-    tokens_d12 = ratio * scaling_params(D12_REF["depth"], D12_REF["vocab_size"], aspect_ratio, head_dim)
-    batch = 2 ** round(math.log2(2 ** 19 * (tokens / tokens_d12) ** 0.383))
-    lr_scale = math.sqrt(batch / 2 ** 19)
-    return dict(scaling_params=n, tokens=tokens, total_batch_size=batch, lr_scale=lr_scale,
-                weight_decay=0.28 * lr_scale * tokens_d12 / tokens)
 
 
 def add_parser(sub):
@@ -62,13 +40,7 @@ def add_parser(sub):
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default runs/<run>/tokenizer)")
     p.add_argument("--out", default="", help="checkpoint folder (default runs/<run>/base)")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=20, help="number of layers: sets width, heads and the budget")
-    g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x this, rounded to the head dim")
-    g.add_argument("--head-dim", type=int, default=128)
-    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped attention (0 = all)")
-    g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
-    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+    add_shape_args(g)
     g.add_argument("--init-from", default="", help="start from this checkpoint's weights (a folder, RUN or RUN:STAGE, "
                                                     "stage base by default) with a fresh optimizer and schedule: its "
                                                     "architecture replaces the model flags (not --resume)")
@@ -332,7 +304,7 @@ def _train(args, st, ddp, rank, world, device):
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
             val_bpb = evaluate(step)
         if rank == 0 and args.sample_every > 0 and (step % args.sample_every == 0 or last) and step > 0:
-            sample(model, tokenizer, autocast)
+            sample(model, tokenizer)
         if last:
             break
         t0 = time.perf_counter()
@@ -416,11 +388,11 @@ def save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, ke
 SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "2 + 3 =", "The opposite of hot is"]
 
 
-def sample(model, tokenizer, autocast):
-    model.eval()
+def sample(model, tokenizer):
+    """Greedy completions of a few prompts, printed: a quick look at the model during training."""
+    engine = Engine(model, tokenizer, tool=False)
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend_bos=True)
-        with autocast(), fastpath.bf16_linears(model):
-            out = list(model.generate(ids, 16, stop=(tokenizer.bos_id,)))
-        print0(f"  {prompt!r} -> {tokenizer.decode([t for t in out if t != tokenizer.bos_id])!r}")
-    model.train()
+        seqs, _ = engine.generate_batch(ids, max_tokens=16, temperature=0.0)
+        out = [t for t in seqs[0][len(ids):] if t not in engine.stop_ids]
+        print0(f"  {prompt!r} -> {tokenizer.decode(out)!r}")

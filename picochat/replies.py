@@ -5,7 +5,8 @@ A reply is the list of tokens generated after <|assistant_start|>, ending in <|a
 closed its turn."""
 import threading
 
-from picochat.engine import Engine, Request, Scheduler
+from picochat.batching import Request, Scheduler
+from picochat.engine import Engine
 
 FORMAT_BAD = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
 
@@ -58,7 +59,7 @@ def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k
     """Completions as token lists (the stop token included when produced): out[i][j] is sample j of prompts[i],
     at most budgets[i] tokens. slots=1: one prompt at a time through engine.generate_batch (one prefill, the
     samples decode together). slots>1: continuous batching of every (prompt, sample) pair over that many cache
-    rows (picochat.engine.Scheduler): a finished row takes the next pair at once, so the batch stays full."""
+    rows (picochat.batching.Scheduler): a finished row takes the next pair at once, so the batch stays full."""
     seeds = seeds or [0] * len(prompts)
     total = len(prompts) * num_samples
     if slots <= 1:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from picochat.checkpoint import STAGES
-from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, format_duration, pick_run
+from picochat.common import UserError, home_dir, atomic_write_bytes, atomic_write_json, fmt, format_duration, pick_run
 
 STAGE_TITLES = {"base": "Pretraining (base model)", "sft": "Supervised fine-tuning (chat model)",
                 "rl": "Reinforcement learning"}
@@ -251,19 +251,6 @@ def plot_chat(evals, path):
 
 
 # ---- the card -----------------------------------------------------------------------------------------------
-def fmt(v, digits=4):
-    """A number as people read it: 5,457 tokens/s, 412.3 s, 0.1523 bpb."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
-
-
 def _headline(stage, info):
     """The numbers CI asserts on, per stage."""
     s, eb, ec = info["summary"] or {}, info["eval_base"] or {}, info["eval_chat"] or {}

@@ -28,7 +28,7 @@ Completions prompts: the model always saw <|bos|> first in training, so one is p
 not start with it; it is never echoed or counted, so token positions in the response match the client's own
 tokenization of the prompt.
 
-Concurrency: every generation goes through one engine.Scheduler (continuous batching over --slots cache rows):
+Concurrency: every generation goes through one batching.Scheduler (continuous batching over --slots cache rows):
 concurrent requests share decode steps, and a client that disconnects, streaming or not, frees its slots at the
 next step. The server admits at most --max-queue + --slots generations (each choice and each prompt scored for
 echo counts one) and at most --client-limit of them from one client address; past either, 429.
@@ -62,7 +62,8 @@ import time
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.engine import Engine, QueueFull, Request as GenRequest, Scheduler
+from picochat.batching import QueueFull, Request as GenRequest, Scheduler
+from picochat.engine import Engine
 from picochat.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, chat_chunk,
                                  chat_completion, chat_logprob_entry, chat_logprobs_count, chat_usage_chunk,
@@ -725,7 +726,7 @@ def tool_policy(*, no_tool: bool, allow_weak: bool) -> tuple[bool, str]:
 
 
 def add_parser(sub):
-    from picochat.chat import add_model_args
+    from picochat.checkpoint import add_model_args
     p = sub.add_parser("serve", help="serve the web UI and an OpenAI-compatible API",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -787,7 +788,7 @@ def read_api_key(args, environ=os.environ):
 def serve_cli(args):
     import torch
     import uvicorn
-    from picochat.chat import load_chat_model
+    from picochat.checkpoint import load_chat_model
     if args.port < 0 or args.port > 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.slots < 1 or args.max_queue < 0 or args.client_limit < 0:

@@ -26,12 +26,10 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import UserError, home_dir, format_duration, atomic_write_json
+from picochat.common import UserError, home_dir, fmt, format_duration, atomic_write_json
 from picochat.checkpoint import latest_stage, read_meta, training_notes
-from picochat.pretrain import derive_hparams, add_parser as pretrain_parser
-from picochat.fastpath import estimate_training_memory
-from picochat.model import GPTConfig
-from picochat.report import fmt
+from picochat.fastpath import batch_size_arg, estimate_training_memory
+from picochat.model import GPTConfig, add_shape_args, derive_hparams
 from picochat.launch import torchrun_command
 
 CHARS_PER_TOKEN = 4.8  # web text with a 32K vocab; sizes the download
@@ -126,6 +124,16 @@ def pick_preset():
     return "d12" if n < 8 else "d20"
 
 
+def pretrain_flags(argv):
+    """What predicted_memory reads of a preset's pretrain flags, parsed as `picochat pretrain` parses them (the
+    shape flags are pretrain's own, model.add_shape_args); the stage's other flags are passed over."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_shape_args(p)
+    p.add_argument("--device-batch-size", type=batch_size_arg, default="auto")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    return p.parse_known_args(argv)[0]
+
+
 def predicted_memory(preset):
     """Peak pretraining memory per GPU in bytes for a GPU preset, from fastpath.estimate_training_memory
     with the preset's own pretrain flags (bf16, its GPU count sharding the optimizer), or None for the CPU
@@ -133,9 +141,7 @@ def predicted_memory(preset):
     cfg = PRESETS[preset]
     if not cfg["gpus"]:
         return None
-    parser = argparse.ArgumentParser()
-    pretrain_parser(parser.add_subparsers())
-    a = parser.parse_args(["pretrain", *cfg["pretrain"]])
+    a = pretrain_flags(cfg["pretrain"])
     if a.device_batch_size == "auto":
         return None
     config = GPTConfig.from_depth(a.depth, vocab_size=cfg["vocab"], sequence_len=a.seq_len, aspect_ratio=a.aspect_ratio,

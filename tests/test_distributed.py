@@ -529,8 +529,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(x, y).backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), n
-    with torch.no_grad():  # generation (KV cache, no grad) runs the blocks as they are
-        assert list(model.generate([1, 2, 3], 4)) == list(ref.generate([1, 2, 3], 4))
+    with torch.no_grad():  # inference (no grad) runs the blocks as they are
+        assert torch.equal(model(x), ref(x))
 
 
 def test_auto_device_batch_size_on_cpu():

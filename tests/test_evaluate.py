@@ -11,7 +11,7 @@ import torch.nn as nn
 from picochat import checkpoint
 from picochat.cli import main
 from picochat.common import home_dir
-from picochat.evaluate import (bits_per_byte, pass_at_k, choice_predictions, run_chat_task, chat_tasks, chatcore,
+from picochat.evaluate import (pass_at_k, choice_predictions, run_chat_task, chat_tasks, chatcore,
                                select_chat_tasks, letter_ids)
 from picochat.model import GPT, GPTConfig
 from picochat.replies import generate_all, reply_text
@@ -48,18 +48,6 @@ class Favour(nn.Module):
         for tid, b in self.bonus.items():
             out[..., tid] += b
         return out
-
-
-# ---- bits per byte --------------------------------------------------------------------------------------
-def test_bits_per_byte_by_hand(tok):
-    model = random_model(tok.vocab_size, seq_len=32)
-    ids = tok.encode("The cat sat on the mat. " * 4, prepend_bos=True)[:17]
-    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(x)[0].double(), -1)
-    nats = -sum(float(logp[t, ids[t + 1]]) for t in range(16))
-    nbytes = sum(len(tok.decode([i]).encode()) for i in ids[1:])
-    assert math.isclose(bits_per_byte(model, [(x, y)], tok.token_bytes()), nats / (math.log(2) * nbytes), rel_tol=1e-4)
 
 
 # ---- multiple choice ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from picochat.metrics import Metrics
 
 
 def fake_scheduler(**stats):
-    """What Metrics reads of an engine.Scheduler: its stats, its gauges and its two histograms."""
+    """What Metrics reads of an batching.Scheduler: its stats, its gauges and its two histograms."""
     base = {"requests": 0, "finished": {}, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
             "step_seconds": 0.0, "errors": 0}
     return SimpleNamespace(

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from picochat.common import UserError
-from picochat.model import GPT, GPTConfig, KVCache
+from picochat.model import GPT, GPTConfig, bits_per_byte
 
 
 def tiny(**kw):
@@ -67,39 +69,6 @@ def test_weighted_loss_and_no_valid_targets():
     assert torch.allclose(model(x, y, loss_weights=w, reduction="sum"), (model(x, y, reduction="none") * w).sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3}, {"n_kv_head": 1, "depth": 4}])
-def test_kv_cache_matches_full_forward(kw):
-    model = tiny(**kw).eval()
-    x = torch.randint(0, 300, (2, 40))
-    with torch.no_grad():
-        full = model(x)
-        cache = KVCache(model.config, 2, 64, "cpu", torch.float32)
-        parts = [model(x[:, :25], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(25, 40)]
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
-    assert cache.lens.tolist() == [40, 40]
-
-
-def test_kv_cache_rows_at_different_positions():
-    model = tiny().eval()
-    a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 5))
-    with torch.no_grad():
-        ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
-        cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
-        # prefill rows separately by writing into a 2-row cache with different lengths, then decode together
-        single = KVCache(model.config, 1, 32, "cpu", torch.float32)
-        model(a[:, :-1], kv_cache=single)
-        for layer in range(model.config.n_layer):
-            cache.k[layer][0], cache.v[layer][0] = single.k[layer][0], single.v[layer][0]
-        cache.lens[0] = 11
-        single = KVCache(model.config, 1, 32, "cpu", torch.float32)
-        model(b[:, :-1], kv_cache=single)
-        for layer in range(model.config.n_layer):
-            cache.k[layer][1], cache.v[layer][1] = single.k[layer][0], single.v[layer][0]
-        cache.lens[1] = 4
-        out = model(torch.stack([a[0, -1:], b[0, -1:]]), kv_cache=cache)
-    assert torch.allclose(out[0, -1], ref_a, atol=1e-5) and torch.allclose(out[1, -1], ref_b, atol=1e-5)
-
-
 def test_sliding_window_limits_attention():
     model = tiny(window_pattern="SL", sequence_len=16)  # window 4 on layer 0
     assert model.windows == [4, None]
@@ -118,11 +87,6 @@ def test_context_guard():
     model = tiny(sequence_len=16)
     with pytest.raises(UserError, match="longer than the model's context"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    cache = KVCache(model.config, 1, 16, "cpu", torch.float32)
-    with torch.no_grad():
-        model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
-        with pytest.raises(UserError, match="context full"):
-            model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
 
 
 def test_bf16_autocast_close_to_fp32():
@@ -221,6 +185,18 @@ def test_flops_and_params():
     c = model.config
     assert model.num_scaling_params() == 2 * 12 * c.n_embd ** 2 + c.n_embd * 1000
     assert model.flops_per_token() == 6 * model.num_scaling_params() + 2 * 12 * c.n_embd * 128
+
+
+# ---- bits per byte (the validation metric) ---------------------------------------------------------------------------
+def test_bits_per_byte_by_hand(tok):
+    model = tiny(vocab_size=tok.vocab_size, sequence_len=32).eval()
+    ids = tok.encode("The cat sat on the mat. " * 4, prepend_bos=True)[:17]
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x)[0].double(), -1)
+    nats = -sum(float(logp[t, ids[t + 1]]) for t in range(16))
+    nbytes = sum(len(tok.decode([i]).encode()) for i in ids[1:])
+    assert math.isclose(bits_per_byte(model, [(x, y)], tok.token_bytes()), nats / (math.log(2) * nbytes), rel_tol=1e-4)
 
 
 REFERENCE_FEATURES = dict(value_embeds=True, window_pattern="SL", smear=True, backout=True, ve_gate_channels=12,

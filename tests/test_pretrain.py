@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.cli import main
-from picochat.pretrain import derive_hparams, scaling_params
+from picochat.model import derive_hparams, scaling_params
 
 TINY = ["--depth", "2", "--head-dim", "32", "--seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "512", "--eval-tokens", "2048", "--log-every", "5"]
@@ -263,6 +263,26 @@ def test_step_loop_prefetches_freezes_gc_and_validates_without_fp8(setup, monkey
     out = capsys.readouterr().out
     assert "compile False" in out and "fp8 True" in out
     assert json.loads((home / "out" / "meta_000003.json").read_text())["args"]["compile"] is False
+
+
+def test_training_samples_are_greedy_engine_completions(tok, capsys):
+    """--sample-every prints each prompt with its greedy completion, decoded by the engine (the stop token dropped)."""
+    import torch
+    from picochat.engine import Engine
+    from picochat.model import GPT, GPTConfig
+    from picochat.pretrain import SAMPLE_PROMPTS, sample
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tok.vocab_size, sequence_len=64, head_dim=32)).init_weights(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    sample(model, tok)
+    lines = capsys.readouterr().out.splitlines()
+    eng = Engine(model, tok, tool=False)
+    expected = []
+    for p in SAMPLE_PROMPTS:
+        ids = tok.encode(p, prepend_bos=True)
+        out = eng.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
+        expected.append(f"  {p!r} -> {tok.decode([t for t in out if t not in eng.stop_ids])!r}")
+    assert lines == expected and any(line.split(" -> ")[1] != "''" for line in lines)
 
 
 def test_init_from_continues_an_imported_model(setup, monkeypatch, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import picochat.engine as engine_mod
+import picochat.batching as batching_mod
 from picochat.model import GPT, GPTConfig
 from picochat.common import UserError
 from picochat.openai_api import conversation
@@ -158,7 +158,7 @@ def test_completions_generate_stream_and_stop(client):
 def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
     S = tok.special
     script = [S("<|python_start|>")] + tok.encode("6*7") + [S("<|python_end|>")]
-    real_sample = engine_mod.sample
+    real_sample = batching_mod.sample
 
     def scripted(logits, *a, **k):
         out = real_sample(logits, *a, **k)
@@ -166,7 +166,7 @@ def test_tool_calls_are_shown_inline(client, server, tok, monkeypatch):
             out[:] = script.pop(0)
         return out
 
-    monkeypatch.setattr(engine_mod, "sample", scripted)
+    monkeypatch.setattr(batching_mod, "sample", scripted)
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "6 times 7?"}],
                                        max_tokens=20, temperature=0.5, seed=0)
     text = r.choices[0].message.content
@@ -604,7 +604,7 @@ def test_serve_wires_the_key_and_the_host_names(argv, env, key, foreign_host, mo
     """`picochat serve` as the command line has it (the model loader and uvicorn.run stubbed, the app served
     live): the key from its file or $PICOCHAT_API_KEY guards /v1 and /metrics, not /health; the Host names."""
     import uvicorn
-    import picochat.chat
+    import picochat.checkpoint
     (tmp_path / "key").write_text("from-file")
     argv = [str(tmp_path / "key") if a == "KEYFILE" else a for a in argv]
     for name in ("PICOCHAT_API_KEY",):
@@ -612,7 +612,7 @@ def test_serve_wires_the_key_and_the_host_names(argv, env, key, foreign_host, mo
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     info = {"run": "r", "stage": "sft", "description": "tiny", "trained_on": "nothing", "examples": []}
-    monkeypatch.setattr(picochat.chat, "load_chat_model", lambda args: (model, tok, info))
+    monkeypatch.setattr(picochat.checkpoint, "load_chat_model", lambda args: (model, tok, info))
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     assert serve_cli(serve_args(argv + ["--port", "0"])) == 0

@@ -213,6 +213,20 @@ def test_pick_preset_from_the_gpus(monkeypatch, n, gib, preset):
     assert speedrun.pick_preset() == preset
 
 
+def test_preset_flags_read_as_pretrain_reads_them():
+    """speedrun reads its presets' pretrain flags without importing the stage: same values as pretrain's parser."""
+    import argparse
+    from picochat.pretrain import add_parser
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    keys = ("depth", "aspect_ratio", "head_dim", "n_kv_head", "seq_len", "window_pattern", "value_embeds",
+            "device_batch_size", "activation_checkpointing")
+    for name, cfg in speedrun.PRESETS.items():
+        for argv in (cfg["pretrain"], [*cfg["pretrain"], "--activation-checkpointing", "--device-batch-size", "3"], []):
+            full, mine = parser.parse_args(["pretrain", *argv]), speedrun.pretrain_flags(argv)
+            assert {k: getattr(mine, k) for k in keys} == {k: getattr(full, k) for k in keys}, name
+
+
 def test_gpu24_preset_fits_a_24gb_gpu(monkeypatch, capsys):
     """The 24 GB preset's predicted peak (fastpath.estimate_training_memory, which tests/test_fastpath.py holds to
     CPU measurements) leaves 2 GB of a 24 GB card free; the speedrun prints it, on a fake RTX 4090."""

@@ -1,0 +1,99 @@
+"""The package's shape: no import cycles among picochat's modules, and the stage modules (the CLI commands that run
+a stage of the pipeline) are leaves that no other stage imports: what two stages share lives in a library module.
+Imports inside functions count as much as those at the top of a module."""
+import ast
+from pathlib import Path
+
+from picochat.cli import COMMAND_MODULES
+
+PACKAGE = Path(__file__).resolve().parents[1] / "picochat"
+# CLI commands that are also libraries every stage needs
+LIBRARY_COMMANDS = {"data", "tokenizer"}
+STAGES = {f"picochat.{m}" for m in COMMAND_MODULES} - {f"picochat.{m}" for m in LIBRARY_COMMANDS}
+
+
+def module_name(path):
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph():
+    """{module: {imported picochat module: first line that imports it}} over picochat/*.py and picochat/tasks/*.py."""
+    paths = sorted(PACKAGE.glob("*.py")) + sorted((PACKAGE / "tasks").glob("*.py"))
+    modules = {module_name(p): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, {})
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package `level` steps up
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                # `from picochat import x` imports the module picochat.x when there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for t in targets:
+                while t and t not in modules:  # picochat.x.y (an attribute path) -> picochat.x
+                    t = t.rpartition(".")[0]
+                if t and t != name and t != "picochat":
+                    edges.setdefault(t, node.lineno)
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules [a, b, ..., a], or None."""
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n, stack)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m, [])
+            if found:
+                return found
+    return None
+
+
+def test_the_graph_sees_every_kind_of_import(tmp_path):
+    graph = import_graph()
+    assert "picochat.tasks.gsm8k" in graph and "picochat.engine" in graph
+    assert "picochat.model" in graph["picochat.engine"]  # at the top of the module
+    assert "picochat.sandbox" in graph["picochat.engine"]  # inside a function
+    assert "picochat.tasks.common" in graph["picochat.tasks.gsm8k"]  # a module of the tasks package
+
+
+def test_find_cycle_names_the_loop():
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {}}) is None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(
+        f"{m} (line {graph[m][n]})" for m, n in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+
+
+def test_stages_are_leaves():
+    graph = import_graph()
+    assert STAGES <= set(graph), STAGES - set(graph)
+    bad = [f"{m} imports the stage {n} (line {line}): move what they share into a library module"
+           for m in sorted(STAGES) for n, line in sorted(graph[m].items()) if n in STAGES]
+    assert not bad, "\n".join(bad)
