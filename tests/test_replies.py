@@ -1,6 +1,6 @@
 import pytest
 
-from picochat import engine as engine_module
+from picochat import batching, engine as engine_module
 from picochat.model import GPT, GPTConfig
 from picochat.replies import generate_all, greedy_replies, reply_text
 from picochat.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ def test_a_failed_generation_raises_instead_of_scoring_as_wrong(tok, monkeypatch
 
     def broken(self):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(engine_module.Scheduler, "_step", broken)
+    monkeypatch.setattr(batching.Scheduler, "_step", broken)
     with pytest.raises(RuntimeError, match="generation failed: error: RuntimeError: out of memory"):
         greedy_replies(model, tok, prompts, 4)
     ids = [tok.render_for_completion(c) for c in prompts]
