@@ -11,7 +11,6 @@
 Both stride items across ranks (item i on rank i % world) and sum the counts, so they run under torchrun.
 """
 import argparse
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from picochat.common import UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json, pick_run
 from picochat import fastpath
 from picochat.model import bits_per_byte
+from picochat.replies import pass_at_k
 from picochat.sandbox import describe_sandbox
 
 
@@ -64,15 +64,6 @@ TASK_GROUPS = {"demo": ["demoproblems", "demospelling"], "arc": ["arc-easy", "ar
 def task_root(task, data=None):
     from picochat.shards import eval_dir
     return eval_dir(demo=True) if task.demo else (Path(data) if data else eval_dir())
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def _crop_left(ids, max_len):

@@ -3,6 +3,7 @@ and RL's rewards and evals.
 
 A reply is the list of tokens generated after <|assistant_start|>, ending in <|assistant_end|> when the model
 closed its turn."""
+import math
 import threading
 
 from picochat.batching import Request, Scheduler
@@ -122,3 +123,12 @@ def greedy_replies(model, tokenizer, prompts, max_tokens, slots=32):
         for i, r in zip(todo, replies):
             out[i] = r[0]
     return out
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

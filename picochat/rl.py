@@ -27,11 +27,10 @@ import torch.distributed as dist
 
 from picochat.common import (UserError, autocast_for, home_dir, init_runtime, print0, atomic_write_json,
                              format_duration, metrics_logger, vars_json)
-from picochat.evaluate import pass_at_k
 from picochat.optim import build_optimizer, warmup_linear_decay
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
-from picochat.replies import follows_format, greedy_replies, reply_text
+from picochat.replies import follows_format, greedy_replies, pass_at_k, reply_text
 from picochat.sandbox import describe_sandbox
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks

@@ -11,7 +11,7 @@ import torch.nn as nn
 from picochat import checkpoint
 from picochat.cli import main
 from picochat.common import home_dir
-from picochat.evaluate import (pass_at_k, choice_predictions, run_chat_task, chat_tasks, chatcore,
+from picochat.evaluate import (choice_predictions, run_chat_task, chat_tasks, chatcore,
                                select_chat_tasks, letter_ids)
 from picochat.model import GPT, GPTConfig
 from picochat.replies import generate_all, reply_text
@@ -123,16 +123,6 @@ def test_gsm8k_training_conversation_calls_the_tool(tok, data_root):
     ids, mask = tok.render_conversation(conv)
     out = [i for i, m in zip(ids, mask) if not m]
     assert tok.decode(out).count("<|output_start|>24<|output_end|>") == 1  # tool output is not trained on
-
-
-def test_pass_at_k_by_hand():
-    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)        # 1 - C(3,2)/C(5,2)
-    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)     # 1 - C(7,5)/C(10,5)
-    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0 and pass_at_k(4, 2, 3) == 1.0
-    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
-    with pytest.raises(ValueError):
-        pass_at_k(2, 1, 3)
 
 
 class FakeEngine:

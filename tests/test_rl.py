@@ -4,9 +4,7 @@ import copy
 import json
 import shutil
 from contextlib import nullcontext
-from itertools import combinations
 
-import pytest
 import torch
 
 from picochat import checkpoint, rl
@@ -109,16 +107,6 @@ def test_update_raises_logprob_of_rewarded_replies():
     stats = rl.policy_update(model, opt, seqs, masks, adv, 0, n_tokens, "cpu", device_batch_size=3, ppo_epochs=3,
                              clip=0.2, kl_coef=0.1, ref_model=ref)
     assert 0 <= stats["clip_frac"] <= 1 and stats["kl"] >= 0
-
-
-def test_pass_at_k():
-    assert rl.pass_at_k(2, 1, 1) == pytest.approx(0.5)
-    assert rl.pass_at_k(16, 0, 8) == 0.0 and rl.pass_at_k(16, 16, 8) == 1.0
-    for n, c, k in ((10, 3, 4), (16, 5, 8), (8, 1, 1)):  # against brute force over all k-subsets
-        right = [1] * c + [0] * (n - c)
-        subsets = list(combinations(range(n), k))
-        brute = sum(any(right[i] for i in s) for s in subsets) / len(subsets)
-        assert rl.pass_at_k(n, c, k) == pytest.approx(brute)
 
 
 def test_problem_order_covers_each_pass_once():
