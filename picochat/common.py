@@ -217,10 +217,10 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def metrics_logger(path, step, rank, redone=()):
-    """A function that appends one record to a stage's metrics.jsonl (on rank 0). A run resumed at `step` first
-    drops the records past it, and at it those with a key in `redone` (what the resumed run measures there
-    again), so the curve has no duplicates."""
+def metrics_logger(path, step, rank, redone=(), *, mirror=None):
+    """A function that appends one record to a stage's metrics.jsonl (on rank 0), and passes it to mirror (a
+    tracking.tracker) when one is given. A run resumed at `step` first drops the records past it, and at it those
+    with a key in `redone` (what the resumed run measures there again), so the curve has no duplicates."""
     if rank == 0:
         records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
         keep = [r for r in records
@@ -231,6 +231,8 @@ def metrics_logger(path, step, rank, redone=()):
         if rank == 0:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if mirror is not None:
+                mirror(record)
     return log
 
 

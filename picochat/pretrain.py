@@ -27,6 +27,7 @@ from picochat.shards import split_shards
 from picochat import fastpath
 from picochat.tokenizer import Tokenizer
 from picochat import checkpoint
+from picochat.tracking import add_log_to_arg, tracker
 
 GC_EVERY = 1000  # steps between garbage collections once the GC is frozen and disabled after the first step
 
@@ -83,6 +84,7 @@ def add_parser(sub):
                    help="sliding-window layers on FlexAttention (block-sparse) where FlashAttention-3 is missing, "
                         "instead of SDPA with a dense mask (GPUs; not yet checked on one: see bench/gpu_check.py)")
     g.add_argument("--seed", type=int, default=0)
+    add_log_to_arg(g)
     p.set_defaults(func=run)
 
 
@@ -267,7 +269,9 @@ def _train(args, st, ddp, rank, world, device):
     dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
     total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
     # the resumed run evaluates again at the step it starts from
-    log = metrics_logger(out / "metrics.jsonl", start_step, rank, redone={"val_bpb"})
+    mirror = tracker(args.log_to, out=out, run=args.run, stage="base", config=vars_json(args),
+                     step=start_step, rank=rank)
+    log = metrics_logger(out / "metrics.jsonl", start_step, rank, redone={"val_bpb"}, mirror=mirror)
     if ddp:  # every rank starts from rank 0's weights, however they were made
         for p in model.parameters():
             torch.distributed.broadcast(p.data, src=0)

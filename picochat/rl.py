@@ -31,6 +31,7 @@ from picochat.optim import build_optimizer, warmup_linear_decay
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
 from picochat.replies import follows_format, greedy_replies, pass_at_k, reply_text
+from picochat.tracking import add_log_to_arg, tracker
 from picochat.sandbox import describe_sandbox
 from picochat.tasks import gsm8k
 from picochat.tasks import demo as demo_tasks
@@ -250,6 +251,7 @@ def add_parser(sub):
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="")
     g.add_argument("--seed", type=int, default=0)
+    add_log_to_arg(g)
     p.set_defaults(func=run)
 
 
@@ -328,7 +330,9 @@ def _run(args, out):
                                                                       rows, device, autocast)
         print0(f"micro-batches of up to {args.device_batch_size} replies ({how})")
     step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
-    log = metrics_logger(out / "metrics.jsonl", step, rank)
+    mirror = tracker(args.log_to, out=out, run=args.run, stage=STAGE, config=vars_json(args),
+                     step=step, rank=rank)
+    log = metrics_logger(out / "metrics.jsonl", step, rank, mirror=mirror)
 
     def run_eval(step, n_problems):
         rec = {"step": step}

@@ -33,6 +33,7 @@ from picochat.optim import build_optimizer, warmup_linear_decay
 from picochat import checkpoint, fastpath
 from picochat.checkpoint import load_start
 from picochat.replies import follows_format, greedy_replies, reply_text
+from picochat.tracking import add_log_to_arg, tracker
 from picochat.tasks.mixture import Mixture, Source
 from picochat.tasks import chat, identity, gsm8k, spelling, arc, mmlu
 from picochat.tasks import demo as demo_tasks
@@ -330,6 +331,7 @@ def add_parser(sub):
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="")
     g.add_argument("--seed", type=int, default=0, help="seed of the mixture's shuffle")
+    add_log_to_arg(g)
     p.set_defaults(func=run)
 
 
@@ -385,7 +387,9 @@ def _run(args, out):
                f"truncated; raise --seq-len (up to the model's context) to keep them whole")
 
     step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
-    log = metrics_logger(out / "metrics.jsonl", step, rank)
+    mirror = tracker(args.log_to, out=out, run=args.run, stage=STAGE, config=vars_json(args),
+                     step=step, rank=rank)
+    log = metrics_logger(out / "metrics.jsonl", step, rank, mirror=mirror)
 
     def evaluate(step):
         model.eval()
