@@ -70,10 +70,12 @@ probing once):
 given --allow-weak-sandbox; chat, RL and the evals say which one they have.
 
 What is NOT contained (know this before exposing it to strangers):
-    - total memory: RLIMIT_AS is per process, so with forks the worst case is RLIMIT_NPROC x memory_mb
-      (the calculator tool: 4 x 128 MB). A cgroup (memory.max, pids.max) would bound the total; we do not
-      create cgroups (they need a delegated cgroup v2 hierarchy, and would nest under whatever supervises
-      the caller).
+    - total memory, unless a cgroup is delegated: RLIMIT_AS is per process, so with forks the worst case is
+      RLIMIT_NPROC x memory_mb (the calculator tool: 4 x 128 MB). Set PICOCHAT_SANDBOX_CGROUP to a cgroup v2
+      folder delegated to this user (e.g. systemd's Delegate=yes, or `mkdir /sys/fs/cgroup/picochat` as root
+      with +memory +pids in the parent's cgroup.subtree_control) and each run gets its own cgroup there:
+      memory.max = memory_mb for all its processes and its /tmp together, no swap, pids.max = max_procs, and
+      cgroup.kill at the end. A folder that is not a writable cgroup v2 one stops the sandbox with an error.
     - CPU share: a run can use every core (at nice 10) until its limits hit (no cgroup cpu quota).
     - kernel attack surface beyond the seccomp list: a kernel exploit through an allowed syscall escapes.
     - in the weak sandbox (no namespaces: no unshare(1), or namespaces disallowed, as in Docker without
@@ -155,7 +157,8 @@ _uids_in_use = set()
 def sandbox_info() -> dict:
     """What containment this machine gives, detected once at first use with real sandboxed runs, strongest
     first. Keys: mode ("strong": namespaces with the minimal root, and seccomp; else "weak"), root,
-    namespaces, seccomp, unshare, setpriv, note (why a layer is missing)."""
+    namespaces, seccomp, unshare, setpriv, cgroup (the delegated folder or None) and cgroup_limits (of
+    "memory", "pids": what bounds each run as a whole), note (why a layer is missing)."""
     global _probe_result
     if _probe_result is not None:
         return _probe_result
@@ -163,8 +166,9 @@ def sandbox_info() -> dict:
         if _probe_result is not None:
             return _probe_result
         root = os.geteuid() == 0
+        cgroup, cgroup_limits = _cgroup_root()
         info = {"root": root, "namespaces": False, "seccomp": False, "setpriv": None,
-                "unshare": shutil.which("unshare"), "note": ""}
+                "unshare": shutil.which("unshare"), "cgroup": cgroup, "cgroup_limits": cgroup_limits, "note": ""}
         setpriv = shutil.which("setpriv")
         if setpriv:  # --pdeathsig needs util-linux >= 2.33
             try:
@@ -204,7 +208,8 @@ def describe_sandbox() -> str:
     info = sandbox_info()
     if info["mode"] == "strong":
         return ("sandbox: strong (" + ("fresh uid, " if info["root"] else "") +
-                "own root with only the Python install, no network, seccomp, namespaces)")
+                "own root with only the Python install, no network, seccomp, namespaces" +
+                "".join(f", cgroup {c}.max" for c in info["cgroup_limits"]) + ")")
     return ("sandbox: WEAK, code the model writes can read world-readable files" +
             ("" if info["namespaces"] else ", reach the network through the guard's gaps") +
             f" ({info['note'] or 'no seccomp'})")
@@ -253,6 +258,64 @@ def _free_uid(uid: int, fd: int):
             pass
         os.close(fd)
         _uids_in_use.discard(uid)
+
+
+def _cgroup_root():
+    """The cgroup v2 folder the operator delegated to sandbox runs ($PICOCHAT_SANDBOX_CGROUP), or None when unset;
+    and which of the memory and pids controllers its children get (enabled here when the folder allows it).
+    Raises RuntimeError when the variable names anything but a writable cgroup v2 folder: asked for a bound, a run
+    should not start without it."""
+    path = os.environ.get("PICOCHAT_SANDBOX_CGROUP", "")
+    if not path:
+        return None, []
+    if not os.path.isfile(os.path.join(path, "cgroup.controllers")) or not os.access(path, os.W_OK | os.X_OK):
+        raise RuntimeError(f"PICOCHAT_SANDBOX_CGROUP={path} is not a writable cgroup v2 folder")
+    subtree = os.path.join(path, "cgroup.subtree_control")
+    available = set(Path(path, "cgroup.controllers").read_text().split())
+    missing = ({"memory", "pids"} & available) - set(Path(subtree).read_text().split())
+    if missing:
+        try:  # refused when the folder holds processes itself (cgroup v2's no-internal-process rule)
+            Path(subtree).write_text(" ".join("+" + c for c in sorted(missing)))
+        except OSError:
+            pass
+    return path, sorted({"memory", "pids"} & set(Path(subtree).read_text().split()))
+
+
+_cgroup_count = iter(range(1 << 62))
+
+
+def _cgroup_make(root, *, memory_mb, max_procs):
+    """A fresh cgroup for one run under root, with memory.max = memory_mb for all its processes together (the
+    /tmp tmpfs included) and no swap, and pids.max = max_procs, where those controllers are enabled."""
+    path = os.path.join(root, f"run-{os.getpid()}-{next(_cgroup_count)}")
+    os.mkdir(path)
+    for name, value in (("memory.max", memory_mb << 20), ("memory.swap.max", 0), ("pids.max", max_procs)):
+        if os.path.exists(os.path.join(path, name)):
+            Path(path, name).write_text(str(value))
+    return path
+
+
+def _cgroup_remove(path) -> bool:
+    """Kill whatever is left in a run's cgroup (cgroup.kill reaches processes that left the process group and the
+    uid sweep's view alike), remove it, and say whether the kernel's OOM killer acted in it."""
+    try:
+        events = Path(path, "memory.events").read_text().split()
+        oom = int(events[events.index("oom_kill") + 1]) > 0
+    except (OSError, ValueError, IndexError):
+        oom = False
+    try:
+        Path(path, "cgroup.kill").write_text("1")
+    except OSError:
+        pass
+    for _ in range(300):  # the kill is asynchronous: the folder empties within moments
+        try:
+            os.rmdir(path)
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            time.sleep(0.01)
+    return oom
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +412,8 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     t0 = time.monotonic()
     ns, root, seccomp = info["namespaces"], info["root"], info["seccomp"]
     layers = (["uid"] if root else []) + (["netns", "pidns", "mntns", "own-root"] if ns else [])
-    isolation = ",".join(layers + (["seccomp"] if seccomp else []) + ["rlimits"] + (["guard"] if guard else []))
+    isolation = ",".join(layers + (["seccomp"] if seccomp else []) + (["cgroup"] if info.get("cgroup") else []) +
+                         ["rlimits"] + (["guard"] if guard else []))
     try:  # never raises for what it is given: text the child could not read is the code's error
         code_bytes, stdin_bytes = code.encode("utf-8"), stdin.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -366,7 +430,14 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     out, err = bytearray(), bytearray()
     timed_out = overflow = False
     returncode, cpu_time = None, 0.0
+    cgroup, oom = None, False
     try:
+        if info.get("cgroup"):
+            try:
+                cgroup = _cgroup_make(info["cgroup"], memory_mb=memory_mb, max_procs=max_procs)
+            except OSError as e:
+                return SandboxResult("setup_error", "", "", None, f"could not make the run's cgroup: {e}",
+                                     time.monotonic() - t0, isolation=isolation)
         code_path, stdin_path = os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin")
         with open(code_path, "wb") as f:
             f.write(code_bytes)
@@ -374,7 +445,8 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
             f.write(stdin_bytes)
         cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "stage": workdir, "uid": uid,
                "ns": int(ns), "seccomp": int(seccomp), "guard": int(guard), "mem": memory_mb, "cpu": cpu,
-               "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES}
+               "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES,
+               "cgroup": cgroup or "-"}
         cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
         cmd += [f"{k}={v}" for k, v in cfg.items()]
         if ns:
@@ -455,6 +527,8 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                     pass
                 proc.returncode = -signal.SIGKILL
         shutil.rmtree(workdir, ignore_errors=True)
+        if cgroup:
+            oom = _cgroup_remove(cgroup)
         if uid >= 0:
             _free_uid(uid, uid_fd)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
@@ -462,6 +536,8 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
         returncode, stderr = _ns_exit(returncode, stderr)
     status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
                                memory_mb, max_output)
+    if oom and status not in ("ok", "timeout", "output_limit"):
+        status, reason = "memory", f"killed by the kernel: the run's cgroup memory.max ({memory_mb} MB) was reached"
     return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
 
 

@@ -9,6 +9,7 @@ no access to this file. Any change here changes what every sandboxed run starts 
 What it guards (see picochat/sandbox.py for the layers the parent adds around it):
     - its own root (ns=1): a tmpfs with read-only binds of only what the interpreter needs and a private
       /tmp, made the root with pivot_root; the host's tree is detached.
+    - its own cgroup (cgroup=...), joined first: memory.max and pids.max bound the run as a whole.
     - a fresh session keyring, oom_score_adj 1000, nice 10.
     - seccomp (seccomp=1): the syscalls in _DENIED fail, as do clone with a CLONE_NEW* flag and clone3.
     - rlimits: CPU, address space, file size, open files, processes+threads, no core dumps, no mlock.
@@ -30,6 +31,7 @@ What it expects from the parent:
         stage     an existing folder of the parent's where the new root is built (ns=1)
         seccomp   1 to install the seccomp filter (x86_64 and aarch64), else 0
         tmpfs_mb  size of the /tmp tmpfs (ns=1);  inodes  its file+folder cap
+        cgroup    a cgroup v2 folder made for this run, joined before anything else, or - for none
     - env: the whole environment, built by the parent (no secrets; HOME and TMPDIR = work).
     - fds: 0 is the stdin file, 1 and 2 are the parent's pipes; nothing else is expected open.
 
@@ -76,6 +78,12 @@ def _setup(cfg):
         if libc.syscall(_NR[name][cfg["arch"]], *args) != 0:
             return ctypes.get_errno()
         return 0
+    if cfg["cgroup"] != "-":  # the run's own cgroup (a folder under the operator's delegated one): first of all,
+        try:                  # so that every process the code starts is counted against its memory.max and pids.max
+            with open(cfg["cgroup"] + "/cgroup.procs", "w") as f:
+                f.write("0")
+        except OSError as e:
+            _fail("joining the cgroup %s: %s" % (cfg["cgroup"], e.strerror))
     try:  # the OOM killer takes the sandbox before the server that holds the model
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")

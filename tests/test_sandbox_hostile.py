@@ -227,3 +227,69 @@ def test_weak_mode_is_said_and_serve_refuses_the_tool(tmp_path):
     assert lines[2].startswith("tool: OFF") and "--allow-weak-sandbox" in lines[2]
     assert lines[3].startswith("True sandbox: WEAK") and lines[4] == "tool: on, in the weak sandbox (--allow-weak-sandbox)"
     assert lines[5] == "(False, 'tool: off (--no-tool)')"
+
+
+def writable_cgroup2():
+    """A fresh folder in a cgroup v2 hierarchy this process may write, or None (the hierarchy a delegation gives)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup2":
+            folder = Path(fields[4]) / f"picochat-test-{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                folder.mkdir()
+                return folder
+            except OSError:
+                continue
+    return None
+
+
+def test_a_cgroup_that_is_not_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_probe_result", None)
+    monkeypatch.setenv("PICOCHAT_SANDBOX_CGROUP", str(tmp_path))
+    with pytest.raises(RuntimeError, match=f"PICOCHAT_SANDBOX_CGROUP={tmp_path} is not a writable cgroup v2 folder"):
+        sandbox_info()
+
+
+def test_each_run_lives_in_its_own_cgroup_and_leaves_none_behind(monkeypatch):
+    folder = writable_cgroup2()
+    if folder is None:  # no delegation possible here: the variable is refused rather than ignored (test above)
+        monkeypatch.setattr(sandbox, "_probe_result", None)
+        monkeypatch.setenv("PICOCHAT_SANDBOX_CGROUP", "/sys/fs/cgroup/no-such-folder")
+        with pytest.raises(RuntimeError, match="not a writable cgroup v2 folder"):
+            sandbox_info()
+        return
+    try:
+        monkeypatch.setattr(sandbox, "_probe_result", None)
+        monkeypatch.setenv("PICOCHAT_SANDBOX_CGROUP", str(folder))
+        info = sandbox_info()
+        assert info["cgroup"] == str(folder) and "cgroup" in isolation_of(info)
+        members = []
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(r=hostile(
+            "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\ntime.sleep(1.5)\nprint('ok')",
+            timeout=20.0)))
+        runner.start()
+        while runner.is_alive():
+            for run in folder.glob("run-*"):
+                try:
+                    members += (run / "cgroup.procs").read_text().split()
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        runner.join()
+        assert result["r"].status == "ok" and "cgroup" in result["r"].isolation, result["r"]
+        assert len(set(members)) >= 2  # the code and the process it forked, both counted in the run's cgroup
+        assert not list(folder.glob("run-*"))  # killed and removed, the setsid'd sleeper included
+        if "memory" in info["cgroup_limits"]:  # where the controller is delegated: the run as a whole is bounded
+            r = hostile("import os\nfor _ in range(3):\n    os.fork()\nx = bytearray(60 << 20)\nimport time\n"
+                        "time.sleep(1)", memory_mb=128, timeout=20.0)
+            assert r.status == "memory", r
+    finally:
+        for run in folder.glob("run-*"):
+            run.rmdir()
+        folder.rmdir()
+
+
+def isolation_of(info):
+    return sandbox._run(info, "print(1)", timeout=10.0, memory_mb=64, max_output=1000, stdin="", max_procs=4,
+                        guard=True).isolation
