@@ -152,35 +152,7 @@ def _setup(args, out, ddp, rank, world, device):
     dtype = compute_dtype(device.type)
     autocast = autocast_for(device)
     torch.manual_seed(args.seed)
-    if init is not None:
-        init_meta, config = init_config(init, tokenizer, args.seq_len)
-    else:
-        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
-                                      aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                                      n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
-                                      value_embeds=args.value_embeds)
-    config.window_sizes()  # validates the pattern before any work
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(seed=args.seed)
-    if init is not None:
-        checkpoint.verify_file(init, init_meta, f"model_{init_meta['step']:06d}.safetensors")
-        model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
-        print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
-    # fast paths that change modules come before the optimizer collects the parameters
-    if args.fp8:
-        fastpath.enable_fp8(model, device)
-        if not args.compile:
-            print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
-    if args.activation_checkpointing:
-        fastpath.checkpoint_blocks(model)
-    if args.flex_attention and device.type != "cuda":
-        raise_on_rank0(UserError("--flex-attention needs a CUDA GPU (torch has no FlexAttention backward elsewhere)"))
-    attention = fastpath.use_fast_attention(device, flex=args.flex_attention, seq_len=args.seq_len,
-                                            windows=model.windows)
-    if warning := fastpath.dense_window_warning(model, device, attention):
-        print0(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n")
+    model, config, attention = _build_model(args, init=init, tokenizer=tokenizer, device=device)
 
     meta = None
     if args.resume and checkpoint.latest_step(out) is not None:
@@ -232,34 +204,79 @@ def _setup(args, out, ddp, rank, world, device):
     loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
     start_step = 0
     if meta is not None:
-        step = meta["step"]
-        checkpoint.verify_file(out, meta, f"model_{step:06d}.safetensors")
-        model.load_state_dict(checkpoint.load_weights(out, step))
-        checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
-        # stream s was served by rank s % W_then: read just the state files of those ranks
-        saved_world = meta["world_size"]
-        owners = sorted({s % saved_world for s in loader.ids})
-        names = [f"state_{step:06d}_rank{r}.pt" for r in owners]
-        for name in names:
-            checkpoint.verify_file(out, meta, name)
-        states = [checkpoint.load_torch(out / name) for name in names]
-        if loader.load_state_dicts([st["loader"] for st in states]):
-            if saved_world == world:
-                torch.set_rng_state(states[0]["rng"])
-            elif rank == 0:
-                print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly", flush=True)
-        else:
-            print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
-                   f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {B}: weights and optimizer "
-                   f"restored, the data order restarts (resume with --device-batch-size "
-                   f"{meta.get('device_batch_size', '?')} to continue it exactly)")
-        start_step = step
-        print0(f"resumed from step {start_step} in {out}")
+        start_step = _restore(out, meta, model=model, optimizer=optimizer, loader=loader, rank=rank, world=world,
+                              num_streams=num_streams, device_batch=B)
     elif args.resume:
         print0(f"no checkpoint in {out}: starting from scratch")
     return dict(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
                 model=model, optimizer=optimizer, loader=loader, B=B, num_streams=num_streams, grad_accum=grad_accum,
                 total_batch=total_batch, num_steps=num_steps, start_step=start_step)
+
+
+def _build_model(args, *, init, tokenizer, device):
+    """The model to train on device: the --depth family's config, or the --init-from model's with its weights
+    (verified against their recorded sha256) loaded over the fresh init; then the fast paths that change modules
+    (fp8, activation checkpointing), which come before the optimizer collects the parameters, and the attention
+    backend. Returns (model, config, attention)."""
+    if init is not None:
+        init_meta, config = init_config(init, tokenizer, args.seq_len)
+    else:
+        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
+                                      aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                      n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
+                                      value_embeds=args.value_embeds)
+    config.window_sizes()  # validates the pattern before any work
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed=args.seed)
+    if init is not None:
+        checkpoint.verify_file(init, init_meta, f"model_{init_meta['step']:06d}.safetensors")
+        model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
+        print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
+    if args.fp8:
+        fastpath.enable_fp8(model, device)
+        if not args.compile:
+            print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
+    if args.activation_checkpointing:
+        fastpath.checkpoint_blocks(model)
+    if args.flex_attention and device.type != "cuda":
+        raise_on_rank0(UserError("--flex-attention needs a CUDA GPU (torch has no FlexAttention backward elsewhere)"))
+    attention = fastpath.use_fast_attention(device, flex=args.flex_attention, seq_len=args.seq_len,
+                                            windows=model.windows)
+    if warning := fastpath.dense_window_warning(model, device, attention):
+        print0(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n")
+    return model, config, attention
+
+
+def _restore(out, meta, *, model, optimizer, loader, rank, world, num_streams, device_batch):
+    """Resume from the checkpoint meta describes: the weights and the optimizer state (re-sharded for any rank
+    count), and the data order and RNG when the step is split into the same micro-batches (else the data order
+    restarts, with a warning); every file verified against its recorded sha256. Returns the step to continue from."""
+    step = meta["step"]
+    checkpoint.verify_file(out, meta, f"model_{step:06d}.safetensors")
+    model.load_state_dict(checkpoint.load_weights(out, step))
+    checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
+    # stream s was served by rank s % W_then: read just the state files of those ranks
+    saved_world = meta["world_size"]
+    owners = sorted({s % saved_world for s in loader.ids})
+    names = [f"state_{step:06d}_rank{r}.pt" for r in owners]
+    for name in names:
+        checkpoint.verify_file(out, meta, name)
+    states = [checkpoint.load_torch(out / name) for name in names]
+    if loader.load_state_dicts([st["loader"] for st in states]):
+        if saved_world == world:
+            torch.set_rng_state(states[0]["rng"])
+        elif rank == 0:
+            print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly",
+                  flush=True)
+    else:
+        print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
+               f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {device_batch}: weights and "
+               f"optimizer restored, the data order restarts (resume with --device-batch-size "
+               f"{meta.get('device_batch_size', '?')} to continue it exactly)")
+    print0(f"resumed from step {step} in {out}")
+    return step
 
 
 def _train(args, st, ddp, rank, world, device):
