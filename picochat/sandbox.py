@@ -354,7 +354,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     nproc = max_procs
     if not root:  # RLIMIT_NPROC counts every task of our own uid, not just the sandbox's
         nproc += sum(t for _, _, u, _, t in _proc_table() if u == os.getuid())
-    proc = pidfd = None
+    proc = None
     out, err = bytearray(), bytearray()
     timed_out = overflow = False
     returncode, cpu_time = None, 0.0
@@ -367,13 +367,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
         cfg = {"code": code_path, "stdin": stdin_path, "work": child_dir, "stage": workdir, "uid": uid,
                "ns": int(ns), "seccomp": int(seccomp), "guard": int(guard), "mem": memory_mb, "cpu": cpu,
                "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES}
-        cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
-        cmd += [f"{k}={v}" for k, v in cfg.items()]
-        if ns:
-            cmd = [info["unshare"]] + ([] if root else ["--user", "--map-root-user"]) + [
-                "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + cmd
-        if info["setpriv"]:  # the whole tree dies if this (calling) thread's process dies
-            cmd = [info["setpriv"], "--pdeathsig", "KILL"] + cmd
+        cmd = _command(info, cfg)
         with open(stdin_path, "rb") as stdin_file:
             try:
                 proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -382,17 +376,65 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 return SandboxResult("setup_error", "", "", None, f"could not start the sandbox: {e}",
                                      time.monotonic() - t0, isolation=isolation)
         pgid = proc.pid  # start_new_session: the child leads its own session and process group
-        deadline = t0 + timeout
-        sel = selectors.DefaultSelector()
-        bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-        for fd in bufs:
-            sel.register(fd, selectors.EVENT_READ)
-        try:
-            pidfd = os.pidfd_open(proc.pid)  # readable when the child exits: no polling
-            sel.register(pidfd, selectors.EVENT_READ)
-        except (AttributeError, OSError):
-            pidfd = None
-        open_fds, exited, lingered = set(bufs), False, None
+        timed_out, overflow, lingered = _collect(proc, out, err, deadline=t0 + timeout, max_output=max_output)
+        if timed_out or overflow or lingered or not ns:
+            # without a PID namespace, anything the code started may still run: kill the group and
+            # (as root) every process of the run's uid; with one, killing PID 1 takes the namespace down
+            _kill_all(pgid, uid)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+        cpu_time = rusage.ru_utime + rusage.ru_stime
+    finally:
+        if proc is not None:
+            proc.stdout.close()
+            proc.stderr.close()
+            if proc.returncode is None:  # an exception on our side: leave nothing running
+                _kill_all(proc.pid, uid)
+                try:
+                    os.waitpid(proc.pid, 0)
+                except ChildProcessError:
+                    pass
+                proc.returncode = -signal.SIGKILL
+        shutil.rmtree(workdir, ignore_errors=True)
+        if uid >= 0:
+            _free_uid(uid, uid_fd)
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    if ns and returncode is not None:
+        returncode, stderr = _ns_exit(returncode, stderr)
+    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
+                               memory_mb, max_output)
+    return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
+
+
+def _command(info, cfg) -> list:
+    """The child's command line: the bootstrap with its settings (cfg) as key=value arguments, inside unshare(1)
+    when info has namespaces, under setpriv(1) when info has it."""
+    cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
+    cmd += [f"{k}={v}" for k, v in cfg.items()]
+    if info["namespaces"]:
+        cmd = [info["unshare"]] + ([] if info["root"] else ["--user", "--map-root-user"]) + [
+            "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + cmd
+    if info["setpriv"]:  # the whole tree dies if this (calling) thread's process dies
+        cmd = [info["setpriv"], "--pdeathsig", "KILL"] + cmd
+    return cmd
+
+
+def _collect(proc, out, err, *, deadline, max_output):
+    """Read the child's stdout and stderr into out and err (bytearrays, each cut at max_output bytes) until it
+    has exited and closed both pipes, the deadline passes, or the output overflows. Returns (timed_out, overflow,
+    lingered): lingered is set when something the program started still held the pipes 0.2 s after it exited."""
+    sel = selectors.DefaultSelector()
+    bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # readable when the child exits: no polling
+        sel.register(pidfd, selectors.EVENT_READ)
+    except (AttributeError, OSError):
+        pidfd = None
+    timed_out = overflow = False
+    open_fds, exited, lingered = set(bufs), False, None
+    try:
         while not (exited and not open_fds):
             now = time.monotonic()
             if now >= deadline:
@@ -425,36 +467,11 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 break
             if pidfd is None and not exited:
                 exited = _exited(proc.pid)
-        sel.close()
-        if timed_out or overflow or lingered or not ns:
-            # without a PID namespace, anything the code started may still run: kill the group and
-            # (as root) every process of the run's uid; with one, killing PID 1 takes the namespace down
-            _kill_all(pgid, uid)
-        _, status, rusage = os.wait4(proc.pid, 0)
-        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
-        cpu_time = rusage.ru_utime + rusage.ru_stime
     finally:
+        sel.close()
         if pidfd is not None:
             os.close(pidfd)
-        if proc is not None:
-            proc.stdout.close()
-            proc.stderr.close()
-            if proc.returncode is None:  # an exception on our side: leave nothing running
-                _kill_all(proc.pid, uid)
-                try:
-                    os.waitpid(proc.pid, 0)
-                except ChildProcessError:
-                    pass
-                proc.returncode = -signal.SIGKILL
-        shutil.rmtree(workdir, ignore_errors=True)
-        if uid >= 0:
-            _free_uid(uid, uid_fd)
-    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    if ns and returncode is not None:
-        returncode, stderr = _ns_exit(returncode, stderr)
-    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
-                               memory_mb, max_output)
-    return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
+    return timed_out, overflow, lingered
 
 
 _SIGNAL_NOTE = re.compile(r"\n?\x00sandbox: signal (\d+)\n$")
