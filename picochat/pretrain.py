@@ -13,7 +13,9 @@ import argparse
 import gc
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from picochat.common import (UserError, autocast_for, home_dir, init_runtime, pr
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
-from picochat.optim import build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
+from picochat.optim import MuonAdamW, build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches
 from picochat.shards import split_shards
 from picochat import fastpath
@@ -135,7 +137,27 @@ def init_config(folder, tokenizer, seq_len):
     return meta, config
 
 
-def _setup(args, out, ddp, rank, world, device):
+@dataclass
+class Setup:
+    """What _setup hands _train: the model, its optimizer and data, and the shape of the run."""
+    out: Path                 # the checkpoint folder
+    tokenizer: Tokenizer
+    val_files: list
+    dtype: torch.dtype        # of the compute
+    autocast: Callable        # autocast(): the context the forward passes run in
+    config: GPTConfig
+    model: GPT
+    optimizer: MuonAdamW
+    loader: StepLoader
+    device_batch: int         # rows per micro-batch
+    num_streams: int          # micro-batches per step, over all ranks
+    grad_accum: int           # micro-batches per step on each rank
+    total_batch: int          # tokens per step
+    num_steps: int
+    start_step: int           # 0, or the step resumed from
+
+
+def _setup(args, out, ddp, rank, world, device) -> Setup:
     run_dir = home_dir() / "runs" / args.run
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     init = init_folder(args.init_from, out) if args.init_from else None
@@ -208,9 +230,9 @@ def _setup(args, out, ddp, rank, world, device):
                               num_streams=num_streams, device_batch=B)
     elif args.resume:
         print0(f"no checkpoint in {out}: starting from scratch")
-    return dict(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
-                model=model, optimizer=optimizer, loader=loader, B=B, num_streams=num_streams, grad_accum=grad_accum,
-                total_batch=total_batch, num_steps=num_steps, start_step=start_step)
+    return Setup(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
+                 model=model, optimizer=optimizer, loader=loader, device_batch=B, num_streams=num_streams,
+                 grad_accum=grad_accum, total_batch=total_batch, num_steps=num_steps, start_step=start_step)
 
 
 def _build_model(args, *, init, tokenizer, device):
@@ -280,9 +302,9 @@ def _restore(out, meta, *, model, optimizer, loader, rank, world, num_streams, d
 
 
 def _train(args, st, ddp, rank, world, device):
-    out, tokenizer, model, optimizer, loader = st["out"], st["tokenizer"], st["model"], st["optimizer"], st["loader"]
-    dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
-    total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
+    out, tokenizer, model, optimizer, loader = st.out, st.tokenizer, st.model, st.optimizer, st.loader
+    dtype, autocast, B, grad_accum = st.dtype, st.autocast, st.device_batch, st.grad_accum
+    total_batch, num_steps, start_step = st.total_batch, st.num_steps, st.start_step
     # the resumed run evaluates again at the step it starts from
     log = metrics_logger(out / "metrics.jsonl", start_step, rank, redone={"val_bpb"})
     if ddp:  # every rank starts from rank 0's weights, however they were made
@@ -300,7 +322,7 @@ def _train(args, st, ddp, rank, world, device):
 
     def evaluate(step):
         if not val_batches:
-            val_batches.extend(fixed_batches(st["val_files"], tokenizer, B, args.seq_len,
+            val_batches.extend(fixed_batches(st.val_files, tokenizer, B, args.seq_len,
                                              max(1, args.eval_tokens // (B * args.seq_len))))
         model.eval()
         mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
@@ -377,14 +399,14 @@ def _train(args, st, ddp, rank, world, device):
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
         if saving:
             save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=args.keep,
-                 extra={"device_batch_size": B, "num_streams": st["num_streams"]})
+                 extra={"device_batch_size": B, "num_streams": st.num_streams})
 
     if rank == 0:
         summary = {"stage": "base", "step": num_steps, "val_bpb": val_bpb, "num_params": model.num_params(),
                    "scaling_params": model.num_scaling_params(), "tokens": num_steps * total_batch,
                    "train_seconds": t_train, "tokens_per_sec": tokens_seen / t_train if t_train else None,
                    "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
-                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st["config"]),
+                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st.config),
                    "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
                    "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
                    "args": vars_json(args)}
