@@ -11,7 +11,8 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from picochat.sandbox import evaluate_expression, run_python, sandbox_info
+from picochat.calculator import evaluate_expression
+from picochat.sandbox import run_python, sandbox_info
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--runs", type=int, default=20)

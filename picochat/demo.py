@@ -26,9 +26,9 @@ import random
 import time
 from pathlib import Path
 
+from picochat.calculator import arithmetic_value, format_value
 from picochat.common import UserError, atomic_write_bytes, atomic_write_json, replacing_dir
 from picochat.shards import data_dir, write_shards
-from picochat.sandbox import arithmetic_value, format_value
 from picochat.tasks.gsm8k import CALC_RE, answer_to_parts, extract_answer
 
 # What a model trained on this curriculum knows, and prompts in the shapes it learned (chat, serve and the
@@ -230,7 +230,7 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorD
 
 def calc(expr):
     """The value of an integer + - * // expression, computed without eval() by the chat's python tool
-    itself (sandbox.arithmetic_value, in-process). Raises ValueError for anything else."""
+    itself (calculator.arithmetic_value, in-process). Raises ValueError for anything else."""
     for node in ast.walk(ast.parse(expr, mode="eval")):
         if not (isinstance(node, _CALC_NODES) or (isinstance(node, ast.Constant) and type(node.value) is int)):
             raise ValueError(f"not a simple integer expression: {expr!r}")

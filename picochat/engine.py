@@ -14,7 +14,7 @@ token is part of its output), after max_tokens tokens (forced ones count), or wh
 temperature <= 0 is greedy; a seed makes sampling deterministic (one torch.Generator per call).
 
 The tool: when a sample writes <|python_start|> expr <|python_end|>, expr goes to
-picochat.sandbox.evaluate_expression and <|output_start|> result <|output_end|> is forced into the stream
+picochat.calculator.evaluate_expression and <|output_start|> result <|output_end|> is forced into the stream
 one token per step (nothing is forced when the expression fails).
 
 Context-length policy: a prompt must leave room for at least one new token (else UserError, the server's 400
@@ -463,7 +463,7 @@ def parse_reply(text):
 
 
 def evaluate_tool(expr):
-    from picochat.sandbox import evaluate_expression
+    from picochat.calculator import evaluate_expression
     return evaluate_expression(expr)
 
 

@@ -13,7 +13,9 @@ import argparse
 import gc
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from picochat.common import (UserError, autocast_for, home_dir, init_runtime, pr
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
-from picochat.optim import build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
+from picochat.optim import MuonAdamW, build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
 from picochat.loader import StepLoader, fixed_batches
 from picochat.shards import split_shards
 from picochat import fastpath
@@ -137,7 +139,27 @@ def init_config(folder, tokenizer, seq_len):
     return meta, config
 
 
-def _setup(args, out, ddp, rank, world, device):
+@dataclass
+class Setup:
+    """What _setup hands _train: the model, its optimizer and data, and the shape of the run."""
+    out: Path                 # the checkpoint folder
+    tokenizer: Tokenizer
+    val_files: list
+    dtype: torch.dtype        # of the compute
+    autocast: Callable        # autocast(): the context the forward passes run in
+    config: GPTConfig
+    model: GPT
+    optimizer: MuonAdamW
+    loader: StepLoader
+    device_batch: int         # rows per micro-batch
+    num_streams: int          # micro-batches per step, over all ranks
+    grad_accum: int           # micro-batches per step on each rank
+    total_batch: int          # tokens per step
+    num_steps: int
+    start_step: int           # 0, or the step resumed from
+
+
+def _setup(args, out, ddp, rank, world, device) -> Setup:
     run_dir = home_dir() / "runs" / args.run
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     init = init_folder(args.init_from, out) if args.init_from else None
@@ -154,35 +176,7 @@ def _setup(args, out, ddp, rank, world, device):
     dtype = compute_dtype(device.type)
     autocast = autocast_for(device)
     torch.manual_seed(args.seed)
-    if init is not None:
-        init_meta, config = init_config(init, tokenizer, args.seq_len)
-    else:
-        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
-                                      aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                                      n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
-                                      value_embeds=args.value_embeds)
-    config.window_sizes()  # validates the pattern before any work
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(seed=args.seed)
-    if init is not None:
-        checkpoint.verify_file(init, init_meta, f"model_{init_meta['step']:06d}.safetensors")
-        model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
-        print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
-    # fast paths that change modules come before the optimizer collects the parameters
-    if args.fp8:
-        fastpath.enable_fp8(model, device)
-        if not args.compile:
-            print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
-    if args.activation_checkpointing:
-        fastpath.checkpoint_blocks(model)
-    if args.flex_attention and device.type != "cuda":
-        raise_on_rank0(UserError("--flex-attention needs a CUDA GPU (torch has no FlexAttention backward elsewhere)"))
-    attention = fastpath.use_fast_attention(device, flex=args.flex_attention, seq_len=args.seq_len,
-                                            windows=model.windows)
-    if warning := fastpath.dense_window_warning(model, device, attention):
-        print0(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n")
+    model, config, attention = _build_model(args, init=init, tokenizer=tokenizer, device=device)
 
     meta = None
     if args.resume and checkpoint.latest_step(out) is not None:
@@ -234,40 +228,85 @@ def _setup(args, out, ddp, rank, world, device):
     loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
     start_step = 0
     if meta is not None:
-        step = meta["step"]
-        checkpoint.verify_file(out, meta, f"model_{step:06d}.safetensors")
-        model.load_state_dict(checkpoint.load_weights(out, step))
-        checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
-        # stream s was served by rank s % W_then: read just the state files of those ranks
-        saved_world = meta["world_size"]
-        owners = sorted({s % saved_world for s in loader.ids})
-        names = [f"state_{step:06d}_rank{r}.pt" for r in owners]
-        for name in names:
-            checkpoint.verify_file(out, meta, name)
-        states = [checkpoint.load_torch(out / name) for name in names]
-        if loader.load_state_dicts([st["loader"] for st in states]):
-            if saved_world == world:
-                torch.set_rng_state(states[0]["rng"])
-            elif rank == 0:
-                print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly", flush=True)
-        else:
-            print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
-                   f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {B}: weights and optimizer "
-                   f"restored, the data order restarts (resume with --device-batch-size "
-                   f"{meta.get('device_batch_size', '?')} to continue it exactly)")
-        start_step = step
-        print0(f"resumed from step {start_step} in {out}")
+        start_step = _restore(out, meta, model=model, optimizer=optimizer, loader=loader, rank=rank, world=world,
+                              num_streams=num_streams, device_batch=B)
     elif args.resume:
         print0(f"no checkpoint in {out}: starting from scratch")
-    return dict(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
-                model=model, optimizer=optimizer, loader=loader, B=B, num_streams=num_streams, grad_accum=grad_accum,
-                total_batch=total_batch, num_steps=num_steps, start_step=start_step)
+    return Setup(out=out, tokenizer=tokenizer, val_files=val_files, dtype=dtype, autocast=autocast, config=config,
+                 model=model, optimizer=optimizer, loader=loader, device_batch=B, num_streams=num_streams,
+                 grad_accum=grad_accum, total_batch=total_batch, num_steps=num_steps, start_step=start_step)
+
+
+def _build_model(args, *, init, tokenizer, device):
+    """The model to train on device: the --depth family's config, or the --init-from model's with its weights
+    (verified against their recorded sha256) loaded over the fresh init; then the fast paths that change modules
+    (fp8, activation checkpointing), which come before the optimizer collects the parameters, and the attention
+    backend. Returns (model, config, attention)."""
+    if init is not None:
+        init_meta, config = init_config(init, tokenizer, args.seq_len)
+    else:
+        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
+                                      aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                      n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
+                                      value_embeds=args.value_embeds)
+    config.window_sizes()  # validates the pattern before any work
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed=args.seed)
+    if init is not None:
+        checkpoint.verify_file(init, init_meta, f"model_{init_meta['step']:06d}.safetensors")
+        model.load_state_dict(checkpoint.load_weights(init, init_meta["step"]))
+        print0(f"starting from the weights of {init} (step {init_meta['step']}), with a fresh optimizer and schedule")
+    if args.fp8:
+        fastpath.enable_fp8(model, device)
+        if not args.compile:
+            print0("warning: --fp8 without --compile is usually slower than bf16 (the scaling is not fused)")
+    if args.activation_checkpointing:
+        fastpath.checkpoint_blocks(model)
+    if args.flex_attention and device.type != "cuda":
+        raise_on_rank0(UserError("--flex-attention needs a CUDA GPU (torch has no FlexAttention backward elsewhere)"))
+    attention = fastpath.use_fast_attention(device, flex=args.flex_attention, seq_len=args.seq_len,
+                                            windows=model.windows)
+    if warning := fastpath.dense_window_warning(model, device, attention):
+        print0(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n")
+    return model, config, attention
+
+
+def _restore(out, meta, *, model, optimizer, loader, rank, world, num_streams, device_batch):
+    """Resume from the checkpoint meta describes: the weights and the optimizer state (re-sharded for any rank
+    count), and the data order and RNG when the step is split into the same micro-batches (else the data order
+    restarts, with a warning); every file verified against its recorded sha256. Returns the step to continue from."""
+    step = meta["step"]
+    checkpoint.verify_file(out, meta, f"model_{step:06d}.safetensors")
+    model.load_state_dict(checkpoint.load_weights(out, step))
+    checkpoint.load_rank_shards(out, meta, optimizer)  # re-shards the optimizer state for any rank count
+    # stream s was served by rank s % W_then: read just the state files of those ranks
+    saved_world = meta["world_size"]
+    owners = sorted({s % saved_world for s in loader.ids})
+    names = [f"state_{step:06d}_rank{r}.pt" for r in owners]
+    for name in names:
+        checkpoint.verify_file(out, meta, name)
+    states = [checkpoint.load_torch(out / name) for name in names]
+    if loader.load_state_dicts([st["loader"] for st in states]):
+        if saved_world == world:
+            torch.set_rng_state(states[0]["rng"])
+        elif rank == 0:
+            print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly",
+                  flush=True)
+    else:
+        print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
+               f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {device_batch}: weights and "
+               f"optimizer restored, the data order restarts (resume with --device-batch-size "
+               f"{meta.get('device_batch_size', '?')} to continue it exactly)")
+    print0(f"resumed from step {step} in {out}")
+    return step
 
 
 def _train(args, st, ddp, rank, world, device):
-    out, tokenizer, model, optimizer, loader = st["out"], st["tokenizer"], st["model"], st["optimizer"], st["loader"]
-    dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
-    total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
+    out, tokenizer, model, optimizer, loader = st.out, st.tokenizer, st.model, st.optimizer, st.loader
+    dtype, autocast, B, grad_accum = st.dtype, st.autocast, st.device_batch, st.grad_accum
+    total_batch, num_steps, start_step = st.total_batch, st.num_steps, st.start_step
     # the resumed run evaluates again at the step it starts from
     mirror = tracker(args.log_to, out=out, run=args.run, stage="base", config=vars_json(args),
                      step=start_step, rank=rank)
@@ -287,7 +326,7 @@ def _train(args, st, ddp, rank, world, device):
 
     def evaluate(step):
         if not val_batches:
-            val_batches.extend(fixed_batches(st["val_files"], tokenizer, B, args.seq_len,
+            val_batches.extend(fixed_batches(st.val_files, tokenizer, B, args.seq_len,
                                              max(1, args.eval_tokens // (B * args.seq_len))))
         model.eval()
         mine = ((x.to(device), y.to(device)) for x, y in val_batches[rank::world])
@@ -364,14 +403,14 @@ def _train(args, st, ddp, rank, world, device):
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
         if saving:
             save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=args.keep,
-                 extra={"device_batch_size": B, "num_streams": st["num_streams"]})
+                 extra={"device_batch_size": B, "num_streams": st.num_streams})
 
     if rank == 0:
         summary = {"stage": "base", "step": num_steps, "val_bpb": val_bpb, "num_params": model.num_params(),
                    "scaling_params": model.num_scaling_params(), "tokens": num_steps * total_batch,
                    "train_seconds": t_train, "tokens_per_sec": tokens_seen / t_train if t_train else None,
                    "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
-                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st["config"]),
+                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st.config),
                    "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
                    "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
                    "args": vars_json(args)}

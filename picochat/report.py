@@ -277,20 +277,8 @@ def _headline(stage, info):
     return h
 
 
-def build_report(run, price=2.5, run_dir=None, out_dir=None):
-    """Write report.md, report.json and the PNGs. Returns (md_path, json_path, report dict)."""
-    run_dir = Path(run_dir) if run_dir else home_dir() / "runs" / run
-    if not run_dir.is_dir():
-        raise UserError(f"no run folder {run_dir}: train something first (`picochat speedrun` or `picochat pretrain`)")
-    out = Path(out_dir) if out_dir else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    stages = gather(run_dir)
-    hw, ver, commit = hardware(), versions(), git_commit()
-    report = {"run": run, "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "price_per_gpu_hour": price,
-              "hardware": hw, "versions": ver, "git_commit": commit, "stages": {}}
-    md = [f"# picochat report card: run `{run}`", "",
-          f"Generated {report['generated']} from `{run_dir}`.", ""]
-
+def _summary_section(report, stages, *, price):
+    """The summary table: each stage's headline and cost go into report["stages"], the totals into report."""
     total_s, total_cost, any_gpu = 0.0, 0.0, False
     rows = []
     for stage in STAGES:
@@ -316,13 +304,16 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
                     f"{'$%.2f' % cost if cost is not None else note} | {numbers} |")
     report["total_train_seconds"] = total_s
     report["total_cost_usd"] = total_cost if any_gpu else None
+    return ["## Summary", "", "| stage | status | steps | wall time | cost | headline |", "|---|---|---|---|---|---|",
+            *rows, "",
+            f"Total training wall time {format_duration(total_s)}; " +
+            (f"estimated cost ${total_cost:.2f} at ${price:.2f} per GPU-hour (GPU count x hours x price)."
+             if any_gpu else "trained on CPU: no GPU cost."), ""]
 
-    md += ["## Summary", "", "| stage | status | steps | wall time | cost | headline |", "|---|---|---|---|---|---|",
-           *rows, "",
-           f"Total training wall time {format_duration(total_s)}; " +
-           (f"estimated cost ${total_cost:.2f} at ${price:.2f} per GPU-hour (GPU count x hours x price)."
-            if any_gpu else "trained on CPU: no GPU cost."), ""]
 
+def _setting_sections(report, run_dir):
+    """The speedrun's stage times, the machine and versions, the tokenizer (what report has on them)."""
+    md = []
     stage_times = _read_json(run_dir / "speedrun.json")  # wall time of every speedrun stage, evals included
     if isinstance(stage_times, dict) and stage_times:
         report["speedrun_seconds"] = stage_times
@@ -330,6 +321,7 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
                *[f"| {k} | {format_duration(v)} |" for k, v in stage_times.items()],
                f"| **total** | {format_duration(sum(stage_times.values()))} |", ""]
 
+    hw, ver, commit = report["hardware"], report["versions"], report["git_commit"]
     gpu = f"{hw['gpu_count']} x {hw['gpu']}" if hw["gpu_count"] else "none"
     md += ["## Environment", "", "| | |", "|---|---|",
            f"| CPU | {hw['cpu']} ({hw['cpu_cores']} cores) |", f"| GPU | {gpu} |",
@@ -342,63 +334,91 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
     if isinstance(tok_meta, dict) and "vocab_size" in tok_meta:
         md += ["## Tokenizer", "", f"Vocabulary {tok_meta['vocab_size']:,} tokens (`{run_dir / 'tokenizer'}`).", ""]
         report["tokenizer"] = {"vocab_size": tok_meta["vocab_size"]}
+    return md
 
-    chat_evals = {}
+
+def _stage_section(stage, info, h, *, out):
+    """One stage's section: its facts, its curves and its eval tables (plots written into out)."""
+    s = info["summary"] or {}
+    task = s.get("task")
+    md = [f"## {STAGE_TITLES[stage]}" + (f" ({RL_TASKS.get(task, task)})" if stage == "rl" and task else ""), ""]
+    if h["status"] == "not run":
+        return md + ["not run", ""]
+    facts = [("status", h["status"]),
+             ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
+             ("wall time", format_duration(h["hours"] * 3600) if h["hours"] is not None else "unknown"),
+             ("cost", f"${h['cost_usd']:.2f} ({h['cost_note']})" if h["cost_usd"] is not None else h["cost_note"])]
+    for k, v in h.items():
+        if k in ("status", "device", "world_size", "gpus", "hours", "cost_usd", "cost_note", "chat",
+                 "train_seconds", "core_label", "chatcore_label", "core_tasks_scored", "core_tasks_total"):
+            continue
+        if k == "core":
+            facts.append((h["core_label"], fmt(v)))
+        elif k == "chatcore":
+            facts.append((h["chatcore_label"], fmt(v)))
+        else:
+            facts.append((k, fmt(v)))
+    md += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
+    if info["metrics"] and plot_curves(stage, info["metrics"], out / f"curves_{stage}.png"):
+        md += [f"![{stage} curves](curves_{stage}.png)", ""]
+    elif not info["metrics"]:
+        md += ["no metrics.jsonl: no curves", ""]
+    eb = info["eval_base"] or {}
+    if eb.get("core_tasks"):
+        if plot_core(eb["core_tasks"], eb.get("core_label", "CORE"), out / f"core_{stage}.png"):
+            md += [f"![{eb.get('core_label', 'CORE')} per task](core_{stage}.png)", ""]
+        md += ["| CORE task | type | shots | items | accuracy | centered |", "|---|---|---|---|---|---|"]
+        md += [f"| {t} | {r['type']} | {r['num_fewshot']} | {r['total']:,} | {r['accuracy']:.4f} | "
+               f"{r['centered']:+.4f} |" for t, r in eb["core_tasks"].items()]
+        if eb.get("core_missing"):
+            md += ["", f"Skipped (data missing): {', '.join(eb['core_missing'])}."]
+        md += [""]
+    ec = info["eval_chat"] or {}
+    if ec.get("tasks"):
+        md += ["| chat task | problems | accuracy | pass@1 | centered |", "|---|---|---|---|---|"]
+        md += [f"| {t} | {r['total']:,} | {r['accuracy']:.4f} | {r.get('pass@1', r['accuracy']):.4f} | "
+               f"{r['centered']:+.4f} |" for t, r in ec["tasks"].items()]
+        md += [""]
+    return md
+
+
+def _chat_evals_section(chat_evals, *, out):
+    """The chat evals of every stage side by side ({stage: eval_chat.json}), with their plot; [] without any."""
+    if not chat_evals:
+        return []
+    md = ["## Chat evals", ""]
+    if plot_chat(chat_evals, out / "chat_evals.png"):
+        md += ["![chat evals per stage](chat_evals.png)", ""]
+    md += ["| task | " + " | ".join(chat_evals) + " |", "|---|" + "---|" * len(chat_evals)]
+    names = list(dict.fromkeys(t for ev in chat_evals.values() for t in ev["tasks"]))
+    for t in names:
+        md.append(f"| {t} | " + " | ".join(fmt(ev["tasks"][t]["accuracy"]) if t in ev["tasks"] else "-"
+                                          for ev in chat_evals.values()) + " |")
+    md.append("| **ChatCORE** | " + " | ".join(fmt(ev.get("chatcore")) for ev in chat_evals.values()) + " |")
+    return md + [""]
+
+
+def build_report(run, price=2.5, run_dir=None, out_dir=None):
+    """Write report.md, report.json and the PNGs. Returns (md_path, json_path, report dict)."""
+    run_dir = Path(run_dir) if run_dir else home_dir() / "runs" / run
+    if not run_dir.is_dir():
+        raise UserError(f"no run folder {run_dir}: train something first (`picochat speedrun` or `picochat pretrain`)")
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    stages = gather(run_dir)
+    report = {"run": run, "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "price_per_gpu_hour": price,
+              "hardware": hardware(), "versions": versions(), "git_commit": git_commit(), "stages": {}}
+    md = [f"# picochat report card: run `{run}`", "",
+          f"Generated {report['generated']} from `{run_dir}`.", ""]
+    md += _summary_section(report, stages, price=price)
+    md += _setting_sections(report, run_dir)
+    chat_evals = {}  # the stages that ran with chat evals
     for stage in STAGES:
         info, h = stages[stage], report["stages"][stage]
-        s = info["summary"] or {}
-        task = s.get("task")
-        md += [f"## {STAGE_TITLES[stage]}" + (f" ({RL_TASKS.get(task, task)})" if stage == "rl" and task else ""), ""]
-        if h["status"] == "not run":
-            md += ["not run", ""]
-            continue
-        facts = [("status", h["status"]), ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
-                 ("wall time", format_duration(h["hours"] * 3600) if h["hours"] is not None else "unknown"),
-                 ("cost", f"${h['cost_usd']:.2f} ({h['cost_note']})" if h["cost_usd"] is not None else h["cost_note"])]
-        for k, v in h.items():
-            if k in ("status", "device", "world_size", "gpus", "hours", "cost_usd", "cost_note", "chat",
-                     "train_seconds", "core_label", "chatcore_label", "core_tasks_scored", "core_tasks_total"):
-                continue
-            if k == "core":
-                facts.append((h["core_label"], fmt(v)))
-            elif k == "chatcore":
-                facts.append((h["chatcore_label"], fmt(v)))
-            else:
-                facts.append((k, fmt(v)))
-        md += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
-        if info["metrics"] and plot_curves(stage, info["metrics"], out / f"curves_{stage}.png"):
-            md += [f"![{stage} curves](curves_{stage}.png)", ""]
-        elif not info["metrics"]:
-            md += ["no metrics.jsonl: no curves", ""]
-        eb = info["eval_base"] or {}
-        if eb.get("core_tasks"):
-            if plot_core(eb["core_tasks"], eb.get("core_label", "CORE"), out / f"core_{stage}.png"):
-                md += [f"![{eb.get('core_label', 'CORE')} per task](core_{stage}.png)", ""]
-            md += ["| CORE task | type | shots | items | accuracy | centered |", "|---|---|---|---|---|---|"]
-            md += [f"| {t} | {r['type']} | {r['num_fewshot']} | {r['total']:,} | {r['accuracy']:.4f} | "
-                   f"{r['centered']:+.4f} |" for t, r in eb["core_tasks"].items()]
-            if eb.get("core_missing"):
-                md += ["", f"Skipped (data missing): {', '.join(eb['core_missing'])}."]
-            md += [""]
-        ec = info["eval_chat"] or {}
-        if ec.get("tasks"):
-            chat_evals[stage] = ec
-            md += ["| chat task | problems | accuracy | pass@1 | centered |", "|---|---|---|---|---|"]
-            md += [f"| {t} | {r['total']:,} | {r['accuracy']:.4f} | {r.get('pass@1', r['accuracy']):.4f} | "
-                   f"{r['centered']:+.4f} |" for t, r in ec["tasks"].items()]
-            md += [""]
-
-    if chat_evals:
-        md += ["## Chat evals", ""]
-        if plot_chat(chat_evals, out / "chat_evals.png"):
-            md += ["![chat evals per stage](chat_evals.png)", ""]
-        md += ["| task | " + " | ".join(chat_evals) + " |", "|---|" + "---|" * len(chat_evals)]
-        names = list(dict.fromkeys(t for ev in chat_evals.values() for t in ev["tasks"]))
-        for t in names:
-            md.append(f"| {t} | " + " | ".join(fmt(ev["tasks"][t]["accuracy"]) if t in ev["tasks"] else "-"
-                                              for ev in chat_evals.values()) + " |")
-        md.append("| **ChatCORE** | " + " | ".join(fmt(ev.get("chatcore")) for ev in chat_evals.values()) + " |")
-        md += [""]
+        md += _stage_section(stage, info, h, out=out)
+        if h["status"] != "not run" and (info["eval_chat"] or {}).get("tasks"):
+            chat_evals[stage] = info["eval_chat"]
+    md += _chat_evals_section(chat_evals, out=out)
 
     md_path, json_path = out / "report.md", out / "report.json"
     atomic_write_bytes(md_path, "\n".join(md).encode())

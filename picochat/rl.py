@@ -290,6 +290,47 @@ def group_advantages(rewards, groups, std_norm):
     return adv
 
 
+def _held_eval(step, n_problems, *, engine, model, tokenizer, held, args, autocast, rank, ddp, log):
+    """Rank 0 scores the first n_problems held-apart problems greedily (and pass@k on --pass-problems when
+    --pass-k), prints the record and logs it; the other ranks wait for it. Returns the record ({"step": step} on
+    the other ranks)."""
+    rec = {"step": step}
+    if rank == 0:
+        t = time.perf_counter()
+        rec.update(evaluate(engine, model, tokenizer, held[:n_problems], args.max_tokens, greedy=True,
+                            autocast=autocast))
+        if args.pass_k:
+            rec.update(evaluate(engine, model, tokenizer, held[:args.pass_problems], args.max_tokens, greedy=False,
+                                k=args.pass_k, samples=max(args.pass_k, args.num_samples),
+                                temperature=args.temperature, top_k=args.top_k or None, seed=args.seed,
+                                autocast=autocast))
+        rec["eval_problems"] = min(n_problems, len(held))
+        rec["eval_seconds"] = time.perf_counter() - t
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in rec.items() if k != "step"))
+        log(rec)
+    if ddp:
+        dist.barrier()
+    return rec
+
+
+def _write_summary(out, *, args, step, t_train, last_eval, device, world):
+    """summary.json (rank 0's): the held-apart scores at the start (start_eval.json) and at the end, and the
+    run's facts; then the closing line."""
+    start = json.loads((out / "start_eval.json").read_text()) if (out / "start_eval.json").exists() else {}
+    end = last_eval or {}
+    summary = {"stage": STAGE, "task": args.task, "step": step, "train_seconds": t_train,
+               "accuracy": end.get("accuracy"), "start_accuracy": start.get("accuracy"),
+               f"pass@{args.pass_k}": end.get(f"pass@{args.pass_k}"),
+               f"start_pass@{args.pass_k}": start.get(f"pass@{args.pass_k}"),
+               "format_compliance": end.get("format"), "eval_problems": end.get("eval_problems"),
+               "eval": end, "start_eval": start, "args": vars_json(args),
+               "device": str(device), "world_size": world}
+    atomic_write_json(out / "summary.json", summary)
+    print0(f"done: {step} steps in {format_duration(t_train)}; held-apart greedy accuracy "
+           f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; checkpoint in {out}")
+
+
 def run(args):
     out = Path(args.out) if args.out else home_dir() / "runs" / args.run / STAGE
     with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
@@ -335,24 +376,8 @@ def _run(args, out):
     log = metrics_logger(out / "metrics.jsonl", step, rank, mirror=mirror)
 
     def run_eval(step, n_problems):
-        rec = {"step": step}
-        if rank == 0:
-            t = time.perf_counter()
-            rec.update(evaluate(engine, model, tokenizer, held[:n_problems], args.max_tokens, greedy=True,
-                                autocast=autocast))
-            if args.pass_k:
-                rec.update(evaluate(engine, model, tokenizer, held[:args.pass_problems], args.max_tokens, greedy=False,
-                                    k=args.pass_k, samples=max(args.pass_k, args.num_samples),
-                                    temperature=args.temperature, top_k=args.top_k or None, seed=args.seed,
-                                    autocast=autocast))
-            rec["eval_problems"] = min(n_problems, len(held))
-            rec["eval_seconds"] = time.perf_counter() - t
-            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in rec.items() if k != "step"))
-            log(rec)
-        if ddp:
-            dist.barrier()
-        return rec
+        return _held_eval(step, n_problems, engine=engine, model=model, tokenizer=tokenizer, held=held, args=args,
+                          autocast=autocast, rank=rank, ddp=ddp, log=log)
 
     model.train()
     if step == 0:
@@ -406,18 +431,7 @@ def _run(args, out):
                                        tokenizer=tokenizer, keep=args.keep)
 
     if rank == 0:
-        start = json.loads((out / "start_eval.json").read_text()) if (out / "start_eval.json").exists() else {}
-        end = last_eval or {}
-        summary = {"stage": STAGE, "task": args.task, "step": step, "train_seconds": t_train,
-                   "accuracy": end.get("accuracy"), "start_accuracy": start.get("accuracy"),
-                   f"pass@{args.pass_k}": end.get(f"pass@{args.pass_k}"),
-                   f"start_pass@{args.pass_k}": start.get(f"pass@{args.pass_k}"),
-                   "format_compliance": end.get("format"), "eval_problems": end.get("eval_problems"),
-                   "eval": end, "start_eval": start, "args": vars_json(args),
-                   "device": str(device), "world_size": world}
-        atomic_write_json(out / "summary.json", summary)
-        print0(f"done: {step} steps in {format_duration(t_train)}; held-apart greedy accuracy "
-               f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; checkpoint in {out}")
+        _write_summary(out, args=args, step=step, t_train=t_train, last_eval=last_eval, device=device, world=world)
     if ddp:
         dist.destroy_process_group()
     return 0

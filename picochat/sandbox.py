@@ -2,7 +2,6 @@
 process with limits.
 
     run_python(code, timeout=5.0, memory_mb=512, max_output=64_000, stdin="") -> SandboxResult
-    evaluate_expression("12*3+4") -> "40"          (the chat tool; None on any failure)
 
 Every run is a fresh `python -s -S -B` child (no site-packages, no user site; -I is not used because
 we build the child's whole environment ourselves, and -E would drop PYTHONHASHSEED=0) that first runs
@@ -14,10 +13,6 @@ SandboxResult.status: "ok" (exit 0), "error" (an exception or a non-zero exit; r
 exception's last line), "timeout" (wall clock or CPU), "memory" (MemoryError under RLIMIT_AS),
 "output_limit", "crashed" (SIGSEGV/SIGABRT/...), "killed" (another signal), "setup_error" (the
 sandbox itself could not start).
-
-evaluate_expression returns text, never raises: ints as digits, integral floats as ints ("10/5" ->
-"2"), other floats to 10 significant digits, strings without quotes, anything else as repr; None on
-any failure. The training data's tool outputs must be rendered with the same format_value.
 
 What is contained, in layers (`sandbox_info()` says which layers this machine gives and whether that makes
 the sandbox "strong" or "weak"; `describe_sandbox()` says it in one line; `run_python` picks the strongest,
@@ -92,7 +87,6 @@ What is NOT contained (know this before exposing it to strangers):
 import os
 import re
 import sys
-import ast
 import math
 import stat
 import time
@@ -117,8 +111,6 @@ _TMPFS_MAX_MB, _TMPFS_INODES = 256, 4096  # the private /tmp: at most this size 
 # the namespace probe: one tiny run; a generous wall clock, so a slow machine is not taken for one
 # without namespaces
 _PROBE_TIMEOUT, _PROBE_MEMORY_MB, _PROBE_MAX_OUTPUT = 10.0, 256, 1000
-# the calculator tool's runs: one expression's value, not a program's output
-_EVAL_MEMORY_MB, _EVAL_MAX_PROCS, _EVAL_MAX_OUTPUT = 128, 4, 16_000
 
 
 @dataclass
@@ -426,7 +418,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     nproc = max_procs
     if not root:  # RLIMIT_NPROC counts every task of our own uid, not just the sandbox's
         nproc += sum(t for _, _, u, _, t in _proc_table() if u == os.getuid())
-    proc = pidfd = None
+    proc = None
     out, err = bytearray(), bytearray()
     timed_out = overflow = False
     returncode, cpu_time = None, 0.0
@@ -447,13 +439,7 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                "ns": int(ns), "seccomp": int(seccomp), "guard": int(guard), "mem": memory_mb, "cpu": cpu,
                "nproc": nproc, "tmpfs_mb": min(memory_mb, _TMPFS_MAX_MB), "inodes": _TMPFS_INODES,
                "cgroup": cgroup or "-"}
-        cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
-        cmd += [f"{k}={v}" for k, v in cfg.items()]
-        if ns:
-            cmd = [info["unshare"]] + ([] if root else ["--user", "--map-root-user"]) + [
-                "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + cmd
-        if info["setpriv"]:  # the whole tree dies if this (calling) thread's process dies
-            cmd = [info["setpriv"], "--pdeathsig", "KILL"] + cmd
+        cmd = _command(info, cfg)
         with open(stdin_path, "rb") as stdin_file:
             try:
                 proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -462,17 +448,69 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 return SandboxResult("setup_error", "", "", None, f"could not start the sandbox: {e}",
                                      time.monotonic() - t0, isolation=isolation)
         pgid = proc.pid  # start_new_session: the child leads its own session and process group
-        deadline = t0 + timeout
-        sel = selectors.DefaultSelector()
-        bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-        for fd in bufs:
-            sel.register(fd, selectors.EVENT_READ)
-        try:
-            pidfd = os.pidfd_open(proc.pid)  # readable when the child exits: no polling
-            sel.register(pidfd, selectors.EVENT_READ)
-        except (AttributeError, OSError):
-            pidfd = None
-        open_fds, exited, lingered = set(bufs), False, None
+        timed_out, overflow, lingered = _collect(proc, out, err, deadline=t0 + timeout, max_output=max_output)
+        if timed_out or overflow or lingered or not ns:
+            # without a PID namespace, anything the code started may still run: kill the group and
+            # (as root) every process of the run's uid; with one, killing PID 1 takes the namespace down
+            _kill_all(pgid, uid)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+        cpu_time = rusage.ru_utime + rusage.ru_stime
+    finally:
+        if proc is not None:
+            proc.stdout.close()
+            proc.stderr.close()
+            if proc.returncode is None:  # an exception on our side: leave nothing running
+                _kill_all(proc.pid, uid)
+                try:
+                    os.waitpid(proc.pid, 0)
+                except ChildProcessError:
+                    pass
+                proc.returncode = -signal.SIGKILL
+        shutil.rmtree(workdir, ignore_errors=True)
+        if cgroup:
+            oom = _cgroup_remove(cgroup)
+        if uid >= 0:
+            _free_uid(uid, uid_fd)
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    if ns and returncode is not None:
+        returncode, stderr = _ns_exit(returncode, stderr)
+    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
+                               memory_mb, max_output)
+    if oom and status not in ("ok", "timeout", "output_limit"):
+        status, reason = "memory", f"killed by the kernel: the run's cgroup memory.max ({memory_mb} MB) was reached"
+    return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
+
+
+def _command(info, cfg) -> list:
+    """The child's command line: the bootstrap with its settings (cfg) as key=value arguments, inside unshare(1)
+    when info has namespaces, under setpriv(1) when info has it."""
+    cmd = [sys.executable, "-s", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP]
+    cmd += [f"{k}={v}" for k, v in cfg.items()]
+    if info["namespaces"]:
+        cmd = [info["unshare"]] + ([] if info["root"] else ["--user", "--map-root-user"]) + [
+            "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + cmd
+    if info["setpriv"]:  # the whole tree dies if this (calling) thread's process dies
+        cmd = [info["setpriv"], "--pdeathsig", "KILL"] + cmd
+    return cmd
+
+
+def _collect(proc, out, err, *, deadline, max_output):
+    """Read the child's stdout and stderr into out and err (bytearrays, each cut at max_output bytes) until it
+    has exited and closed both pipes, the deadline passes, or the output overflows. Returns (timed_out, overflow,
+    lingered): lingered is set when something the program started still held the pipes 0.2 s after it exited."""
+    sel = selectors.DefaultSelector()
+    bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # readable when the child exits: no polling
+        sel.register(pidfd, selectors.EVENT_READ)
+    except (AttributeError, OSError):
+        pidfd = None
+    timed_out = overflow = False
+    open_fds, exited, lingered = set(bufs), False, None
+    try:
         while not (exited and not open_fds):
             now = time.monotonic()
             if now >= deadline:
@@ -505,40 +543,11 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
                 break
             if pidfd is None and not exited:
                 exited = _exited(proc.pid)
-        sel.close()
-        if timed_out or overflow or lingered or not ns:
-            # without a PID namespace, anything the code started may still run: kill the group and
-            # (as root) every process of the run's uid; with one, killing PID 1 takes the namespace down
-            _kill_all(pgid, uid)
-        _, status, rusage = os.wait4(proc.pid, 0)
-        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
-        cpu_time = rusage.ru_utime + rusage.ru_stime
     finally:
+        sel.close()
         if pidfd is not None:
             os.close(pidfd)
-        if proc is not None:
-            proc.stdout.close()
-            proc.stderr.close()
-            if proc.returncode is None:  # an exception on our side: leave nothing running
-                _kill_all(proc.pid, uid)
-                try:
-                    os.waitpid(proc.pid, 0)
-                except ChildProcessError:
-                    pass
-                proc.returncode = -signal.SIGKILL
-        shutil.rmtree(workdir, ignore_errors=True)
-        if cgroup:
-            oom = _cgroup_remove(cgroup)
-        if uid >= 0:
-            _free_uid(uid, uid_fd)
-    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    if ns and returncode is not None:
-        returncode, stderr = _ns_exit(returncode, stderr)
-    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
-                               memory_mb, max_output)
-    if oom and status not in ("ok", "timeout", "output_limit"):
-        status, reason = "memory", f"killed by the kernel: the run's cgroup memory.max ({memory_mb} MB) was reached"
-    return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
+    return timed_out, overflow, lingered
 
 
 _SIGNAL_NOTE = re.compile(r"\n?\x00sandbox: signal (\d+)\n$")
@@ -585,118 +594,3 @@ def _classify(rc, stderr, timed_out, overflow, timeout, cpu_limit, cpu_time, mem
             return "error", "file size limit exceeded (SIGXFSZ)"
         return "killed", f"killed by {name}"
     return "error", last or f"exit code {rc}"
-
-
-# -----------------------------------------------------------------------------
-# The calculator tool
-
-_MAX_INT_BITS = 10_000  # ~3,000 digits: below Python's 4,300-digit int->str limit, far above any answer
-_MAX_EXPR_CHARS = 2000
-_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
-
-
-class _Unsupported(Exception):
-    """Not pure arithmetic: hand it to the sandbox."""
-
-
-def _arith(node):
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _arith(node.operand)
-        return -v if isinstance(node.op, ast.USub) else +v
-    if isinstance(node, ast.BinOp):
-        a, b = _arith(node.left), _arith(node.right)
-        if isinstance(node.op, ast.Pow):
-            if abs(b) > 1000 or (isinstance(a, int) and isinstance(b, int) and b > 0
-                                 and a.bit_length() * b > _MAX_INT_BITS):
-                raise ValueError("exponent too large")
-            v = a ** b
-        elif type(node.op) in _BINOPS:
-            v = _BINOPS[type(node.op)](a, b)
-        else:
-            raise _Unsupported
-        if isinstance(v, complex):
-            raise ValueError("complex result")
-        if isinstance(v, int) and v.bit_length() > _MAX_INT_BITS:
-            raise ValueError("result too large")
-        return v
-    raise _Unsupported
-
-
-def arithmetic_value(expr: str) -> int | float:
-    """The value of a pure-arithmetic expression (numbers, + - * / // % **, parentheses, unary signs),
-    computed in-process exactly as the calculator tool computes it: pure Python, never starts a process.
-    When it returns v, evaluate_expression(expr) returns format_value(v); so training data that shows
-    tool results renders them with format_value(arithmetic_value(expr)). Raises SyntaxError when expr
-    does not parse, ValueError when it is not pure arithmetic (or empty, or over 2,000 characters) or
-    its value is refused (an int over 10,000 bits, a huge exponent, a complex result), and
-    ArithmeticError as Python would (1/0, a float overflow)."""
-    text = expr.strip()
-    if not text or len(text) > _MAX_EXPR_CHARS:
-        raise ValueError(f"not an expression of 1 to {_MAX_EXPR_CHARS} characters")
-    try:
-        return _arith(ast.parse(text, mode="eval").body)
-    except _Unsupported:
-        raise ValueError(f"not pure arithmetic: {expr!r}") from None
-
-
-def format_value(v) -> str:
-    """How tool results are shown to the model (training data must render them the same way):
-    ints as digits; floats with an integral value below 1e15 as ints ("10/5" -> "2"), other floats with
-    10 significant digits ("0.1+0.2" -> "0.3", "1/3" -> "0.3333333333"); str without quotes
-    ("'abc'.upper()" -> "ABC"); bool/None/containers as repr. Capped at 1,000 characters."""
-    if isinstance(v, bool) or v is None:
-        s = repr(v)
-    elif isinstance(v, int):
-        s = str(v)
-    elif isinstance(v, float):
-        if math.isfinite(v) and v.is_integer() and abs(v) < 1e15:
-            s = str(int(v))
-        else:
-            s = f"{v:.10g}"
-    elif isinstance(v, str):
-        s = v
-    else:
-        s = repr(v)
-    return s if len(s) <= 1000 else s[:1000] + "..."
-
-
-_EVAL_PROGRAM = """import sys
-v = eval(compile(sys.stdin.read(), "<expr>", "eval"), {})
-print(repr(v) if type(v) in (int, float, bool, str, list, tuple, dict, set, type(None)) else "\\x00" + repr(v), end="")
-"""
-
-
-def evaluate_expression(expr: str, timeout: float = 3.0) -> str | None:
-    """Evaluate one Python expression for the chat tool and return its text (see format_value), or None
-    on any failure (syntax error, exception, not a single expression, too big, timeout). Pure arithmetic
-    (numbers, + - * / // % **, parentheses, unary signs) is evaluated in-process with the ast module in
-    microseconds; anything else ("'strawberry'.count('r')", "len('hello')") runs in run_python."""
-    if not isinstance(expr, str):
-        return None
-    expr = expr.strip()
-    if not expr or len(expr) > _MAX_EXPR_CHARS:
-        return None
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-    try:
-        return format_value(_arith(tree.body))
-    except _Unsupported:
-        pass
-    except (ArithmeticError, ValueError, TypeError, RecursionError):
-        return None
-    r = run_python(_EVAL_PROGRAM, timeout=timeout, memory_mb=_EVAL_MEMORY_MB, max_output=_EVAL_MAX_OUTPUT,
-                   stdin=expr, max_procs=_EVAL_MAX_PROCS)
-    if r.status != "ok":
-        return None
-    text = r.stdout
-    if text.startswith("\x00"):  # an object with no literal form: show its repr
-        return format_value(text[1:])
-    try:
-        return format_value(ast.literal_eval(text))
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return format_value(text)

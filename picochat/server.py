@@ -50,11 +50,8 @@ room that is left is clipped (finish_reason "length").
 import argparse
 import asyncio
 import functools
-import hmac
-import json
 import logging
 import os
-import re
 import secrets
 import sys
 import threading
@@ -62,321 +59,21 @@ import time
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.batching import QueueFull, Request as GenRequest, Scheduler
+from picochat.batching import Scheduler
 from picochat.engine import Engine
-from picochat.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
+from picochat.guard import LOOPBACK_HOSTS, Guard, allowed_hosts, host_name
+from picochat.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from picochat.openai_api import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, chat_chunk,
                                  chat_completion, chat_logprob_entry, chat_logprobs_count, chat_usage_chunk,
                                  check_echo, check_sampling, check_stops, check_work, completion_logprobs,
-                                 conversation, echo_logprobs, error_body, finish_reason, parse_prompts, room,
-                                 sampling_params, sse, text_chunk, text_usage_chunk, usage)
+                                 conversation, echo_logprobs, error_body, parse_prompts, room, sse, text_chunk,
+                                 text_usage_chunk, usage)
 from picochat.openai_api import completion as completion_body
 from picochat.sandbox import describe_sandbox, sandbox_info
+from picochat.service import Service, choice_events, respond
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("picochat.server")
-
-
-# ---- the request guard ----------------------------------------------------------------------------------------
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-EVERY_INTERFACE = ("0.0.0.0", "::")
-_HOST = re.compile(r"\[([0-9a-f:.]*)\](?::[0-9]*)?|([^:\[\]]*)(?::[0-9]*)?")
-
-
-def host_name(header):
-    """The name in a Host header (or a --host value), lowercase, without its port: "[::1]:8000" -> "::1"; a value
-    that is no name with an optional port comes back whole ("a:1@b", "::1"), which no check allows by mistake."""
-    h = header.strip().lower()
-    m = _HOST.fullmatch(h)
-    return (m.group(1) if m.group(1) is not None else m.group(2)) if m else h
-
-
-def allowed_hosts(host, extra=(), *, api_key=None):
-    """The Host names a server listening on host answers (the DNS-rebinding guard), or None for every name: the
-    loopback names, host itself unless it is every interface, and extra (--allowed-host). On every interface
-    with an API key there is no check: the key is the protection and clients may call the machine any name."""
-    if host in EVERY_INTERFACE and api_key:
-        return None
-    names = LOOPBACK_HOSTS | {host_name(h) for h in extra}
-    return names if host in EVERY_INTERFACE else names | {host_name(host)}
-
-
-class Guard:
-    """Pure ASGI middleware in front of every request: a Host outside allowed_hosts gets 421 (a web page whose
-    name was rebound to this address cannot use the server through its visitors' browsers; None: no check), a
-    body over max_body bytes gets 413 (the body is read here, whole, before the app sees it: chunked or not), and
-    every request is counted for /metrics."""
-
-    def __init__(self, app, *, max_body, metrics, allowed_hosts=LOOPBACK_HOSTS):
-        self.app, self.max_body, self.metrics, self.allowed = app, max_body, metrics, allowed_hosts
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, state = time.perf_counter(), {"status": 500}
-
-        async def send_wrapper(msg):
-            if msg["type"] == "http.response.start":
-                state["status"] = msg["status"]
-            await send(msg)
-
-        try:
-            refusal = self.refusal(dict(scope.get("headers", [])))
-            if refusal is None:
-                body = await _read_body(receive, self.max_body)
-                refusal = self.too_large() if body is None else None
-            if refusal is None:
-                await self.app(scope, _Replay(body, receive), send_wrapper)
-            else:
-                await _send_json(send_wrapper, *refusal)
-        except ConnectionError:  # the client left while sending its body
-            state["status"] = 499
-        finally:
-            self.metrics.record(scope.get("path", ""), state["status"], time.perf_counter() - t0)
-
-    def refusal(self, headers):
-        """(status, error body) for a request its headers rule out, or None."""
-        host = headers.get(b"host")
-        # a request without Host comes from no browser, so it is no rebinding
-        if self.allowed is not None and host is not None:
-            name = host_name(host.decode("latin-1"))
-            if name not in self.allowed:
-                return 421, error_body(
-                    f"this server does not answer to the host name {name[:100]!r}, only to "
-                    f"{', '.join(sorted(self.allowed))} (a guard against DNS rebinding); to serve that name, "
-                    "start it with --allowed-host NAME", code="host_not_allowed")
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return self.too_large()
-        return None
-
-    def too_large(self):
-        return 413, error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
-                               code="request_too_large")
-
-
-async def _read_body(receive, limit):
-    """The request's whole body, or None once it passes limit bytes; ConnectionError if the client leaves."""
-    chunks, size = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ConnectionError("client disconnected")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
-
-
-class _Replay:
-    """An ASGI receive that gives the app the body read ahead of it, then the server's own messages (a
-    disconnect)."""
-
-    def __init__(self, body, receive):
-        self.body, self.receive = body, receive
-
-    async def __call__(self):
-        if self.body is None:
-            return await self.receive()
-        body, self.body = self.body, None
-        return {"type": "http.request", "body": body, "more_body": False}
-
-
-async def _send_json(send, status, obj):
-    body = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-# ---- what the endpoints share ---------------------------------------------------------------------------------
-class Service:
-    """What the endpoints share: the engine, the scheduler, the limits, the metrics, what /info tells, and the
-    generations each client has in flight (client_limit per client, at most the scheduler's queue and slots in
-    all; a client is its address, keyed or not: the key is one secret that all clients share)."""
-
-    def __init__(self, engine, scheduler, limits, model_name, api_key, notes, client_limit=0):
-        self.engine, self.scheduler, self.limits = engine, scheduler, limits
-        self.tokenizer = engine.tokenizer
-        self.model_name, self.api_key, self.notes = model_name, api_key, notes
-        self.metrics = Metrics(scheduler)
-        self.created = int(time.time())
-        self.client_limit, self.capacity = client_limit, scheduler.max_queue + scheduler.num_slots
-        self.in_flight, self.total = {}, 0  # generations and scoring jobs: by client, all (event loop only)
-
-    def check_auth(self, request):
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", "invalid_api_key")
-
-    def admit(self, request, cost, *, stream):
-        """A Work of cost generations and scoring jobs for request's client, or APIError 429 when the client's
-        share or the server's queue has no room for them."""
-        client = request.client.host if request.client else "unknown"
-        mine = self.in_flight.get(client, 0)
-        if self.client_limit and mine + cost > self.client_limit:
-            raise APIError(429, f"too many requests from {client}: it has {mine} generations queued or running and "
-                                f"this request adds {cost}, over this server's limit of {self.client_limit} per "
-                                "client; retry when they finish", "rate_limit_error", "client_limit")
-        if self.total + cost > self.capacity:
-            raise APIError(429, f"the server is full ({self.total} generations queued or running, this request "
-                                f"adds {cost}, at most {self.capacity}): try again shortly",
-                           "rate_limit_error", "queue_full")
-        if cost:  # (a client with nothing in flight has no entry)
-            self.in_flight[client], self.total = mine + cost, self.total + cost
-        work = Work(self, client, cost)
-        if not stream:
-            work.watch(request)
-        return work
-
-    def release(self, client, cost):
-        self.total -= cost
-        self.in_flight[client] -= cost
-        if not self.in_flight[client]:
-            del self.in_flight[client]
-
-    def submit(self, work, prompt, body, max_tokens, logprobs, on_event):
-        """Queue body.n generations of prompt as part of work; on_event(index, event) runs on the event loop.
-        A generation the scheduler refuses closes work (cancelling what it had queued) and raises APIError."""
-        loop = asyncio.get_running_loop()
-        for i in range(body.n):
-            emit = functools.partial(loop.call_soon_threadsafe, on_event, i)
-            req = GenRequest(prompt=prompt, max_tokens=max_tokens, logprobs=logprobs, emit=emit,
-                             **sampling_params(body, i))
-            try:
-                work.reqs.append(self.scheduler.submit(req))
-            except QueueFull as e:
-                work.close()
-                raise APIError(429, str(e), "rate_limit_error", "queue_full") from None
-            except UserError as e:
-                work.close()
-                raise APIError(400, str(e), code="context_length_exceeded") from None
-
-
-class Work:
-    """One API request's generations and scoring jobs, counted against its client's share and the server's queue
-    from Service.admit() until close(). watch() (requests that do not stream) follows the connection: the moment
-    the client leaves, the generations are cancelled (their slots free at the next decode step) and gone is set."""
-
-    def __init__(self, svc, client, cost):
-        self.svc, self.client, self.cost = svc, client, cost
-        self.reqs, self.gone, self.watcher = [], False, None
-
-    def watch(self, request):
-        self.watcher = asyncio.create_task(self._watch(request.receive))
-
-    async def _watch(self, receive):
-        # the body was read: what the server sends next is the disconnect (or nothing, if the client waits)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        self.cancel()
-
-    def cancel(self):
-        for r in self.reqs:
-            if not r.finished:
-                self.svc.scheduler.cancel(r)
-
-    def close(self):
-        """Cancel what is left and give the client's share back (once)."""
-        self.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            self.watcher = None
-        if self.cost:
-            self.svc.release(self.client, self.cost)
-            self.cost = 0
-
-
-async def _events(queue, stream):
-    """(index, event) from the scheduler; for a stream, None after each second of silence (a keep-alive)."""
-    while True:
-        if not stream:
-            yield await queue.get()
-            continue
-        try:
-            yield await asyncio.wait_for(queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            yield None
-
-
-async def _choices(queue, work, stream, texts):
-    """The scheduler's events as the endpoints answer them, choice by choice: ("token", i, piece, token, lp)
-    with the text the token added to choice i ("" while a stop string may be starting) and its logprobs (None
-    once the choice stopped); ("done", i, tail, finish_reason); ("sse", text) to pass to a stream as it is (a
-    keep-alive, an error). A choice that reaches a stop string is cancelled at once; a failed generation raises
-    a 500 when not streaming (the detail goes to the log, not to the client); ConnectionError once the client
-    has left (see Work.watch). Ends once every choice is done."""
-    reqs, remaining = work.reqs, len(work.reqs)
-    if not remaining:
-        return
-    async for item in _events(queue, stream):
-        if work.gone:
-            raise ConnectionError("client disconnected")
-        if item is None:
-            yield ("sse", ": keep-alive\n\n")
-            continue
-        i, ev = item
-        if ev[0] == "token":
-            _, tok, _forced, lp = ev
-            piece = texts[i].feed(tok)
-            if texts[i].stopped:
-                work.svc.scheduler.cancel(reqs[i])
-            yield ("token", i, piece, tok, None if texts[i].stopped else lp)
-            continue
-        reason = ev[1]
-        remaining -= 1
-        tail = texts[i].finish()
-        if reason.startswith("error"):
-            log.error("a generation failed: %s", reason)
-            message = "the model failed while generating (the server's log has the details)"
-            if not stream:
-                raise APIError(500, message, "server_error")
-            yield ("sse", sse(error_body(message, "server_error")))
-        yield ("done", i, tail, finish_reason(reason, texts[i]))
-        if remaining == 0:
-            return
-
-
-def _sse_response(body, work):
-    """body (an async generator of SSE text) as a streaming response that closes work however it ends: finished,
-    client gone, error, or never started (then body's own cleanup never runs)."""
-    from fastapi.responses import StreamingResponse
-
-    class SSE(StreamingResponse):
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                await self.body_iterator.aclose()
-                work.close()
-
-    return SSE(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _respond(run, work, stream):
-    """Streams run(True) as SSE, or returns run(False)'s one result; either way the request's Work is closed when
-    it ends, so generations cut short (disconnect, error) free their slots at once."""
-    from fastapi.responses import JSONResponse, Response
-
-    if stream:
-        return _sse_response(run(True), work)
-    try:
-        result = None
-        async for result in run(False):
-            pass
-        return JSONResponse(result)
-    except ConnectionError:  # the client went away: nobody to answer (499, as nginx logs it)
-        return Response(status_code=499)
-    finally:
-        work.close()
 
 
 # ---- the endpoints --------------------------------------------------------------------------------------------
@@ -413,7 +110,7 @@ async def chat_completions(svc, body, request):
         if stream:
             for i in range(len(reqs)):
                 yield chunk(i, {"role": "assistant", "content": ""})
-        async for ev in _choices(queue, work, stream, texts):
+        async for ev in choice_events(queue, work, stream, texts):
             if ev[0] == "sse":
                 yield ev[1]
             elif ev[0] == "token":
@@ -437,7 +134,7 @@ async def chat_completions(svc, body, request):
             yield chat_completion(cid, created, model, texts=[t.text for t in texts], finish=finish,
                                   logprobs=lps if top_n is not None else None, usage=used())
 
-    return await _respond(run, work, body.stream)
+    return await respond(run, work, body.stream)
 
 
 async def completions(svc, body, request):
@@ -484,7 +181,7 @@ async def completions(svc, body, request):
                 yield sse(text_chunk(cid, created, model, c, prompts[c // body.n][1]))
         if scoring:
             scored[:] = await _score_prompts(svc, work, prompts, model_prompts, top_n)
-        async for ev in _choices(queue, work, stream, texts):
+        async for ev in choice_events(queue, work, stream, texts):
             if ev[0] == "sse":
                 yield ev[1]
             elif ev[0] == "token":
@@ -505,7 +202,7 @@ async def completions(svc, body, request):
         yield completion_body(cid, created, model, choices=[choice(c, finish[c]) for c in range(n_choices)],
                               usage=used())
 
-    return await _respond(run, work, body.stream)
+    return await respond(run, work, body.stream)
 
 
 async def _score_prompts(svc, work, prompts, model_prompts, top_n):

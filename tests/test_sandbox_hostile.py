@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from picochat import sandbox
-from picochat.sandbox import evaluate_expression, run_python, sandbox_info
+from picochat.calculator import evaluate_expression
+from picochat.sandbox import run_python, sandbox_info
 
 INFO = sandbox_info()
 strong = pytest.mark.skipif(INFO["mode"] != "strong", reason="the strong sandbox is unavailable: " + INFO["note"])
