@@ -143,11 +143,14 @@ def hold_lock(folder, pid):
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "rl"])
 def test_a_second_run_on_a_folder_stops_at_once(tmp_path, capsys, stage):
     """While one run holds a stage folder, another training run on it stops before doing anything, with one line
-    naming the folder and the pid holding it."""
+    naming the folder and the pid holding it. (SFT reads and checks its data first, writing nothing before.)"""
     folder = tmp_path / "busy"
     held = hold_lock(folder, 424242)
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     try:
-        assert main([stage, "--run", "t", "--out", str(folder)]) == 2
+        assert main([stage, "--run", "t", "--out", str(folder)] +
+                    (["--data", str(data), "--data-only"] if stage == "sft" else [])) == 2
     finally:
         held.close()
     err = capsys.readouterr().err.strip()
