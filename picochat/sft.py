@@ -410,7 +410,8 @@ def _run(args, out, mixture, val_convs, suites, t0):
         if ddp:
             dist.barrier()
         model.train()
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
+        if len(rec) > 1:  # --data-only has no validation set and no chat eval
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
         log(rec)
         return rec
 
@@ -452,9 +453,9 @@ def _run(args, out, mixture, val_convs, suites, t0):
                    "row_fill": st["fill"], "args": vars_json(args),
                    "device": str(device), "world_size": world}
         atomic_write_json(out / "summary.json", summary)
-        print0(f"done: {step} steps in {format_duration(t_train)}, format compliance "
-               f"{start_eval.get('format', float('nan')):.2f} -> {(last_eval or {}).get('format', float('nan')):.2f}, "
-               f"checkpoint in {out}")
+        compliance = (f"format compliance {start_eval['format']:.2f} -> {last_eval['format']:.2f}, "
+                      if "format" in start_eval and "format" in (last_eval or {}) else "")
+        print0(f"done: {step} steps in {format_duration(t_train)}, {compliance}checkpoint in {out}")
     if ddp:
         dist.destroy_process_group()
     return 0

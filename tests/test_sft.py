@@ -445,3 +445,42 @@ def test_sft_auto_batch_keeps_the_rows_of_a_step(tmp_path, demo_setup):
     assert runs["auto"][0] == (32, 1) and runs["given"][0] == (16, 2) and runs["default"][0] == (16, 1)
     # the same gradient up to the order of its sums (Muon's orthogonalization carries that into the digits)
     assert np.allclose(runs["auto"][1], runs["given"][1], rtol=1e-3, atol=0)
+
+
+# ---- the issue's bar: a real model, your data, chat, export ----------------------------------------------------------
+REFERENCE_CKPT = Path(__file__).parent / "fixtures" / "nanochat_ckpt" / "nov2025_d2"
+
+
+def test_import_sft_on_own_data_chat_and_export(tmp_path, capsys):
+    """The README's "Bring your own model", through the CLI: import the reference's checkpoint, SFT it on a jsonl of
+    one's own conversations (the three formats), chat with it, export it; transformers' logits on the export are
+    picochat's on the SFT checkpoint (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    home = tmp_path / "home"  # PICOCHAT_HOME (conftest.py)
+    assert main(["import", str(REFERENCE_CKPT), "--run", "mine"]) == 0
+    data = tmp_path / "my.jsonl"
+    data.write_text(marker_conversations(12, marker="Blue."))
+    assert main(["sft", "--run", "mine", "--data", str(data), "--data-only", "--num-iterations", "3",
+                 "--device-batch-size", "2", "--eval-every", "0", "--log-every", "1"]) == 0
+    summary = json.loads((home / "runs" / "mine" / "sft" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["mixture"] == {"data:my.jsonl": 12}
+    model, tok, meta = checkpoint.load_model(home / "runs" / "mine" / "sft")
+    base = checkpoint.load_weights(home / "runs" / "mine" / "base", 40)
+    assert meta["stage"] == "sft" and any(not torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+    capsys.readouterr()
+    assert main(["chat", "--run", "mine", "-p", "What is the password number 3?", "--temperature", "0",
+                 "--max-tokens", "8", "--no-tool"]) == 0
+    assert "Blue." in capsys.readouterr().out  # the answer of every conversation it was fine-tuned on
+
+    out = tmp_path / "export"
+    assert main(["export", "--run", "mine", "--hf", str(out)]) == 0
+    assert "sft step 3" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": "What colour is the sky? " * 8}]})
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "What colour is the sky? " * 8}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == ids
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids])), hf(torch.tensor([ids])).logits
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
