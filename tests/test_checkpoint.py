@@ -27,6 +27,12 @@ def test_training_notes_say_what_the_model_knows():
     rl = training_notes({"stage": "rl", "args": {"task": "gsm8k"}})
     assert "RL on gsm8k" in rl["trained_on"] and rl["examples"]
     assert training_notes({})["trained_on"]  # an old checkpoint without args still gets a line
+    # sft --data: the user's files are named; alone (--data-only), the mixture flag's default is no claim
+    mixed = training_notes({"stage": "sft", "args": {"mixture": "full", "data": ["/x/mine.jsonl"]}})
+    assert mixed["trained_on"] == "pretraining text, then the full chat mixture and your conversations (mine.jsonl)"
+    alone = training_notes({"stage": "sft", "args": {"mixture": "demo", "data": ["/x/a.jsonl", "b.jsonl"],
+                                                     "data_only": True}})
+    assert alone["trained_on"] == "whatever its base model learned, then SFT on your conversations (a.jsonl, b.jsonl)"
 
 
 def tiny_model():
