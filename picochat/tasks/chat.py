@@ -10,9 +10,9 @@ strictly, one conversation per line, its format told by the line's keys:
 as the tokenizer renders it: an optional system message first, then user and assistant alternating, starting
 with the user and ending with the assistant. A line that is not that (not JSON, another format, an empty
 conversation, roles out of order, a last turn not the assistant's, ...) stops the run with one line naming the
-file, the line and the problem, since it is data the user wrote and wants trained on. Published sets (SmolTalk,
-ShareGPT, hh-rlhf parquet) are converted leniently instead: what can be fixed safely is fixed, the rest is
-skipped and counted (see to_messages).
+file, the line and the problem, since it is data the user wrote and wants trained on. Published sets (SmolTalk
+parquet; ShareGPT or hh-rlhf jsonl through `picochat data import --chat`) are converted leniently instead: what
+can be fixed safely is fixed, the rest is skipped and counted (see to_messages).
 """
 from pathlib import Path
 
