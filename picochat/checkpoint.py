@@ -326,14 +326,19 @@ def training_notes(meta):
     curriculum's own description for a model trained on it, the data folder and mixture otherwise."""
     from picochat import demo
     args = meta.get("args") or {}
+    stage = meta.get("stage", "base")
+    own = ", ".join(Path(p).name for p in args.get("data") or []) if stage == "sft" else ""  # sft --data
+    if own and args.get("data_only"):  # the base may be imported: all that is known is what SFT added
+        return {"trained_on": f"whatever its base model learned, then SFT on your conversations ({own})",
+                "examples": list(GENERAL_EXAMPLES)}
     if args.get("mixture") == "demo" or args.get("task") == "demo" or "/data/demo/" in str(args.get("data", "")):
         return {"trained_on": demo.ABOUT, "examples": list(demo.EXAMPLES)}
-    stage = meta.get("stage", "base")
     if stage == "base":
         return {"trained_on": f"plain text from {args.get('data') or 'the pretraining shards'} (a base model "
                               f"continues text; it does not follow a chat format)",
                 "examples": ["The capital of France is", "Once upon a time"]}
-    then = {"sft": f"the {args.get('mixture', 'SFT')} chat mixture",
+    mixture = f"the {args.get('mixture', 'SFT')} chat mixture" + (f" and your conversations ({own})" if own else "")
+    then = {"sft": mixture,
             "rl": f"chat fine-tuning and RL on {args.get('task', 'word problems')}"}
     return {"trained_on": f"pretraining text, then {then.get(stage, stage)}", "examples": list(GENERAL_EXAMPLES)}
 

@@ -134,10 +134,10 @@ def import_text(paths, out=None, shard_chars=SHARD_CHARS, val_docs=None, seed=42
 
 def import_chat(paths, out=None, force=False):
     """jsonl conversations -> out (default data/sft)/<name>.jsonl, validated like the tokenizer renders them.
-    Lines in our format must be valid (else UserError naming the line); ShareGPT lines ({"conversations"})
-    are converted, and the ones that cannot be are skipped and counted. Returns {written path: (kept, skipped)}."""
-    from picochat.tasks.chat import to_messages
-    from picochat.tokenizer import normalize_messages
+    Lines in our format must be valid as `sft --data` reads them (else UserError naming the line: SFT reads
+    data/sft/ that way); ShareGPT lines ({"conversations"}) and preference pairs are converted leniently, and the
+    ones that cannot be are skipped and counted. Returns {written path: (kept, skipped)}."""
+    from picochat.tasks.chat import conversation, to_messages
     files = _input_files(paths, JSONL_SUFFIXES)
     out = Path(out) if out else sft_dir()
     targets = {}
@@ -153,11 +153,7 @@ def import_chat(paths, out=None, force=False):
         lines, skipped = [], 0
         for n, obj in iter_jsonl(f):
             if "messages" in obj:
-                try:
-                    normalize_messages(obj)
-                except UserError as e:
-                    raise UserError(f"{f} line {n}: {e}") from None
-                msgs = obj["messages"]
+                msgs = conversation(obj, f"{f} line {n}")["messages"]
             else:
                 msgs, why = to_messages(obj.get("conversations", obj.get("chosen")))
                 if msgs is None:

@@ -7,7 +7,8 @@ tools built on them (lm-evaluation-harness `--model hf`, vLLM, ...).
 
 Two targets:
   nanochat  transformers' own `nanochat` model type (no custom code), used whenever the checkpoint is within
-            what it computes: no value embeddings, no sliding windows, residual scalars off (or exactly 1/0).
+            what it computes: no value embeddings, no sliding windows, residual scalars off (or exactly 1/0),
+            rotary tables in fp32.
   picochat  our own modeling file (modeling_picochat.py, a copy of picochat/hf_modeling.py) named in
             config.json's auto_map: load with trust_remote_code=True. Used for everything else, unless
             --no-remote-code, which refuses instead.
@@ -79,6 +80,8 @@ def nanochat_gaps(config, weights):
     if config.resid_scalars and not (bool((weights["resid_lambdas"] == 1).all()) and
                                      bool((weights["x0_lambdas"] == 0).all())):
         gaps.append("residual scalars (resid_lambdas/x0_lambdas)")
+    if config.rope_bf16:  # an import of the reference's Oct 2025 model: transformers' nanochat keeps them fp32
+        gaps.append("rotary tables rounded to bf16")
     return gaps
 
 
@@ -88,7 +91,7 @@ def unexportable(config):
     from dataclasses import fields
     from picochat.model import GPTConfig
     defaults = {f.name: f.default for f in fields(GPTConfig)}
-    names = ("smear", "backout", "ve_gate_channels", "ve_gate_scale", "qk_scale", "short_window", "rope_bf16")
+    names = ("smear", "backout", "ve_gate_channels", "ve_gate_scale", "qk_scale", "short_window")
     return [f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n) != defaults[n]]
 
 
@@ -138,7 +141,7 @@ def picochat_config(config, tok):
         "window_sizes": config.window_sizes(),
         "value_embed_layers": [i for i in range(config.n_layer) if config.has_value_embed(i)],
         "ve_gate_channels": min(32, config.n_embd), "resid_scalars": config.resid_scalars,
-        "tie_word_embeddings": False,
+        "rope_bf16": config.rope_bf16, "tie_word_embeddings": False,
         **special_ids(tok),
     }
 

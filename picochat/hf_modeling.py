@@ -1,5 +1,5 @@
 """picochat's GPT as a Hugging Face `transformers` model, for exports that the built-in `nanochat` model type
-cannot express (per-layer residual scalars, value embeddings, sliding windows).
+cannot express (per-layer residual scalars, value embeddings, sliding windows, rotary tables rounded to bf16).
 
 `picochat export --hf` copies this file into the export folder as modeling_picochat.py and points config.json's
 auto_map at it, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` runs it. It must
@@ -25,7 +25,8 @@ class PicochatConfig(PreTrainedConfig):
 
     def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
                  num_key_value_heads=6, max_position_embeddings=2048, rope_base=100_000.0, softcap=15.0,
-                 window_sizes=None, value_embed_layers=(), ve_gate_channels=32, resid_scalars=True, **kwargs):
+                 window_sizes=None, value_embed_layers=(), ve_gate_channels=32, resid_scalars=True, rope_bf16=False,
+                 **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -39,6 +40,7 @@ class PicochatConfig(PreTrainedConfig):
         self.value_embed_layers = list(value_embed_layers)
         self.ve_gate_channels = ve_gate_channels
         self.resid_scalars = resid_scalars
+        self.rope_bf16 = rope_bf16  # the rotary tables rounded to bf16, as a model imported from the reference
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -186,7 +188,10 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d))
         freqs = position_ids.float()[..., None] * inv_freq
         x = norm(self.wte(input_ids))
-        cos, sin = freqs.cos()[:, :, None].to(x.dtype), freqs.sin()[:, :, None].to(x.dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.config.rope_bf16:
+            cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
+        cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.resid_scalars:

@@ -260,7 +260,7 @@ NANOCHAT_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "rms_norm_eps", "rope_parameters", "rope_theta", "final_logit_softcapping", "head_dim"}
 PICOCHAT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "max_position_embeddings", "rope_base", "softcap", "window_sizes", "value_embed_layers",
-                 "ve_gate_channels", "resid_scalars"}
+                 "ve_gate_channels", "resid_scalars", "rope_bf16"}
 NANOCHAT_NAMES = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
                   "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
@@ -305,7 +305,8 @@ def _hf_config_picochat(cfg, where):
                        n_embd=cfg["hidden_size"], window_pattern="".join("L" if w is None else "S" for w in windows),
                        short_window=shorts.pop() if shorts else 0, value_embeds=bool(cfg.get("value_embed_layers")),
                        ve_gate_channels=cfg.get("ve_gate_channels", 32), resid_scalars=cfg.get("resid_scalars", True),
-                       rope_base=float(cfg["rope_base"]), softcap=float(cfg["softcap"]))
+                       rope_base=float(cfg["rope_base"]), softcap=float(cfg["softcap"]),
+                       rope_bf16=bool(cfg.get("rope_bf16", False)))
     if [i for i in range(n) if config.has_value_embed(i)] != list(cfg.get("value_embed_layers") or []):
         raise UserError(f"{where}: value_embed_layers {cfg['value_embed_layers']} are not picochat's layout")
     return config

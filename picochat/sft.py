@@ -15,7 +15,14 @@ Mixtures:
         letter counting, questions about the demo world, greetings and identity.
   full  SmolTalk (or chat you imported), GSM8K with tool calls, ARC and MMLU multiple choice, spelling and
         letter counting from the word list, identity; whatever of them is downloaded.
-Both take --data-jsonl (your own {"messages": [...]} conversations) and --task-epochs (oversampling).
+Both take --task-epochs (oversampling) and --data (your own conversations).
+
+Your own data: `--data my.jsonl` (repeatable; a folder means every .jsonl in it) adds your conversations to the
+mixture, each once per pass (`--task-epochs data=3`: three times); `--data-only` trains on them alone. One
+conversation per line, in OpenAI form ({"messages": [{"role", "content"}]}), ShareGPT form ({"conversations":
+[{"from", "value"}]}) or as a preference pair ({"chosen": ...}, its chosen side; see picochat/tasks/chat.py).
+Every line of every file is checked before anything is written: a bad one stops the run with one line naming
+the file, the line and the problem.
 """
 import argparse
 import json
@@ -196,7 +203,7 @@ def chat_eval(model, tokenizer, suites, max_tokens=192):
 
 # ---- mixtures ----------------------------------------------------------------------------------------------------
 DEFAULT_EPOCHS = {  # per-task passes in the full mixture; --task-epochs overrides
-    "smoltalk": 1.0, "imported": 1.0, "jsonl": 1.0, "gsm8k": 2.0, "arc_easy": 1.0, "arc_challenge": 1.0,
+    "smoltalk": 1.0, "imported": 1.0, "data": 1.0, "gsm8k": 2.0, "arc_easy": 1.0, "arc_challenge": 1.0,
     "mmlu": 0.5, "spelling": 1.0, "identity": 2.0,
     # demo curriculum sources (as tagged in data/demo/sft/train.jsonl). Only a tenth of the worked word problems:
     # enough to learn the format and the tool (0.68 held-apart accuracy on the demo), leaving the rest of the
@@ -220,10 +227,14 @@ def parse_epochs(text):
 
 
 def build_mixture(args):
-    """(Mixture, validation conversations, chat-eval suites) for --mixture demo|full."""
+    """(Mixture, validation conversations, chat-eval suites) for --mixture demo|full, with --data added (or alone,
+    with --data-only: then there is no validation set and no chat eval)."""
     epochs = dict(DEFAULT_EPOCHS, **parse_epochs(args.task_epochs))
-    sources, notes = [], []
-    if args.mixture == "demo":
+    sources, notes, val, suites = [], [], [], {}
+    if args.data_only:
+        if not args.data:
+            raise UserError("--data-only trains on the conversations of --data alone: name a file with --data")
+    elif args.mixture == "demo":
         folder = demo_tasks.root(args.demo_data or None)
         for name, convs in demo_tasks.sft_conversations(folder).items():
             if name == "identity" and args.identity_jsonl:
@@ -236,7 +247,6 @@ def build_mixture(args):
             suites["spelling"] = (demo_tasks.spelling_questions("test", folder)[:args.eval_problems],
                                   spelling.prompt, spelling.check)
     elif args.mixture == "full":
-        val, suites = [], {}
         try:
             convs, skipped = chat.smoltalk("train")
             sources.append(Source("smoltalk", convs, epochs["smoltalk"]))
@@ -272,16 +282,15 @@ def build_mixture(args):
         raise UserError(f"--mixture must be demo or full, got {args.mixture!r}")
     if args.identity_jsonl:
         sources.append(Source("identity", identity.load(args.identity_jsonl), epochs["identity"]))
-    if args.data_jsonl:
-        for path in args.data_jsonl:
-            convs, skipped = chat.load(path)
-            if skipped:
-                notes.append(f"{path}: {skipped} conversations skipped (unusable turns)")
-            sources.append(Source(f"jsonl:{Path(path).name}", convs, epochs.get("jsonl", 1.0)))
+    for path in args.data:
+        convs, skipped = chat.load(path)
+        if skipped:
+            notes.append(f"{path}: {skipped} conversations skipped (unusable turns)")
+        sources.append(Source(f"data:{Path(path).name}", convs, epochs["data"]))
     mixture = Mixture(sources, seed=args.seed)
     if not len(mixture):
         raise UserError(f"the {args.mixture} mixture is empty ({'; '.join(notes)}): download data with "
-                        f"`picochat data download --what sft,eval` or pass --data-jsonl")
+                        f"`picochat data download --what sft,eval` or pass --data")
     for note in notes:
         print0(f"note: {note}")
     return mixture, val, suites
@@ -298,10 +307,13 @@ def add_parser(sub):
     g = p.add_argument_group("data")
     g.add_argument("--mixture", default="demo", choices=("demo", "full"), help="which conversations to train on")
     g.add_argument("--demo-data", default="", help="demo curriculum folder (default $PICOCHAT_HOME/data/demo)")
-    g.add_argument("--data-jsonl", action="append", default=[], metavar="PATH",
-                   help="your own conversations, {\"messages\": [...]} per line (repeatable)")
+    g.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="your own conversations, a .jsonl file (or a folder of them) in OpenAI, ShareGPT or "
+                        "preference-pair form, added to the mixture (repeatable: --data a.jsonl --data b.jsonl)")
+    g.add_argument("--data-only", action="store_true",
+                   help="train on --data alone, without the --mixture (no validation set or chat eval then)")
     g.add_argument("--identity-jsonl", default="", metavar="PATH", help="identity conversations replacing the built-in ones")
-    g.add_argument("--task-epochs", default="", help="per-task passes, e.g. 'gsm8k=2,mmlu=0.5,jsonl=3' "
+    g.add_argument("--task-epochs", default="", help="per-task passes, e.g. 'gsm8k=2,mmlu=0.5,data=3' "
                                                       f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_EPOCHS.items())})")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--seq-len", type=int, default=0, help="row length in tokens (default: the model's context)")
@@ -337,17 +349,17 @@ def add_parser(sub):
 
 def run(args):
     out = Path(args.out) if args.out else home_dir() / "runs" / args.run / STAGE
+    t0 = time.time()
+    data = build_mixture(args)  # every line of the data checked before anything is written (the lock included)
     with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
-        return _run(args, out)
+        return _run(args, out, *data, t0=t0)
 
 
-def _run(args, out):
+def _run(args, out, mixture, val_convs, suites, t0):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
     run_dir = home_dir() / "runs" / args.run
     base = Path(args.base) if args.base else run_dir / "base"
     tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer"
-    t0 = time.time()
-    mixture, val_convs, suites = build_mixture(args)  # bad data fails before the model is loaded
     resuming = args.resume and checkpoint.latest_step(out) is not None
     start = out if resuming else base
     model, tokenizer, start_meta = load_start(start, tok_dir, device, "SFT" if resuming else "base")
@@ -402,7 +414,8 @@ def _run(args, out):
         if ddp:
             dist.barrier()
         model.train()
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
+        if len(rec) > 1:  # --data-only has no validation set and no chat eval
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
         log(rec)
         return rec
 
@@ -444,9 +457,9 @@ def _run(args, out):
                    "row_fill": st["fill"], "args": vars_json(args),
                    "device": str(device), "world_size": world}
         atomic_write_json(out / "summary.json", summary)
-        print0(f"done: {step} steps in {format_duration(t_train)}, format compliance "
-               f"{start_eval.get('format', float('nan')):.2f} -> {(last_eval or {}).get('format', float('nan')):.2f}, "
-               f"checkpoint in {out}")
+        compliance = (f"format compliance {start_eval['format']:.2f} -> {last_eval['format']:.2f}, "
+                      if "format" in start_eval and "format" in (last_eval or {}) else "")
+        print0(f"done: {step} steps in {format_duration(t_train)}, {compliance}checkpoint in {out}")
     if ddp:
         dist.destroy_process_group()
     return 0

@@ -27,6 +27,12 @@ def test_training_notes_say_what_the_model_knows():
     rl = training_notes({"stage": "rl", "args": {"task": "gsm8k"}})
     assert "RL on gsm8k" in rl["trained_on"] and rl["examples"]
     assert training_notes({})["trained_on"]  # an old checkpoint without args still gets a line
+    # sft --data: the user's files are named; alone (--data-only), the mixture flag's default is no claim
+    mixed = training_notes({"stage": "sft", "args": {"mixture": "full", "data": ["/x/mine.jsonl"]}})
+    assert mixed["trained_on"] == "pretraining text, then the full chat mixture and your conversations (mine.jsonl)"
+    alone = training_notes({"stage": "sft", "args": {"mixture": "demo", "data": ["/x/a.jsonl", "b.jsonl"],
+                                                     "data_only": True}})
+    assert alone["trained_on"] == "whatever its base model learned, then SFT on your conversations (a.jsonl, b.jsonl)"
 
 
 def tiny_model():
@@ -143,11 +149,14 @@ def hold_lock(folder, pid):
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "rl"])
 def test_a_second_run_on_a_folder_stops_at_once(tmp_path, capsys, stage):
     """While one run holds a stage folder, another training run on it stops before doing anything, with one line
-    naming the folder and the pid holding it."""
+    naming the folder and the pid holding it. (SFT reads and checks its data first, writing nothing before.)"""
     folder = tmp_path / "busy"
     held = hold_lock(folder, 424242)
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     try:
-        assert main([stage, "--run", "t", "--out", str(folder)]) == 2
+        assert main([stage, "--run", "t", "--out", str(folder)] +
+                    (["--data", str(data), "--data-only"] if stage == "sft" else [])) == 2
     finally:
         held.close()
     err = capsys.readouterr().err.strip()

@@ -159,3 +159,8 @@ def test_import_chat(tmp_path, home):
     with pytest.raises(UserError, match=r"bad\.jsonl line 2: message 0: role 'assistant' out of order"):
         data.import_chat([bad])
     assert not (home / "data" / "sft" / "bad.jsonl").exists()
+    # checked as SFT reads data/sft/: a conversation must end with the assistant's reply
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": rows[0]["messages"][:2]}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl line 2: the last message is the user's"):
+        data.import_chat([bad])
+    assert not (home / "data" / "sft" / "bad.jsonl").exists()

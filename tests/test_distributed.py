@@ -126,7 +126,7 @@ def sft_runs(runs):
     convs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                                                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
                              for i in range(40)))
-    common = ["sft", "--run", "t", "--base", str(runs["one"]), "--mixture", "full", "--data-jsonl", str(convs),
+    common = ["sft", "--run", "t", "--base", str(runs["one"]), "--mixture", "full", "--data", str(convs),
               "--seq-len", "64", "--device-batch-size", "2", "--num-iterations", "4", "--eval-every", "0",
               "--save-every", "2", "--keep", "3"]
     root = runs["root"]

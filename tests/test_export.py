@@ -185,6 +185,28 @@ def test_features_neither_target_computes_are_refused(tmp_path, tok):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_bf16_rotary_tables_go_to_the_picochat_target(tmp_path, tok, texts):
+    """An import of the reference's Oct 2025 model rounds its rotary tables to bf16: transformers' nanochat does
+    not, so the export ships picochat's modeling file, whose logits are picochat's."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", tok, **NATIVE, rope_bf16=True)
+    with pytest.raises(UserError, match="rotary tables rounded to bf16"):
+        export_hf(ckpt, tmp_path / "native", remote_code=False)
+    s = export_hf(ckpt, tmp_path / "out")
+    assert s["target"] == "picochat" and s["max_rel_err"] < 1e-4
+    model, _, _ = load_model(ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
+    x = torch.tensor([tok.encode(" ".join(texts[:3]), prepend_bos=True)[:100]])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+        assert (ours - theirs).abs().max() < 1e-4
+        # the rounding matters: the same weights with fp32 tables give other logits
+        model.config.rope_bf16 = False
+        cos, sin = model._rotary(model.config.sequence_len)
+        model.cos.copy_(cos)
+        model.sin.copy_(sin)
+        assert (model(x) - theirs).abs().max() > 1e-3
+
+
 def test_every_tensor_is_mapped(tok):
     cfg = GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=32, head_dim=32, **NATIVE)
     weights = GPT(cfg).state_dict()

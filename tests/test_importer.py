@@ -243,7 +243,9 @@ def test_picochat_export_round_trips(home, tmp_path, fixture_tok):
     from picochat.export import export_hf
     from picochat.model import GPT, GPTConfig
     for name, kw in (("native", dict(resid_scalars=False)),
-                     ("remote", dict(value_embeds=True, window_pattern="SL", n_kv_head=1))):
+                     ("remote", dict(value_embeds=True, window_pattern="SL", n_kv_head=1)),
+                     # an Oct 2025 import, exported (window_pattern as the import spells full attention)
+                     ("bf16_rope", dict(resid_scalars=False, rope_bf16=True, window_pattern="LL"))):
         cfg = GPTConfig.from_depth(2, vocab_size=512, sequence_len=64, head_dim=32, **kw)
         model = GPT(cfg).init_weights(seed=0)
         with torch.no_grad():

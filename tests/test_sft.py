@@ -15,7 +15,7 @@ from picochat import checkpoint, replies, sft
 from picochat.cli import main
 from picochat.common import UserError
 from picochat.model import GPT, GPTConfig
-from picochat.tasks import chat, gsm8k
+from picochat.tasks import gsm8k
 from picochat.tasks.mixture import Mixture, Source
 from picochat.tokenizer import Tokenizer
 
@@ -249,27 +249,6 @@ def test_follows_format(tok):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
-def test_bad_conversations_named_by_line(tmp_path):
-    p = tmp_path / "mine.jsonl"
-    good = conv("hi", "hello")
-    out_of_order = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
-    p.write_text(json.dumps(good) + "\n" + json.dumps(out_of_order) + "\n")
-    with pytest.raises(UserError, match=r"mine.jsonl line 2: message 1: role 'user' out of order"):
-        chat.load(p)
-    empty = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}
-    p.write_text(json.dumps(good) + "\n" * 3 + json.dumps(empty) + "\n")
-    with pytest.raises(UserError, match=r"mine.jsonl line 4: message 1: empty assistant turn"):
-        chat.load(p)
-    p.write_text(json.dumps(good) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(UserError, match=r"mine.jsonl line 2: no 'messages'"):
-        chat.load(p)
-    # ShareGPT rows are converted leniently: the unusable one is skipped and counted
-    p.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}) +
-                 "\n" + json.dumps({"conversations": [{"from": "human", "value": "only a question"}]}) + "\n")
-    convs, skipped = chat.load(p)
-    assert len(convs) == 1 and skipped == 1
-
-
 def test_gsm8k_row_without_answer_marker(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     rows = [{"question": "1+1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}, {"question": "2+2?", "answer": "it is 4"}]
@@ -326,14 +305,80 @@ def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sft_cli_bad_jsonl_exits_with_message(tmp_path, demo_setup, capsys):
+def snapshot(folder):
+    """Every file under folder with its bytes (to assert that a failed command changed nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def marker_conversations(n, marker="Zebrafrost"):
+    """n conversations in the three formats --data reads, each answered with the marker word alone (so its tokens
+    are tok.encode(marker) followed by <|assistant_end|> in any rendering)."""
+    rows = []
+    for i in range(n):
+        q = f"What is the password number {i}?"
+        rows.append([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": marker}]},
+                     {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": marker}]},
+                     {"prompt": q, "chosen": marker, "rejected": "I forgot."}][i % 3])
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{oops", "not valid JSON"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}), "message 0: role 'assistant' out of order"),
+    (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}), "the last message is the user's"),
+])
+def test_sft_bad_data_is_one_line_and_writes_nothing(tmp_path, demo_setup, capsys, line, message):
+    """A bad line, even the last of a file, stops the run before anything is written (no sft folder, no lock)."""
     home = tmp_path / "home"
     _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
-    assert main(["sft", "--run", "t", "--data-jsonl", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "bad.jsonl line 1" in err and "out of order" in err
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(marker_conversations(3))
+    bad.write_text(marker_conversations(40) + line + "\n")
+    before = snapshot(home)
+    for extra in ([], ["--data-only"]):
+        capsys.readouterr()
+        assert main(["sft", "--run", "t", "--data", str(good), "--data", str(bad)] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad} line 41: {message}") and err.count("\n") == 1
+        assert snapshot(home) == before
+    assert main(["sft", "--run", "t", "--data-only"]) == 2
+    assert "--data-only trains on the conversations of --data alone" in capsys.readouterr().err
+    assert snapshot(home) == before
+
+
+def test_sft_data_is_mixed_into_the_training_batches(tmp_path, demo_setup, monkeypatch):
+    """--data's conversations are trained on beside the mixture's (their marker word is among the supervised
+    targets of the steps run, and so are other rows); with --data-only they are all there is."""
+    home = tmp_path / "home"
+    tok = demo_setup[1]
+    _home_with_run(home, demo_setup, tiny_model(tok.vocab_size, seq_len=128))
+    data = tmp_path / "mine.jsonl"
+    data.write_text(marker_conversations(16))
+    marker = tok.encode("Zebrafrost") + [tok.special("<|assistant_end|>")]
+    trained = []
+    real_step_loss = sft.step_loss
+
+    def recording(model, batches, *a, **kw):
+        trained.extend(y for _, y in batches)
+        return real_step_loss(model, batches, *a, **kw)
+    monkeypatch.setattr(sft, "step_loss", recording)
+
+    def rows_with_marker():
+        rows = [[int(t) for t in row] for y in trained for row in y]
+        return sum(any(r[i:i + len(marker)] == marker for i in range(len(r))) for r in rows), len(rows)
+
+    flags = ["sft", "--run", "t", "--data", str(data), "--num-iterations", "2", "--device-batch-size", "8",
+             "--eval-every", "0", "--eval-rows", "8", "--eval-problems", "2", "--eval-max-tokens", "4"]
+    assert main(flags + ["--task-epochs", "data=4", "--out", str(tmp_path / "mixed")]) == 0
+    counts = json.loads((tmp_path / "mixed" / "summary.json").read_text())["mixture"]
+    assert counts["data:mine.jsonl"] == 64 and {"world", "spelling", "identity"} <= set(counts)
+    with_marker, rows = rows_with_marker()
+    assert rows == 16 and 0 < with_marker < rows
+    trained.clear()
+    assert main(flags + ["--data-only", "--out", str(tmp_path / "alone")]) == 0
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert summary["mixture"] == {"data:mine.jsonl": 16} and summary["val_loss"] is None
+    assert rows_with_marker() == (16, 16)
 
 
 # ---- the proof in miniature: SFT teaches the chat format ----------------------------------------------------------
@@ -400,3 +445,42 @@ def test_sft_auto_batch_keeps_the_rows_of_a_step(tmp_path, demo_setup):
     assert runs["auto"][0] == (32, 1) and runs["given"][0] == (16, 2) and runs["default"][0] == (16, 1)
     # the same gradient up to the order of its sums (Muon's orthogonalization carries that into the digits)
     assert np.allclose(runs["auto"][1], runs["given"][1], rtol=1e-3, atol=0)
+
+
+# ---- the issue's bar: a real model, your data, chat, export ----------------------------------------------------------
+REFERENCE_CKPT = Path(__file__).parent / "fixtures" / "nanochat_ckpt" / "nov2025_d2"
+
+
+def test_import_sft_on_own_data_chat_and_export(tmp_path, capsys):
+    """The README's "Bring your own model", through the CLI: import the reference's checkpoint, SFT it on a jsonl of
+    one's own conversations (the three formats), chat with it, export it; transformers' logits on the export are
+    picochat's on the SFT checkpoint (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    home = tmp_path / "home"  # PICOCHAT_HOME (conftest.py)
+    assert main(["import", str(REFERENCE_CKPT), "--run", "mine"]) == 0
+    data = tmp_path / "my.jsonl"
+    data.write_text(marker_conversations(12, marker="Blue."))
+    assert main(["sft", "--run", "mine", "--data", str(data), "--data-only", "--num-iterations", "3",
+                 "--device-batch-size", "2", "--eval-every", "0", "--log-every", "1"]) == 0
+    summary = json.loads((home / "runs" / "mine" / "sft" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["mixture"] == {"data:my.jsonl": 12}
+    model, tok, meta = checkpoint.load_model(home / "runs" / "mine" / "sft")
+    base = checkpoint.load_weights(home / "runs" / "mine" / "base", 40)
+    assert meta["stage"] == "sft" and any(not torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+    capsys.readouterr()
+    assert main(["chat", "--run", "mine", "-p", "What is the password number 3?", "--temperature", "0",
+                 "--max-tokens", "8", "--no-tool"]) == 0
+    assert "Blue." in capsys.readouterr().out  # the answer of every conversation it was fine-tuned on
+
+    out = tmp_path / "export"
+    assert main(["export", "--run", "mine", "--hf", str(out)]) == 0
+    assert "sft step 3" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": "What colour is the sky? " * 8}]})
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "What colour is the sky? " * 8}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == ids
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids])), hf(torch.tensor([ids])).logits
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4

@@ -1,9 +1,18 @@
 """Real chat conversations for SFT: SmolTalk parquet, ShareGPT-style jsonl, or a user's own jsonl.
 
-A user's own file ({"messages": [...]} per line) is checked strictly: a conversation the tokenizer would refuse
-(roles out of order, an empty assistant turn, ...) stops the run with an error naming the file and line, since
-it is data the user wrote and wants trained on. Published sets (SmolTalk, ShareGPT, hh-rlhf) are converted
-leniently instead: what can be fixed safely is fixed, the rest is skipped and counted (see to_messages).
+A user's own file (`picochat sft --data`, --identity-jsonl, `data/sft/` from `data import --chat`) is read
+strictly, one conversation per line, its format told by the line's keys:
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}        OpenAI
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}          ShareGPT
+    {"chosen": [messages], "rejected": ...}                                              a preference pair
+    {"prompt": "..." or [messages], "chosen": "..." or [messages], "rejected": ...}     ... with its prompt apart
+(a preference pair trains on its chosen side; "rejected" is never read). Every line becomes {"messages": [...]}
+as the tokenizer renders it: an optional system message first, then user and assistant alternating, starting
+with the user and ending with the assistant. A line that is not that (not JSON, another format, an empty
+conversation, roles out of order, a last turn not the assistant's, ...) stops the run with one line naming the
+file, the line and the problem, since it is data the user wrote and wants trained on. Published sets (SmolTalk
+parquet; ShareGPT or hh-rlhf jsonl through `picochat data import --chat`) are converted leniently instead: what
+can be fixed safely is fixed, the rest is skipped and counted (see to_messages).
 """
 from pathlib import Path
 
@@ -76,40 +85,76 @@ def read_smoltalk(path):
     return read_conversations(path)
 
 
-def check_conversation(conv, where):
-    """Raise a UserError naming `where` (e.g. 'file.jsonl line 7') if the tokenizer would refuse conv."""
+def _sharegpt(turns):
+    """ShareGPT turns -> messages, each turn's role renamed (ROLE_MAP) and nothing else changed: unlike
+    to_messages nothing is merged or dropped, the caller checks the result."""
+    if not isinstance(turns, list):
+        raise UserError("'conversations' must be a list of {from, value} turns")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise UserError(f"message {i} must be an object with 'from' and 'value'")
+        role = ROLE_MAP.get(t["from"].lower()) if isinstance(t["from"], str) else None
+        if role is None:
+            raise UserError(f"message {i}: unknown ShareGPT role {t['from']!r} (use system, human or gpt)")
+        out.append({"role": role, "content": t["value"]})
+    return out
+
+
+def _preference(obj):
+    """The chosen side of a preference pair as messages: "chosen" alone (a whole conversation), or "prompt" and
+    "chosen" (each a string, for one user turn and one assistant reply, or a list of messages) end to end."""
+    chosen, prompt = obj["chosen"], obj.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str):
+            raise UserError("'chosen' is a string but there is no 'prompt' (give both, or 'chosen' as a list of "
+                            "messages)")
+        return chosen
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    tail = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
+    if not isinstance(head, list) or not isinstance(tail, list):
+        raise UserError("'prompt' and 'chosen' must each be a string or a list of messages")
+    return head + tail
+
+
+def conversation(obj, where):
+    """One line of a user's conversation file (any format of the module docstring) -> {"messages": [...]} in
+    picochat's form, or a UserError '<where>: <the problem>'."""
     try:
-        normalize_messages(conv)
+        if "messages" in obj:
+            messages = obj["messages"]
+        elif "conversations" in obj:
+            messages = _sharegpt(obj["conversations"])
+        elif "chosen" in obj:
+            messages = _preference(obj)
+        else:
+            keys = f"keys {', '.join(repr(k) for k in list(obj)[:4])}" if obj else "an empty object"
+            raise UserError(f"unknown format ({keys}): expected 'messages' (OpenAI), 'conversations' "
+                            f"(ShareGPT) or 'chosen' (a preference pair)")
+        if not isinstance(messages, list):
+            raise UserError("the messages must be a list of {role, content}")
+        if not messages:
+            raise UserError("empty conversation (no messages)")
+        last = normalize_messages(messages)[-1]["role"]  # roles, order and content, as the tokenizer needs them
+        if last != "assistant":
+            raise UserError(f"the last message is the {last}'s: a conversation must end with the assistant's reply "
+                            f"(only the assistant's turns are trained on)")
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    except (TypeError, KeyError, AttributeError):
+    except (TypeError, KeyError, AttributeError):  # a shape normalize_messages does not foresee
         raise UserError(f"{where}: not a conversation (expected {{\"messages\": [{{role, content}}, ...]}})") from None
+    return {"messages": messages}
 
 
 def load_jsonl(path):
-    """Conversations of a .jsonl(.gz) file. Lines with "messages" must be valid (UserError naming the line);
-    ShareGPT lines ("conversations" of {from, value}) and preference pairs ("chosen") are converted, and the
-    ones that cannot be are skipped. Returns (conversations, skipped count)."""
-    convs, skipped = [], 0
-    for n, obj in iter_jsonl(path):
-        if "messages" in obj:
-            check_conversation(obj, f"{path} line {n}")
-            convs.append({"messages": obj["messages"]})
-            continue
-        turns = obj.get("conversations", obj.get("chosen"))
-        if turns is None:
-            raise UserError(f"{path} line {n}: no 'messages' (or ShareGPT 'conversations') field")
-        msgs, _ = to_messages(turns)
-        if msgs is None:
-            skipped += 1
-        else:
-            convs.append({"messages": msgs})
-    return convs, skipped
+    """The conversations of a user's .jsonl(.gz) file, every line checked before any is returned (see
+    conversation); a bad line is a UserError naming it."""
+    return [conversation(obj, f"{path} line {n}") for n, obj in iter_jsonl(path)]
 
 
 def load(path):
     """A chat file or a folder of them -> (conversations, skipped). Parquet files (SmolTalk: a `messages`
-    column) are converted leniently, jsonl as in load_jsonl."""
+    column) are converted leniently, skipping and counting what cannot be; jsonl is read strictly (load_jsonl)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -122,7 +167,7 @@ def load(path):
             c, why = read_conversations(f)
             s = sum(why.values())
         elif f.name.endswith((".jsonl", ".jsonl.gz")):
-            c, s = load_jsonl(f)
+            c, s = load_jsonl(f), 0
         else:
             raise UserError(f"{f}: unknown format (expected .jsonl, .jsonl.gz or .parquet)")
         convs += c

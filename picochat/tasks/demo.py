@@ -29,8 +29,7 @@ def sft_conversations(folder=None):
     by_source = {}
     path = root(folder) / "sft" / "train.jsonl"
     for n, obj in iter_jsonl(path):
-        chat.check_conversation(obj, f"{path} line {n}")
-        by_source.setdefault(obj.get("source", "chat"), []).append({"messages": obj["messages"]})
+        by_source.setdefault(obj.get("source", "chat"), []).append(chat.conversation(obj, f"{path} line {n}"))
     return by_source
 
 
