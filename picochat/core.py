@@ -186,7 +186,7 @@ def _per_sequence(seqs, losses, hits):
     seg = torch.repeat_interleave(torch.arange(len(seqs)), counts)
     loss_sum = torch.zeros(len(seqs)).index_add_(0, seg, losses)
     miss = torch.zeros(len(seqs)).index_add_(0, seg, (~hits).float())
-    return [(float(l / c), bool(m == 0)) for l, m, c in zip(loss_sum, miss, counts)]
+    return [(float(loss / count), bool(missed == 0)) for loss, missed, count in zip(loss_sum, miss, counts)]
 
 
 def shared_prefix(seqs):

@@ -442,7 +442,8 @@ class StreamDecoder:
         return self.dec.decode(b"", final=True)
 
 
-_TAG_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)|<\|output_start\|>(.*?)(?:<\|output_end\|>|$)", re.S)
+_TAG_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)"
+                     r"|<\|output_start\|>(.*?)(?:<\|output_end\|>|$)", re.S)
 
 
 def parse_reply(text):

@@ -175,7 +175,8 @@ def add_parser(sub):
                         description="Bits per byte on the data folder's validation shard and CORE (DCLM) over "
                                     "the eval bundle. Tasks whose data is missing are skipped and the score says "
                                     "how many it covers, e.g. 'CORE (20/22 tasks)'.")
-    b.add_argument("--run", default="", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base (default: the run trained most recently)")
+    b.add_argument("--run", default="", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base "
+                                             "(default: the run trained most recently)")
     b.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/base)")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     b.add_argument("--max-per-task", type=int, default=None, help="items per CORE task (default: all); a fixed "
@@ -201,7 +202,8 @@ def add_parser(sub):
                                     "generation). Results accumulate in runs/<run>/<stage>/eval_chat.json.")
     c.add_argument("-t", "--task", default="all", help="task name, comma list, 'demo' (the demo curriculum's "
                                                        "tasks), 'arc' (both) or 'all' (every task whose data exists)")
-    c.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
+    c.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs "
+                                             "(default: the run trained most recently)")
     c.add_argument("--stage", default="sft", choices=["base", "sft", "rl"], help="which checkpoint folder")
     c.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/<stage>)")
     c.add_argument("--step", type=int, default=None)

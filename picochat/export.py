@@ -269,9 +269,11 @@ def add_parser(sub):
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must be empty or absent, see --force)")
-    p.add_argument("--run", default="", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage> (default: the run trained most recently)")
+    p.add_argument("--run", default="", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage> "
+                                             "(default: the run trained most recently)")
     p.add_argument("--stage", default="", help="base, sft or rl (default: the last stage the run has trained)")
-    p.add_argument("--checkpoint", default="", metavar="FOLDER", help="a stage folder to export (overrides --run/--stage)")
+    p.add_argument("--checkpoint", default="", metavar="FOLDER",
+                   help="a stage folder to export (overrides --run/--stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", default="float32", help="weights in float32 (exact) or bfloat16 (half the size)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")

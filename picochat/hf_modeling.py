@@ -62,7 +62,8 @@ class Attention(nn.Module):
     def __init__(self, config: PicochatConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.window = config.window_sizes[layer]
         C = config.hidden_size
         self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
@@ -183,7 +184,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = (past + torch.arange(T, device=input_ids.device))[None].expand(B, T)
         # rotary angles in fp32 as picochat computes them, then cast to the compute dtype
         d = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d))
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d
+        inv_freq = 1.0 / (self.config.rope_base ** exponents)
         freqs = position_ids.float()[..., None] * inv_freq
         x = norm(self.wte(input_ids))
         cos, sin = freqs.cos()[:, :, None].to(x.dtype), freqs.sin()[:, :, None].to(x.dtype)

@@ -71,8 +71,8 @@ class PretrainLoader:
             try:
                 texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
             except Exception as e:
-                raise UserError(f"{path} row group {rg} cannot be read ({e.__class__.__name__}: {e}): "
-                                f"the shard is corrupt or truncated; delete it and download or import it again") from None
+                raise UserError(f"{path} row group {rg} cannot be read ({e.__class__.__name__}: {e}): the shard "
+                                "is corrupt or truncated; delete it and download or import it again") from None
             for ids in self.tokenizer.encode([t for t in texts[self.part::self.parts] if t], prepend_bos=True):
                 i = bisect.bisect_right(self.lengths, len(ids))
                 self.lengths.insert(i, len(ids))

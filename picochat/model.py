@@ -146,7 +146,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.ve_gate_channels = min(config.ve_gate_channels, C)
         self.ve_gate_scale, self.qk_scale = config.ve_gate_scale, config.qk_scale
-        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
+        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
+                        if config.has_value_embed(layer) else None)
 
     def forward(self, x, cos, sin, window, ve=None):
         B, T, _ = x.shape
