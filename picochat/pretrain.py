@@ -45,12 +45,15 @@ def add_parser(sub):
                                                     "stage base by default) with a fresh optimizer and schedule: its "
                                                     "architecture replaces the model flags (not --resume)")
     g = p.add_argument_group("budget and batch")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
+    g.add_argument("--num-iterations", type=int, default=-1,
+                   help="optimizer steps (-1: from --target-param-data-ratio)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
     g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
                    help="rows per micro-batch per rank, or auto: on a GPU the largest that fits (probed with a real "
-                        "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up the rest")
-    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derived from depth)")
+                        "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up "
+                        "the rest")
+    g.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step (-1: derived from depth)")
     g = p.add_argument_group("optimization")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
     g.add_argument("--embedding-lr", type=float, default=0.3)
@@ -78,7 +81,8 @@ def add_parser(sub):
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
     g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
-                   help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); use with --compile")
+                   help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); "
+                        "use with --compile")
     g.add_argument("--flex-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="sliding-window layers on FlexAttention (block-sparse) where FlashAttention-3 is missing, "
                         "instead of SDPA with a dense mask (GPUs; not yet checked on one: see bench/gpu_check.py)")
@@ -369,7 +373,8 @@ def _train(args, st, ddp, rank, world, device):
                    "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
                    "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st["config"]),
                    "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
-                   "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+                   "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2 ** 20
+                                      if device.type == "cuda" else None),
                    "args": vars_json(args)}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {num_steps} steps, validation bpb {val_bpb:.4f}, checkpoint in {out}")

@@ -239,8 +239,10 @@ def add_parser(sub):
                    "update has a fixed size however small the gradient: at 0.2 the demo's RL unlearns its SFT)")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=20, help="greedy accuracy and pass@k every N steps (0: start and end)")
-    g.add_argument("--eval-problems", type=int, default=200, help="held-apart problems for greedy accuracy along the way")
+    g.add_argument("--eval-every", type=int, default=20,
+                   help="greedy accuracy and pass@k every N steps (0: start and end)")
+    g.add_argument("--eval-problems", type=int, default=200,
+                   help="held-apart problems for greedy accuracy along the way")
     g.add_argument("--final-eval-problems", type=int, default=500, help="held-apart problems at the start and the end")
     g.add_argument("--pass-k", type=int, default=8, help="k of pass@k (0: off)")
     g.add_argument("--pass-problems", type=int, default=50, help="held-apart problems for pass@k")

@@ -39,7 +39,9 @@ one-line "MemoryError: ..." on MemoryError); under ns=1, 128+N and a final "\\n\
 on stderr when the program died of signal N; 137 if the parent died before the parent-death signal was
 re-armed.
 """
-import os, sys, resource
+import os
+import sys
+import resource
 
 def _fail(msg):
     os.write(2, ("sandbox setup failed: " + msg + "\n").encode())
@@ -64,7 +66,8 @@ def _arch():
     return 0 if m == "x86_64" else 1 if m == "aarch64" else None
 
 def _setup(cfg):
-    import ctypes, errno
+    import ctypes
+    import errno
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
@@ -201,7 +204,8 @@ _AUDIT_ARCH = (0xC000003E, 0xC00000B7)
 _CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
 
 def _seccomp(libc, arch):
-    import ctypes, errno
+    import ctypes
+    import errno
     class Insn(ctypes.Structure):
         _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
     class Prog(ctypes.Structure):
@@ -247,7 +251,9 @@ def _repath(fds):
             path[:] = [moved(p) for p in path]
 
 def _guard(allowed):
-    import builtins, io, posix
+    import builtins
+    import io
+    import posix
     os_ = os
     real = os.path.realpath
     def inside(path, dir_fd=None):
@@ -368,8 +374,10 @@ def _run(cfg):
     except BaseException as e:
         _flush()
         try:  # the code's own frames only, with its source lines
-            import linecache, traceback
-            linecache.cache["<sandbox>"] = (len(source), None, source.decode("utf-8", "replace").splitlines(True), "<sandbox>")
+            import linecache
+            import traceback
+            source_lines = source.decode("utf-8", "replace").splitlines(True)
+            linecache.cache["<sandbox>"] = (len(source), None, source_lines, "<sandbox>")
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)
             sys.stderr.flush()
         except BaseException:

@@ -158,7 +158,8 @@ def step_loss(model, batches, device, autocast, ddp=False):
 @torch.no_grad()
 def eval_loss(model, loader, device, autocast, max_rows=None):
     """Mean loss over the supervised tokens of a packed set (all of it, or max_rows rows)."""
-    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
     rows = range(loader.rank * loader.device_batch, min(len(loader.rows), max_rows or len(loader.rows)),
                  loader.world * loader.device_batch)
     for first in rows:
@@ -214,7 +215,8 @@ def parse_epochs(text):
             if not sep or out[name.strip()] < 0:
                 raise ValueError
         except ValueError:
-            raise UserError(f"--task-epochs: expected name=number pairs like 'gsm8k=2,mmlu=0.5', got {part!r}") from None
+            raise UserError("--task-epochs: expected name=number pairs like 'gsm8k=2,mmlu=0.5', "
+                            f"got {part!r}") from None
     return out
 
 
@@ -299,9 +301,11 @@ def add_parser(sub):
     g.add_argument("--demo-data", default="", help="demo curriculum folder (default $PICOCHAT_HOME/data/demo)")
     g.add_argument("--data-jsonl", action="append", default=[], metavar="PATH",
                    help="your own conversations, {\"messages\": [...]} per line (repeatable)")
-    g.add_argument("--identity-jsonl", default="", metavar="PATH", help="identity conversations replacing the built-in ones")
+    g.add_argument("--identity-jsonl", default="", metavar="PATH",
+                   help="identity conversations replacing the built-in ones")
+    default_epochs = ", ".join(f"{k}={v:g}" for k, v in DEFAULT_EPOCHS.items())
     g.add_argument("--task-epochs", default="", help="per-task passes, e.g. 'gsm8k=2,mmlu=0.5,jsonl=3' "
-                                                      f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_EPOCHS.items())})")
+                                                      f"(defaults: {default_epochs})")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--seq-len", type=int, default=0, help="row length in tokens (default: the model's context)")
     g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
@@ -319,7 +323,8 @@ def add_parser(sub):
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=100, help="validation loss and chat eval every N steps (0: start and end)")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="validation loss and chat eval every N steps (0: start and end)")
     g.add_argument("--eval-rows", type=int, default=256, help="validation rows per evaluation")
     g.add_argument("--eval-problems", type=int, default=100, help="prompts per chat-eval suite")
     g.add_argument("--eval-max-tokens", type=int, default=192)
