@@ -192,7 +192,8 @@ def _setup(args, out, ddp, rank, world, device):
         if meta["tokenizer_hash"] != tokenizer.hash:
             raise UserError(f"checkpoint in {out} was trained with another tokenizer; use a new --run or --out")
         if meta["config"] != checkpoint.config_to_dict(config):
-            raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); resume with the same flags")
+            raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); "
+                            "resume with the same flags")
 
     shape = ((config.n_layer, config.n_embd // config.n_layer, config.head_dim) if init is not None
              else (args.depth, args.aspect_ratio, args.head_dim))
@@ -230,8 +231,9 @@ def _setup(args, out, ddp, rank, world, device):
     print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
            f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
            f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
-           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing {args.activation_checkpointing}, "
-           f"gradient wire {str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
+           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing "
+           f"{args.activation_checkpointing}, gradient wire "
+           f"{str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
 
     loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
     start_step = 0
@@ -251,7 +253,8 @@ def _setup(args, out, ddp, rank, world, device):
             if saved_world == world:
                 torch.set_rng_state(states[0]["rng"])
             elif rank == 0:
-                print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly", flush=True)
+                print(f"resuming {saved_world}-rank checkpoint on {world} rank(s): data order continues exactly",
+                      flush=True)
         else:
             print0(f"warning: the checkpoint split each step into {meta.get('num_streams', '?')} micro-batches of "
                    f"{meta.get('device_batch_size', '?')} rows, now {num_streams} of {B}: weights and optimizer "

@@ -352,7 +352,8 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
         if h["status"] == "not run":
             md += ["not run", ""]
             continue
-        facts = [("status", h["status"]), ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
+        facts = [("status", h["status"]),
+                 ("device", f"{s['device']} x {s.get('world_size', 1)}" if "device" in s else "not recorded"),
                  ("wall time", format_duration(h["hours"] * 3600) if h["hours"] is not None else "unknown"),
                  ("cost", f"${h['cost_usd']:.2f} ({h['cost_note']})" if h["cost_usd"] is not None else h["cost_note"])]
         for k, v in h.items():

@@ -415,7 +415,8 @@ def _run(args, out):
                    "device": str(device), "world_size": world}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {step} steps in {format_duration(t_train)}; held-apart greedy accuracy "
-               f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; checkpoint in {out}")
+               f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; "
+               f"checkpoint in {out}")
     if ddp:
         dist.destroy_process_group()
     return 0
