@@ -257,7 +257,7 @@ def test_core_is_mean_of_centered_and_says_what_it_covers(bundle, tok, tmp_path)
     logs = []
     res = evaluate_core(model, tok, b, CPU, max_per_task=10, batch_tokens=2048, log=logs.append)
     assert res["missing"] == ["squad"] and res["num_scored"] == 3 and res["num_tasks"] == 4
-    assert res["label"] == "CORE (3/4 tasks)" and any("squad" in l and "skipped" in l for l in logs)
+    assert res["label"] == "CORE (3/4 tasks)" and any("squad" in line and "skipped" in line for line in logs)
     by_hand = []
     for label, r in res["tasks"].items():
         assert r["total"] == 10

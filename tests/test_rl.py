@@ -141,7 +141,7 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["stage"] == "rl" and summary["step"] == 2 and summary["eval_problems"] == 2
     assert "pass@2" in summary and summary["start_accuracy"] is not None
-    full = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
 
     real_save = checkpoint.save_checkpoint
 
@@ -153,7 +153,7 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "1"]) == 130
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "1", "--resume"]) == 0
-    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     pick = lambda recs: [(r["step"], r["reward"], r["sampled_tokens"], r.get("kl")) for r in recs if "reward" in r]
     assert pick(resumed) == pick(full)
     wa, wb = checkpoint.load_weights(tmp_path / "a", 2), checkpoint.load_weights(tmp_path / "b", 2)
