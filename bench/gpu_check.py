@@ -406,7 +406,7 @@ def micro_loss(ctx):
     def chunked(chunk):
         def run():
             with ctx.autocast():
-                loss = model_module.fused_loss(h, W, y, weights, sc, chunk, kernel)
+                loss = model_module.fused_loss(h, W, y, weights, softcap=sc, chunk=chunk, kernel=kernel)
             loss.backward()
             h.grad = W.grad = None
         return run

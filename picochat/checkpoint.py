@@ -70,7 +70,7 @@ def _barrier():
         dist.barrier()
 
 
-def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=None, tokenizer=None, keep=2):
+def save_checkpoint(folder, step, model, optimizer=None, *, rank_state=None, meta=None, tokenizer=None, keep=2):
     """Every rank calls this. Rank 0 writes the weights and the meta; each rank writes its own shards."""
     folder = Path(folder)
     _, rank, _, world = dist_info()

@@ -168,7 +168,7 @@ def tokenizer_files(tok, stage, max_len):
 
 
 # ---- the export -----------------------------------------------------------------------------------------
-def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=True, verify=True, stage=""):
+def export_hf(folder, out, *, step=None, dtype="float32", force=False, remote_code=True, verify=True, stage=""):
     """Export the checkpoint in `folder` to the HF folder `out`. Returns a summary dict."""
     folder, out = Path(folder), Path(out)
     if dtype not in DTYPES:
@@ -288,7 +288,8 @@ def add_parser(sub):
 def run(args):
     folder, stage = resolve_checkpoint(args.run if args.checkpoint else pick_run(args.run), args.stage, args.checkpoint)
     t0 = time.time()
-    s = export_hf(folder, args.hf, args.step, args.dtype, args.force, args.remote_code, args.verify, stage)
+    s = export_hf(folder, args.hf, step=args.step, dtype=args.dtype, force=args.force, remote_code=args.remote_code,
+                  verify=args.verify, stage=stage)
     how = ("transformers' nanochat model (no custom code)" if s["target"] == "nanochat" else
            f"picochat's modeling file for {', '.join(s['gaps'])} (load with trust_remote_code=True)")
     check = "not checked" if s["max_rel_err"] is None else f"logits match picochat's to {s['max_rel_err']:.1e}"

@@ -23,7 +23,7 @@ except ImportError:  # transformers < 5
 class PicochatConfig(PreTrainedConfig):
     model_type = "picochat"
 
-    def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
+    def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, *, num_attention_heads=6,
                  num_key_value_heads=6, max_position_embeddings=2048, rope_base=100_000.0, softcap=15.0,
                  window_sizes=None, value_embed_layers=(), ve_gate_channels=32, resid_scalars=True, **kwargs):
         self.vocab_size = vocab_size
@@ -74,7 +74,7 @@ class Attention(nn.Module):
         has_ve = layer in config.value_embed_layers
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x, cos, sin, ve, cache, past, pad_mask):
+    def forward(self, x, cos, sin, *, ve, cache, past, pad_mask):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -123,8 +123,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, ve, cache, past, pad_mask):
-        x = x + self.attn(norm(x), cos, sin, ve, cache, past, pad_mask)
+    def forward(self, x, cos, sin, *, ve, cache, past, pad_mask):
+        x = x + self.attn(norm(x), cos, sin, ve=ve, cache=cache, past=past, pad_mask=pad_mask)
         return x + self.mlp(norm(x))
 
 
@@ -165,7 +165,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("picochat needs input_ids (value embeddings are looked up by token id)")
@@ -194,7 +194,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, ve, cache, past, pad_mask)
+            x = block(x, cos, sin, ve=ve, cache=cache, past=past, pad_mask=pad_mask)
         x = norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

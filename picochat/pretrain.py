@@ -102,12 +102,12 @@ def run(args):
     out = Path(args.out) if args.out else home_dir() / "runs" / args.run / "base"
     with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
         try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
-            setup = _setup(args, out, ddp, rank, world, device)
+            setup = _setup(args, out, ddp=ddp, rank=rank, world=world, device=device)
         except UserError as e:
             raise_on_rank0(e)
         gc_was_enabled = gc.isenabled()
         try:
-            return _train(args, setup, ddp, rank, world, device)
+            return _train(args, setup, ddp=ddp, rank=rank, world=world, device=device)
         finally:  # _train freezes and disables the GC after its first step (see there); a caller gets it back
             gc.unfreeze()
             if gc_was_enabled:
@@ -139,7 +139,7 @@ def init_config(folder, tokenizer, seq_len):
     return meta, config
 
 
-def _setup(args, out, ddp, rank, world, device):
+def _setup(args, out, *, ddp, rank, world, device):
     run_dir = home_dir() / "runs" / args.run
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     init = init_folder(args.init_from, out) if args.init_from else None
@@ -214,7 +214,8 @@ def _setup(args, out, ddp, rank, world, device):
     rows_per_rank = total_batch // (args.seq_len * world)
     if args.device_batch_size == "auto":
         prefer = meta.get("device_batch_size") if meta else None  # the same split resumes the data exactly
-        B, how = fastpath.find_device_batch_size(model, optimizer, args.seq_len, rows_per_rank, device, autocast, prefer)
+        B, how = fastpath.find_device_batch_size(model, optimizer, args.seq_len, rows_per_rank=rows_per_rank,
+                                                 device=device, autocast=autocast, prefer=prefer)
     else:
         B, how = args.device_batch_size, "given"
     tokens_per_micro = B * args.seq_len * world
@@ -235,7 +236,8 @@ def _setup(args, out, ddp, rank, world, device):
            f"{args.activation_checkpointing}, gradient wire "
            f"{str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
 
-    loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
+    loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams=num_streams, rank=rank, world=world,
+                        device=device)
     start_step = 0
     if meta is not None:
         step = meta["step"]
@@ -269,7 +271,7 @@ def _setup(args, out, ddp, rank, world, device):
                 total_batch=total_batch, num_steps=num_steps, start_step=start_step)
 
 
-def _train(args, st, ddp, rank, world, device):
+def _train(args, st, *, ddp, rank, world, device):
     out, tokenizer, model, optimizer, loader = st["out"], st["tokenizer"], st["model"], st["optimizer"], st["loader"]
     dtype, autocast, B, grad_accum = st["dtype"], st["autocast"], st["B"], st["grad_accum"]
     total_batch, num_steps, start_step = st["total_batch"], st["num_steps"], st["start_step"]
@@ -366,7 +368,8 @@ def _train(args, st, ddp, rank, world, device):
                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | {dt * 1000:.0f} ms | "
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
         if saving:
-            save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=args.keep,
+            save(out, step, model, optimizer, loader_state=loader_state, tokenizer=tokenizer, args=args,
+                 val_bpb=val_bpb, keep=args.keep,
                  extra={"device_batch_size": B, "num_streams": st["num_streams"]})
 
     if rank == 0:
@@ -386,7 +389,7 @@ def _train(args, st, ddp, rank, world, device):
     return 0
 
 
-def save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=2, extra=None):
+def save(out, step, model, optimizer, *, loader_state, tokenizer, args, val_bpb, keep=2, extra=None):
     checkpoint.save_checkpoint(out, step, model, optimizer,
                                rank_state={"loader": loader_state, "rng": torch.get_rng_state()},
                                meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args), **(extra or {})},

@@ -71,7 +71,7 @@ def _setup(cfg):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    def mount(src, dst, fstype, flags, data, what):
+    def mount(src, dst, fstype, flags, data, *, what):
         if libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
                       data and data.encode()) != 0:
             _fail("%s: %s" % (what, os.strerror(ctypes.get_errno())))
@@ -96,7 +96,7 @@ def _setup(cfg):
         if cfg["arch"] is None:
             _fail("pivot_root: unknown architecture " + os.uname().machine)
         new = cfg["stage"]  # a folder of the parent's that exists; the tmpfs covers it in this namespace only
-        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=512,mode=0755", "tmpfs root")
+        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=512,mode=0755", what="tmpfs root")
         binds = [p for p in _LIB_DIRS + _FILES if os.path.lexists(p)]
         binds += [p for p in sys.path if os.path.isdir(p) and not any(p.startswith(b + "/") for b in binds)]
         binds += ["/dev/" + n for n in _DEV_NODES if os.path.exists("/dev/" + n)]
@@ -110,16 +110,16 @@ def _setup(cfg):
                 os.makedirs(dst, 0o755, exist_ok=True)
             else:
                 os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
-            mount(path, dst, None, MS_BIND, None, "bind " + path)
+            mount(path, dst, None, MS_BIND, None, what="bind " + path)
             st = os.statvfs(path)
             flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (st.f_flag & _KEPT_FLAGS)
             flags |= MS_RELATIME if st.f_flag & _ST_RELATIME else 0
-            mount(None, dst, None, flags, None, "read-only remount of " + path)
+            mount(None, dst, None, flags, None, what="read-only remount of " + path)
             if not os.statvfs(dst).f_flag & MS_RDONLY:
                 _fail("%s is still writable" % path)
         os.mkdir(new + "/tmp", 0o1777)
         mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-              "size=%sm,nr_inodes=%s,mode=1777" % (cfg["tmpfs_mb"], cfg["inodes"]), "tmpfs on /tmp")
+              "size=%sm,nr_inodes=%s,mode=1777" % (cfg["tmpfs_mb"], cfg["inodes"]), what="tmpfs on /tmp")
         os.mkdir(new + "/.old", 0o700)
         err = syscall("pivot_root", new.encode(), (new + "/.old").encode())
         if err:
@@ -129,7 +129,7 @@ def _setup(cfg):
         if err:
             _fail("detaching the old root: " + os.strerror(err))
         os.rmdir("/.old")
-        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None, "read-only root")
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None, what="read-only root")
         if not os.statvfs("/").f_flag & MS_RDONLY:
             _fail("root file system is still writable")
     if not os.path.isdir(work):

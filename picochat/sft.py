@@ -79,7 +79,7 @@ class SFTLoader:
     supervised (user turns, tool outputs, padding); with device on CUDA both are in pinned memory, for
     `.to(device, non_blocking=True)`."""
 
-    def __init__(self, convs, tokenizer, row_len, device_batch, grad_accum, rank=0, world=1, buffer_size=64,
+    def __init__(self, convs, tokenizer, row_len, *, device_batch, grad_accum, rank=0, world=1, buffer_size=64,
                  device=None):
         self.row_len, self.bos = row_len, tokenizer.bos_id
         self.device_batch, self.grad_accum, self.rank, self.world = device_batch, grad_accum, rank, world
@@ -372,13 +372,14 @@ def _run(args, out):
         # split into micro-batches follows the memory, so the optimization does not (each micro-batch's loss
         # is normalized by the whole step's supervised tokens)
         rows = 16 * args.grad_accum
-        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, row_len - 1, rows, device,
-                                                                      autocast)
+        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, row_len - 1, rows_per_rank=rows,
+                                                                      device=device, autocast=autocast)
         args.grad_accum = rows // args.device_batch_size
         print0(f"micro-batch {args.device_batch_size} rows x {args.grad_accum} accumulation steps ({how})")
-    loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world,
-                       device=device)
-    val_loader = (SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world, device=device)
+    loader = SFTLoader(mixture, tokenizer, row_len, device_batch=args.device_batch_size, grad_accum=args.grad_accum,
+                       rank=rank, world=world, device=device)
+    val_loader = (SFTLoader(val_convs, tokenizer, row_len, device_batch=args.device_batch_size, grad_accum=1,
+                            rank=rank, world=world, device=device)
                   if val_convs else None)
     num_steps = args.num_iterations if args.num_iterations > 0 else loader.steps_per_epoch
     st = loader.stats()

@@ -541,10 +541,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_auto_device_batch_size_on_cpu():
     model = tiny_model()
     opt = build_optimizer(model)
-    B, how = fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None)
+    on_cpu = dict(rows_per_rank=48, device=torch.device("cpu"), autocast=None)
+    B, how = fastpath.find_device_batch_size(model, opt, 32, **on_cpu)
     assert B == 24 and "no probe" in how  # the largest divisor of 48 rows up to 32
-    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=6)[0] == 6
-    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=5)[0] == 24
+    assert fastpath.find_device_batch_size(model, opt, 32, **on_cpu, prefer=6)[0] == 6
+    assert fastpath.find_device_batch_size(model, opt, 32, **on_cpu, prefer=5)[0] == 24
 
 
 def test_fast_attention_falls_back_to_sdpa_on_cpu():

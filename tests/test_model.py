@@ -169,7 +169,7 @@ def test_loss_matmuls_run_in_the_autocast_dtype():
     for autocast, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
         seen = set()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), MatmulDtypes():
-            fused_loss(h, W, t, w, 15.0, 16, softcap_ce_chunk)
+            fused_loss(h, W, t, w, softcap=15.0, chunk=16, kernel=softcap_ce_chunk)
         assert seen == want, (autocast, seen)
 
 

@@ -198,7 +198,7 @@ def test_error_body_and_sse():
 def test_chat_bodies(tok):
     u = usage(5, 3)
     assert u == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    c = chat_chunk("id", 1, "m", 1, {"content": "x"}, "stop")
+    c = chat_chunk("id", 1, "m", 1, {"content": "x"}, finish="stop")
     assert c == {"id": "id", "object": "chat.completion.chunk", "created": 1, "model": "m",
                  "choices": [{"index": 1, "delta": {"content": "x"}, "logprobs": None, "finish_reason": "stop"}]}
     assert chat_usage_chunk("id", 1, "m", u)["choices"] == [] and chat_usage_chunk("id", 1, "m", u)["usage"] == u
@@ -215,7 +215,7 @@ def test_chat_bodies(tok):
 
 
 def test_completion_bodies(tok):
-    assert text_chunk("id", 1, "m", 0, "x", "length")["choices"] == [
+    assert text_chunk("id", 1, "m", 0, "x", finish="length")["choices"] == [
         {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}]
     assert completion("id", 1, "m", choices=[], usage=usage(1, 0))["object"] == "text_completion"
     ids = tok.encode("the cat")

@@ -57,7 +57,7 @@ def test_pg_weights_match_autograd_of_the_objective():
     objective = ((-surrogate + kl * k3) * valid).sum() / N
     (g_true,) = torch.autograd.grad(objective, logits, retain_graph=True)
 
-    w, frac = rl.pg_weights(adv, y, N, logp.detach(), logp_old, logp_ref, clip, kl)
+    w, frac = rl.pg_weights(adv, y, N, logp=logp.detach(), logp_old=logp_old, logp_ref=logp_ref, clip=clip, kl_coef=kl)
     assert 0 < frac < 1
     ce = -logp
     (g_w,) = torch.autograd.grad((w * ce).sum(), logits)
@@ -96,7 +96,8 @@ def test_update_raises_logprob_of_rewarded_replies():
     before = seq_logp(model)
     opt = build_optimizer(model, matrix_lr=0.005, embedding_lr=0.01, unembedding_lr=0.01, scalar_lr=0.01)
     n_tokens = sum(sum(m) for m in masks)
-    stats = rl.policy_update(model, opt, seqs, masks, adv, 0, n_tokens, "cpu", device_batch_size=3)
+    stats = rl.policy_update(model, opt, seqs, masks, adv, pad_id=0, n_tokens=n_tokens, device="cpu",
+                             device_batch_size=3)
     assert stats["trained"] == 8
     delta = seq_logp(model) - before
     for r, d in zip(rewards, delta.tolist()):
@@ -104,8 +105,8 @@ def test_update_raises_logprob_of_rewarded_replies():
 
     # PPO epochs and a KL term run too, and the clip fraction is reported
     ref = copy.deepcopy(model)
-    stats = rl.policy_update(model, opt, seqs, masks, adv, 0, n_tokens, "cpu", device_batch_size=3, ppo_epochs=3,
-                             clip=0.2, kl_coef=0.1, ref_model=ref)
+    stats = rl.policy_update(model, opt, seqs, masks, adv, pad_id=0, n_tokens=n_tokens, device="cpu",
+                             device_batch_size=3, ppo_epochs=3, clip=0.2, kl_coef=0.1, ref_model=ref)
     assert 0 <= stats["clip_frac"] <= 1 and stats["kl"] >= 0
 
 

@@ -167,10 +167,11 @@ def test_batches_are_the_rendered_rows_with_each_conversation_rendered_once(tok,
 def test_batches_are_pinned_only_for_cuda(tok):
     """Pinned host memory (for asynchronous copies) only where the device is CUDA: pinning needs a GPU."""
     c = [conv("a", "b")]
-    assert not sft.SFTLoader(c, tok, 16, 1, 1).pin and not sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").pin
-    assert sft.SFTLoader(c, tok, 16, 1, 1, device=torch.device("cuda", 0)).pin
-    assert sft.SFTLoader(c, tok, 16, 1, 1, device="cuda").pin
-    x, y = sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").micro_batch(0, 0)
+    one_row = dict(device_batch=1, grad_accum=1)
+    assert not sft.SFTLoader(c, tok, 16, **one_row).pin and not sft.SFTLoader(c, tok, 16, **one_row, device="cpu").pin
+    assert sft.SFTLoader(c, tok, 16, **one_row, device=torch.device("cuda", 0)).pin
+    assert sft.SFTLoader(c, tok, 16, **one_row, device="cuda").pin
+    x, y = sft.SFTLoader(c, tok, 16, **one_row, device="cpu").micro_batch(0, 0)
     assert not x.is_pinned() and not y.is_pinned()
 
 
