@@ -77,22 +77,25 @@ result = {"bench": "core", "device": str(device), "threads": torch.get_num_threa
           "width": config.n_embd, "vocab_size": tok.vocab_size, "seq_len": args.seq_len, "batch_tokens": batch_tokens}
 
 # warm-up (allocator, kernels) on a few items, not timed
-core.evaluate_core(model, tok, args.bundle, device, 2, batch_tokens, autocast, tasks=["copa", "hellaswag"], log=quiet)
+core.evaluate_core(model, tok, args.bundle, device, max_per_task=2, batch_tokens=batch_tokens, autocast=autocast,
+                   tasks=["copa", "hellaswag"], log=quiet)
 
 if not args.skip_full:
-    full, dt = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, args.max_per_task, batch_tokens,
-                                                autocast, log=quiet))
+    full, dt = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, max_per_task=args.max_per_task,
+                                                batch_tokens=batch_tokens, autocast=autocast, log=quiet))
     result.update(label=full["label"], core=round(full["core"], 4), max_per_task=args.max_per_task,
                   examples=full["examples"], seconds=round(dt, 1), cpu_seconds=round(cpu_seconds[-1], 1),
                   examples_per_sec=round(full["examples"] / dt, 2))
 
 n = args.compare_per_task
-single, t_single = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, n, batch_tokens, autocast,
-                                                    single=True, log=quiet))
-shared, t_shared = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, n, batch_tokens, autocast,
+single, t_single = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, max_per_task=n,
+                                                    batch_tokens=batch_tokens, autocast=autocast, single=True,
                                                     log=quiet))
-plain, t_plain = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, n, batch_tokens, autocast,
-                                                  share_prefix=False, log=quiet))
+shared, t_shared = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, max_per_task=n,
+                                                    batch_tokens=batch_tokens, autocast=autocast, log=quiet))
+plain, t_plain = timed(lambda: core.evaluate_core(model, tok, args.bundle, device, max_per_task=n,
+                                                  batch_tokens=batch_tokens, autocast=autocast, share_prefix=False,
+                                                  log=quiet))
 
 agree = all(single["tasks"][t]["correct"] == shared["tasks"][t]["correct"] == plain["tasks"][t]["correct"]
             for t in single["tasks"])

@@ -94,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma list of sections to leave out")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps in the step sections (compile included)")
     p.add_argument("--steps", type=int, default=0, help="timed steps in the step sections (default 5; 2 with --smoke)")
-    p.add_argument("--compile-backend", default="", help="torch.compile backend (default inductor; aot_eager with --smoke)")
+    p.add_argument("--compile-backend", default="",
+                   help="torch.compile backend (default inductor; aot_eager with --smoke)")
     p.add_argument("--decode-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the compiled decode (CUDA graphs for the one-token steps; ~1 min more; "
                         "default: on a GPU, not with --smoke)")
@@ -335,7 +336,8 @@ def agreement(ctx):
     with torch.no_grad():
         ref_logits = ref(x)
     xd, yd = x.to(ctx.device), y.to(ctx.device)
-    out = {"model": f"d{ref.config.n_layer} w{ref.config.n_embd} V{ref.config.vocab_size} T{ref.config.sequence_len} SL ve"}
+    out = {"model": f"d{ref.config.n_layer} w{ref.config.n_embd} V{ref.config.vocab_size} "
+                    f"T{ref.config.sequence_len} SL ve"}
 
     # fp32 on the device, TF32 off
     model = copy.deepcopy(ref).to(ctx.device)
@@ -404,7 +406,7 @@ def micro_loss(ctx):
     def chunked(chunk):
         def run():
             with ctx.autocast():
-                loss = model_module.fused_loss(h, W, y, weights, sc, chunk, kernel)
+                loss = model_module.fused_loss(h, W, y, weights, softcap=sc, chunk=chunk, kernel=kernel)
             loss.backward()
             h.grad = W.grad = None
         return run

@@ -82,7 +82,7 @@ def timed(fn):
 
 def engine_run():
     n = 0
-    for tokens, _ in engine.generate(prompt, 1, args.tokens, args.temperature, top_k, seed=0):
+    for tokens, _ in engine.generate(prompt, 1, args.tokens, temperature=args.temperature, top_k=top_k, seed=0):
         n += 1
     assert n == args.tokens, n
     return n

@@ -843,8 +843,9 @@ def price(rec, hw, world, fused):
         if op["kind"] == "coll":
             if world > 1:
                 S = op["bytes"]
-                vol = {"reduce_scatter": (world - 1) / world * S, "all_gather": (world - 1) / world * S,
-                       "all_to_all": (world - 1) / world * S, "all_reduce": 2 * (world - 1) / world * S}.get(op["coll"], S)
+                ring = (world - 1) / world * S
+                vol = {"reduce_scatter": ring, "all_gather": ring, "all_to_all": ring,
+                       "all_reduce": 2 * ring}.get(op["coll"], S)
                 g["ms"] += 1e3 * (vol / (hw["nvlink_bw"] * hw["comm_eff"]) + hw["coll_latency"])
                 g["bytes"] += vol
                 g["kernels"] += 1

@@ -76,10 +76,12 @@ peak = measure_matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 
 mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({
-    "bench": "train", "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+    "bench": "train",
+    "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
     "depth": args.depth, "width": config.n_embd, "seq_len": args.seq_len, "batch": args.device_batch_size,
-    "vocab": args.vocab_size, "compile": args.compile, "loss_chunk": args.loss_chunk, "dtype": str(dtype).split(".")[-1],
-    "params": model.num_params(), "tokens_per_sec": round(tokens / dt, 1), "step_ms": round(dt * 1000, 1),
+    "vocab": args.vocab_size, "compile": args.compile, "loss_chunk": args.loss_chunk,
+    "dtype": str(dtype).split(".")[-1], "params": model.num_params(),
+    "tokens_per_sec": round(tokens / dt, 1), "step_ms": round(dt * 1000, 1),
     "model_flops_per_sec": round(model.flops_per_token() * tokens / dt / 1e9, 2) * 1e9,
     "measured_matmul_peak": round(peak / 1e9, 2) * 1e9, "mfu": round(model.flops_per_token() * tokens / dt / peak, 4),
     "peak_memory_mb": round(mem / 2 ** 20, 1), "warmup_s": round(warmup_s, 1)}))

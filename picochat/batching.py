@@ -288,8 +288,8 @@ class Scheduler:
         if greedy is not None and (req.temperature is None or req.temperature <= 0):
             return greedy
         with torch.inference_mode():
-            return int(sample(logits[None], req.temperature, req.top_k, req.top_p, gen.generator,
-                              self.engine.softcap)[0])
+            return int(sample(logits[None], req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              generator=gen.generator, cap=self.engine.softcap)[0])
 
     def _logprobs(self, gen, logits, tok):
         """None, or (tok's logprob, [(token, logprob) x top_n]) when the request asked for logprobs."""

@@ -32,7 +32,7 @@ class Style:
         self.reset = "\033[0m" if on else ""
 
 
-def stream_reply(engine, prompt, args, seed, out=None, chat=True):
+def stream_reply(engine, prompt, args, seed, *, out=None, chat=True):
     """Generate one reply, writing it to out as it comes. Returns the reply as tokenizer content parts
     (text / python / python_output) and whether it was cut off (Ctrl-C)."""
     from picochat.engine import StreamDecoder
@@ -55,8 +55,8 @@ def stream_reply(engine, prompt, args, seed, out=None, chat=True):
         out.flush()
 
     try:
-        for tokens, _ in engine.generate(prompt, 1, args.max_tokens, args.temperature, args.top_k or None,
-                                         args.top_p, seed):
+        for tokens, _ in engine.generate(prompt, 1, args.max_tokens, temperature=args.temperature,
+                                         top_k=args.top_k or None, top_p=args.top_p, seed=seed):
             t = tokens[0]
             if t is None:
                 break

@@ -70,7 +70,7 @@ def _barrier():
         dist.barrier()
 
 
-def save_checkpoint(folder, step, model, optimizer=None, rank_state=None, meta=None, tokenizer=None, keep=2):
+def save_checkpoint(folder, step, model, optimizer=None, *, rank_state=None, meta=None, tokenizer=None, keep=2):
     """Every rank calls this. Rank 0 writes the weights and the meta; each rank writes its own shards."""
     folder = Path(folder)
     _, rank, _, world = dist_info()
@@ -188,7 +188,8 @@ def read_meta(folder, step=None):
     except FileNotFoundError:
         raise UserError(f"no checkpoint for step {step} in {folder} (have: {list_steps(folder)})") from None
     except ValueError:
-        raise UserError(f"{path} is corrupt (not valid JSON): delete it to fall back to an earlier checkpoint") from None
+        raise UserError(f"{path} is corrupt (not valid JSON): "
+                        "delete it to fall back to an earlier checkpoint") from None
     for name, size in meta["files"].items():
         f = folder / name
         if not f.exists():
@@ -229,7 +230,8 @@ def load_torch(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {path} ({e.__class__.__name__}): the checkpoint is corrupt or truncated") from None
+        raise UserError(f"cannot read {path} ({e.__class__.__name__}): "
+                        "the checkpoint is corrupt or truncated") from None
 
 
 def build_model(meta, weights, device):
@@ -262,11 +264,12 @@ def load_start(folder, tokenizer_dir, device, what="base"):
     folder = Path(folder)
     meta = read_meta(folder)
     meta_file = folder / f"meta_{meta['step']:06d}.json"
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else folder / "tokenizer")
+    run_tokenizer = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else folder / "tokenizer"
+    tokenizer = Tokenizer.load(run_tokenizer)
     if meta.get("tokenizer_hash") != tokenizer.hash:
         raise UserError(f"{meta_file}: this {what} checkpoint was trained with another tokenizer "
-                        f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} ({tokenizer.hash}); "
-                        f"use the run's own tokenizer, or train the {what} model with this one")
+                        f"({meta.get('tokenizer_hash')}) than {tokenizer_dir or folder / 'tokenizer'} "
+                        f"({tokenizer.hash}); use the run's own tokenizer, or train the {what} model with this one")
     verify_file(folder, meta, f"model_{meta['step']:06d}.safetensors")
     model = build_model(meta, load_weights(folder, meta["step"]), device)
     return model, tokenizer, meta
@@ -346,7 +349,8 @@ def training_notes(meta):
 # ---- loading a model to talk to (chat, serve) --------------------------------------------------------------
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
+    g.add_argument("--run", default="",
+                   help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
     g.add_argument("--stage", choices=STAGES[::-1], default=None,  # most trained first, as the default picks
                    help="which checkpoint of the run (default: the latest stage that has one: rl, else sft, else base)")
     g.add_argument("--checkpoint", default="", help="a stage folder to load instead of --run/--stage")
@@ -372,7 +376,7 @@ def load_chat_model(args):
     dtype = inference_dtype(device)
     if dtype != torch.float32:
         model.to(dtype=dtype)
-    info = {"run": run or folder.parent.name, "stage": stage, "folder": str(folder),
-            "step": meta["step"], "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}",
+    info = {"run": run or folder.parent.name, "stage": stage, "folder": str(folder), "step": meta["step"],
+            "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}",
             **training_notes(meta)}
     return model, tokenizer, info

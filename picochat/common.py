@@ -222,7 +222,7 @@ def metrics_logger(path, step, rank, redone=(), *, mirror=None):
     tracking.tracker) when one is given. A run resumed at `step` first drops the records past it, and at it those
     with a key in `redone` (what the resumed run measures there again), so the curve has no duplicates."""
     if rank == 0:
-        records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         keep = [r for r in records
                 if r.get("step", 0) < step or r.get("step", 0) == step and not set(redone) & r.keys()] if step else []
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())

@@ -122,7 +122,7 @@ def _crop(ids, start, end, max_len):
     return ids, max(start, 1), end
 
 
-def build_requests(tokenizer, task_type, item, shots, delim, max_len):
+def build_requests(tokenizer, task_type, item, shots, *, delim, max_len):
     """(sequences, gold): sequences is a list of (ids, start, end) with the continuation at ids[start:end].
     gold is the index of the right sequence (multiple choice, schema), or None (language modelling)."""
     bos = tokenizer.bos_id
@@ -149,7 +149,8 @@ def build_requests(tokenizer, task_type, item, shots, delim, max_len):
 
 def item_requests(tokenizer, task, rows, idx, max_len):
     shots = [rows[j] for j in fewshot_indices(len(rows), idx, task["num_fewshot"])]
-    return build_requests(tokenizer, task["type"], rows[idx], shots, task["continuation_delimiter"], max_len)
+    return build_requests(tokenizer, task["type"], rows[idx], shots, delim=task["continuation_delimiter"],
+                          max_len=max_len)
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _per_sequence(seqs, losses, hits):
     seg = torch.repeat_interleave(torch.arange(len(seqs)), counts)
     loss_sum = torch.zeros(len(seqs)).index_add_(0, seg, losses)
     miss = torch.zeros(len(seqs)).index_add_(0, seg, (~hits).float())
-    return [(float(l / c), bool(m == 0)) for l, m, c in zip(loss_sum, miss, counts)]
+    return [(float(loss / count), bool(missed == 0)) for loss, missed, count in zip(loss_sum, miss, counts)]
 
 
 def shared_prefix(seqs):
@@ -256,7 +257,7 @@ def make_group_batches(groups, batch_tokens, max_len, max_rows=256):
 
 
 @torch.no_grad()
-def score_one(model, ids, start, end, device, autocast=None):
+def score_one(model, ids, start, end, *, device, autocast=None):
     """The plain computation, one sequence at a time with the full logits: the reference for the batched path."""
     x = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast() if autocast else torch.autocast(device.type, enabled=False):
@@ -298,7 +299,7 @@ def select_items(n, max_items=None, rank=0, world=1):
     return idx[rank::world]
 
 
-def evaluate_task(model, tokenizer, task, rows, device, max_items=None, batch_tokens=32768, autocast=None,
+def evaluate_task(model, tokenizer, task, rows, device, *, max_items=None, batch_tokens=32768, autocast=None,
                   rank=0, world=1, single=False, share_prefix=True, net=None):
     """(correct, total) for one task, summed over ranks. single=True scores one sequence at a time with
     model.forward (slow: the reference path the benchmark compares against); share_prefix=False batches whole
@@ -316,7 +317,7 @@ def evaluate_task(model, tokenizer, task, rows, device, max_items=None, batch_to
         owner += [k] * len(seqs)
         golds.append(gold)
     if single:
-        scores = [score_one(model, ids, s, e, device, autocast) for ids, s, e in reqs]
+        scores = [score_one(model, ids, s, e, device=device, autocast=autocast) for ids, s, e in reqs]
     else:
         scores = [None] * len(reqs)
         # items with several sequences share a prefix (language modelling has one sequence: nothing to share)
@@ -354,7 +355,7 @@ def core_label(n_run, n_total):
     return "CORE" if n_run == n_total else f"CORE ({n_run}/{n_total} tasks)"
 
 
-def evaluate_core(model, tokenizer, bundle, device, max_per_task=None, batch_tokens=32768, autocast=None,
+def evaluate_core(model, tokenizer, bundle, device, *, max_per_task=None, batch_tokens=32768, autocast=None,
                   rank=0, world=1, tasks=None, single=False, share_prefix=True, log=print0):
     """Score every task of the bundle whose data is present. Returns {"core", "label", "tasks": {label: ...},
     "missing": [labels], "num_tasks", "num_scored", "seconds", "examples"}."""
@@ -375,8 +376,9 @@ def evaluate_core(model, tokenizer, bundle, device, max_per_task=None, batch_tok
             continue
         t0 = time.perf_counter()
         rows = read_core_task(task["path"])
-        correct, total = evaluate_task(model, tokenizer, task, rows, device, max_per_task, batch_tokens, autocast,
-                                       rank, world, single, share_prefix, net)
+        correct, total = evaluate_task(model, tokenizer, task, rows, device, max_items=max_per_task,
+                                       batch_tokens=batch_tokens, autocast=autocast, rank=rank, world=world,
+                                       single=single, share_prefix=share_prefix, net=net)
         acc = correct / max(1, total)
         results[task["label"]] = {"type": task["type"], "num_fewshot": task["num_fewshot"], "correct": correct,
                                   "total": total, "accuracy": acc, "baseline": task["random_baseline"],

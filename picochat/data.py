@@ -110,7 +110,7 @@ def _check_out(out, force):
         raise UserError(f"{out} already has files: pass --force to replace them, or --out DIR for another folder")
 
 
-def import_text(paths, out=None, shard_chars=SHARD_CHARS, val_docs=None, seed=42, force=False):
+def import_text(paths, out=None, *, shard_chars=SHARD_CHARS, val_docs=None, seed=42, force=False):
     """Your own text -> standard pretraining shards in out (default data/pretrain). Documents from all files are
     pooled, shuffled with a fixed seed, and the first val_docs (count, or fraction if < 1; default val_count)
     become the validation shard. Everything is written to a temp folder and moved into place at the end.
@@ -239,7 +239,8 @@ def import_cli(args):
     if val is not None and val >= 1:
         val = int(val)
     t0 = time.time()
-    paths = import_text(args.paths, args.out or None, args.shard_chars, val, args.seed, args.force)
+    paths = import_text(args.paths, args.out or None, shard_chars=args.shard_chars, val_docs=val, seed=args.seed,
+                        force=args.force)
     mb = sum(p.stat().st_size for p in paths) / 1e6
     print(f"{len(paths)} shards ({mb:.1f} MB) in {paths[0].parent} in {time.time() - t0:.1f}s; "
           f"{paths[-1].name} is the validation shard")

@@ -180,7 +180,7 @@ def _open_partial(partial, mode):
     return os.fdopen(fd, mode)
 
 
-def download_file(url, dest, sha256=None, kind=None, session=None, progress=None, retries=6, backoff=1.0,
+def download_file(url, dest, sha256=None, kind=None, *, session=None, progress=None, retries=6, backoff=1.0,
                   timeout=(10, 60), stop=None, chunk_size=1 << 20):
     """Fetch url to dest, resumably and verified. Bytes go to dest.partial (continued with an HTTP Range request
     after a dropped connection); once the size matches Content-Length and the content checks out (sha256 given

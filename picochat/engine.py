@@ -63,7 +63,7 @@ class StaticCache:
     how many positions of row b are filled: a Python list, so the host never waits on the device for it. The
     owner (Engine.generate, Scheduler) advances lens; InferenceModel only writes keys and values."""
 
-    def __init__(self, config, batch, max_len, device, dtype, static=False):
+    def __init__(self, config, batch, max_len, device, dtype, *, static=False):
         shape = (batch, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -377,7 +377,7 @@ def softcap(logits, cap):
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None, cap=15.0):
+def sample(logits, temperature=1.0, *, top_k=None, top_p=None, generator=None, cap=15.0):
     """Next tokens (B,) from raw logits (B, V) (before the soft-cap `cap`). temperature <= 0: greedy. top_k keeps
     the k most likely tokens, top_p the smallest set whose probability reaches p (after top_k)."""
     if temperature is None or temperature <= 0:
@@ -442,7 +442,8 @@ class StreamDecoder:
         return self.dec.decode(b"", final=True)
 
 
-_TAG_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)|<\|output_start\|>(.*?)(?:<\|output_end\|>|$)", re.S)
+_TAG_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)"
+                     r"|<\|output_start\|>(.*?)(?:<\|output_end\|>|$)", re.S)
 
 
 def parse_reply(text):
@@ -529,7 +530,7 @@ class Engine:
         tok, forced, call = state.next(sampled)
         return tok, forced, call if self.tool else None, tok in self.stop_ids and not forced
 
-    def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=0):
+    def generate(self, prompt_ids, num_samples=1, max_tokens=256, *, temperature=1.0, top_k=None, top_p=None, seed=0):
         """Yields (tokens, forced), one step at a time (see the module docstring)."""
         # 1) check the request and clip it to the context
         prompt = self.check_prompt(prompt_ids)
@@ -559,7 +560,8 @@ class Engine:
         for step in range(budget):
             # 3) sample every live row, take each unfinished sample's next token (tool calls run right here)
             with torch.inference_mode():
-                sampled = sample(logits, temperature, top_k, top_p, gen, self.softcap).tolist()
+                sampled = sample(logits, temperature, top_k=top_k, top_p=top_p, generator=gen,
+                                 cap=self.softcap).tolist()
             tokens, forced = [None] * n, [False] * n
             for r, i in enumerate(live):
                 if done[i]:
@@ -582,14 +584,15 @@ class Engine:
                                      [pos] * len(live))
             pos += 1
 
-    def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
+    def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, *, temperature=1.0, top_k=None, top_p=None,
                        seed=0):
         """(sequences, masks): sequences[i] = prompt + completion i (with its stop token if produced); masks[i]
         is 0 on the prompt and on tool-forced tokens, 1 on sampled tokens."""
         prompt = self.check_prompt(prompt_ids)
         seqs = [list(prompt) for _ in range(num_samples)]
         masks = [[0] * len(prompt) for _ in range(num_samples)]
-        for tokens, forced in self.generate(prompt, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        for tokens, forced in self.generate(prompt, num_samples, max_tokens, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, seed=seed):
             for i, tok in enumerate(tokens):
                 if tok is not None:
                     seqs[i].append(tok)

@@ -81,7 +81,7 @@ def letter_ids(tokenizer, letters):
 
 
 @torch.no_grad()
-def choice_predictions(model, tokenizer, module, items, device, batch_size=32, autocast=None):
+def choice_predictions(model, tokenizer, module, items, device, *, batch_size=32, autocast=None):
     """For each multiple-choice item, the index of the letter with the highest logit right after
     <|assistant_start|>, among that item's letters only. Many items per forward pass: prompts are sorted by
     length, padded on the right, and read at each row's last real position."""
@@ -110,7 +110,7 @@ def _head(model, h):
     return sc * torch.tanh(model.lm_head(h).float() / sc)
 
 
-def run_chat_task(task, model, tokenizer, device, items, engine=None, num_samples=1, batch_size=32,
+def run_chat_task(task, model, tokenizer, device, items, *, engine=None, num_samples=1, batch_size=32,
                   temperature=0.0, top_k=None, max_tokens=None, autocast=None, rank=0, world=1, seed=0,
                   log=print0):
     """Score one task on the given items (this rank takes items rank, rank + world, ...). Returns a result
@@ -118,8 +118,8 @@ def run_chat_task(task, model, tokenizer, device, items, engine=None, num_sample
     t0 = time.perf_counter()
     mine = list(range(rank, len(items), world))
     if task.kind == "choice":
-        preds = choice_predictions(model, tokenizer, task.module, [items[i] for i in mine], device, batch_size,
-                                   autocast)
+        preds = choice_predictions(model, tokenizer, task.module, [items[i] for i in mine], device,
+                                   batch_size=batch_size, autocast=autocast)
         right = sum(int(p == items[i]["answer"]) for p, i in zip(preds, mine))
         correct, total = _all_reduce([right, len(mine)], device)
         acc = correct / max(1, total)
@@ -137,8 +137,8 @@ def run_chat_task(task, model, tokenizer, device, items, engine=None, num_sample
         def progress(done, total):
             if rank == 0:
                 log(f"  {task.name}: {done}/{total} completions")
-        completions = generate_all(engine, prompts, budgets, num_samples, temperature, top_k,
-                                   [seed + i for i in mine], batch_size, progress)
+        completions = generate_all(engine, prompts, budgets, num_samples=num_samples, temperature=temperature,
+                                   top_k=top_k, seeds=[seed + i for i in mine], slots=batch_size, progress=progress)
         sums = [0.0, 0.0, 0.0]  # pass@1, pass@k, items
         for i, comps in zip(mine, completions):
             c = sum(bool(task.module.check(items[i], reply_text(tokenizer, t))) for t in comps)
@@ -175,7 +175,8 @@ def add_parser(sub):
                         description="Bits per byte on the data folder's validation shard and CORE (DCLM) over "
                                     "the eval bundle. Tasks whose data is missing are skipped and the score says "
                                     "how many it covers, e.g. 'CORE (20/22 tasks)'.")
-    b.add_argument("--run", default="", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base (default: the run trained most recently)")
+    b.add_argument("--run", default="", help="run name: reads and writes $PICOCHAT_HOME/runs/<run>/base "
+                                             "(default: the run trained most recently)")
     b.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/base)")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     b.add_argument("--max-per-task", type=int, default=None, help="items per CORE task (default: all); a fixed "
@@ -201,7 +202,8 @@ def add_parser(sub):
                                     "generation). Results accumulate in runs/<run>/<stage>/eval_chat.json.")
     c.add_argument("-t", "--task", default="all", help="task name, comma list, 'demo' (the demo curriculum's "
                                                        "tasks), 'arc' (both) or 'all' (every task whose data exists)")
-    c.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs (default: the run trained most recently)")
+    c.add_argument("--run", default="", help="run name under $PICOCHAT_HOME/runs "
+                                             "(default: the run trained most recently)")
     c.add_argument("--stage", default="sft", choices=["base", "sft", "rl"], help="which checkpoint folder")
     c.add_argument("--checkpoint", default="", help="checkpoint folder (default runs/<run>/<stage>)")
     c.add_argument("--step", type=int, default=None)
@@ -245,8 +247,9 @@ def base_cli(args):
             T, B = model.config.sequence_len, args.device_batch_size
             if B == "auto":
                 # a CPU gains nothing from rows beyond 8 (and the demo's numbers stay those of 8)
-                B, how = fastpath.find_device_batch_size(model, None, T, 64 if device.type == "cuda" else 8, device,
-                                                         autocast)
+                rows = 64 if device.type == "cuda" else 8
+                B, how = fastpath.find_device_batch_size(model, None, T, rows_per_rank=rows, device=device,
+                                                         autocast=autocast)
                 print0(f"bits per byte in batches of {B} rows ({how})")
             val = fixed_batches(val_files, tokenizer, B, T, max(1, args.eval_tokens // (B * T)))
             mine = ((x.to(device), y.to(device)) for x, y in val[rank::world])
@@ -261,8 +264,8 @@ def base_cli(args):
         else:
             batch_tokens = args.batch_tokens or (65536 if device.type == "cuda" else 16384)
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
-            core = evaluate_core(model, tokenizer, bundle, device, args.max_per_task, batch_tokens, autocast,
-                                 rank, world, tasks)
+            core = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.max_per_task,
+                                 batch_tokens=batch_tokens, autocast=autocast, rank=rank, world=world, tasks=tasks)
             out.update(core=core["core"], core_label=core["label"], core_tasks=core["tasks"],
                        core_missing=core["missing"], core_num_tasks=core["num_tasks"],
                        core_num_scored=core["num_scored"], max_per_task=args.max_per_task, bundle=str(bundle))
@@ -330,8 +333,9 @@ def chat_cli(args):
             print0(describe_sandbox())
         print0(f"{task.name}: {len(items)} problems" + (f", {args.num_samples} samples each at temperature "
                                                          f"{temperature}" if task.kind == "generate" else ""))
-        r = run_chat_task(task, model, tokenizer, device, items, engine, args.num_samples, args.batch_size,
-                          temperature, args.top_k, args.max_tokens, autocast, rank, world, args.seed)
+        r = run_chat_task(task, model, tokenizer, device, items, engine=engine, num_samples=args.num_samples,
+                          batch_size=args.batch_size, temperature=temperature, top_k=args.top_k,
+                          max_tokens=args.max_tokens, autocast=autocast, rank=rank, world=world, seed=args.seed)
         r["max_problems"] = args.max_problems
         results[task.name] = r
         metric = "accuracy" if task.kind == "choice" else f"pass@{args.num_samples}"

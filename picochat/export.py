@@ -171,7 +171,7 @@ def tokenizer_files(tok, stage, max_len):
 
 
 # ---- the export -----------------------------------------------------------------------------------------
-def export_hf(folder, out, step=None, dtype="float32", force=False, remote_code=True, verify=True, stage=""):
+def export_hf(folder, out, *, step=None, dtype="float32", force=False, remote_code=True, verify=True, stage=""):
     """Export the checkpoint in `folder` to the HF folder `out`. Returns a summary dict."""
     folder, out = Path(folder), Path(out)
     if dtype not in DTYPES:
@@ -272,9 +272,11 @@ def add_parser(sub):
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must be empty or absent, see --force)")
-    p.add_argument("--run", default="", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage> (default: the run trained most recently)")
+    p.add_argument("--run", default="", help="run name: exports from $PICOCHAT_HOME/runs/<run>/<stage> "
+                                             "(default: the run trained most recently)")
     p.add_argument("--stage", default="", help="base, sft or rl (default: the last stage the run has trained)")
-    p.add_argument("--checkpoint", default="", metavar="FOLDER", help="a stage folder to export (overrides --run/--stage)")
+    p.add_argument("--checkpoint", default="", metavar="FOLDER",
+                   help="a stage folder to export (overrides --run/--stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", default="float32", help="weights in float32 (exact) or bfloat16 (half the size)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
@@ -289,7 +291,8 @@ def add_parser(sub):
 def run(args):
     folder, stage = resolve_checkpoint(args.run if args.checkpoint else pick_run(args.run), args.stage, args.checkpoint)
     t0 = time.time()
-    s = export_hf(folder, args.hf, args.step, args.dtype, args.force, args.remote_code, args.verify, stage)
+    s = export_hf(folder, args.hf, step=args.step, dtype=args.dtype, force=args.force, remote_code=args.remote_code,
+                  verify=args.verify, stage=stage)
     how = ("transformers' nanochat model (no custom code)" if s["target"] == "nanochat" else
            f"picochat's modeling file for {', '.join(s['gaps'])} (load with trust_remote_code=True)")
     check = "not checked" if s["max_rel_err"] is None else f"logits match picochat's to {s['max_rel_err']:.1e}"

@@ -172,7 +172,7 @@ def dense_window_warning(model, device, attention):
             f"(FlashAttention-3, Hopper GPUs), try --flex-attention, or train with --window-pattern L")
 
 
-def estimate_training_memory(config, batch, seq_len, dtype=torch.bfloat16, device_type="cuda", world=1,
+def estimate_training_memory(config, batch, seq_len, *, dtype=torch.bfloat16, device_type="cuda", world=1,
                              checkpointing=False, training=True):
     """Peak memory in bytes of one micro-batch of `batch` rows x `seq_len` tokens on one rank, by part:
     params (fp32 masters), grads (fp32, all of them on every rank), optimizer (Muon momentum for the block
@@ -263,7 +263,7 @@ def batch_size_arg(text):
         raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
 
 
-def find_device_batch_size(model, optimizer, seq_len, rows_per_rank, device, autocast, prefer=None,
+def find_device_batch_size(model, optimizer, seq_len, *, rows_per_rank, device, autocast, prefer=None,
                            headroom=0.9):
     """(rows per micro-batch, how it was chosen): the largest divisor of rows_per_rank (so gradient
     accumulation makes up the rest exactly) whose forward + backward fits in `headroom` of the GPU's

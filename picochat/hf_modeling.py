@@ -23,7 +23,7 @@ except ImportError:  # transformers < 5
 class PicochatConfig(PreTrainedConfig):
     model_type = "picochat"
 
-    def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
+    def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, *, num_attention_heads=6,
                  num_key_value_heads=6, max_position_embeddings=2048, rope_base=100_000.0, softcap=15.0,
                  window_sizes=None, value_embed_layers=(), ve_gate_channels=32, resid_scalars=True, rope_bf16=False,
                  **kwargs):
@@ -64,7 +64,8 @@ class Attention(nn.Module):
     def __init__(self, config: PicochatConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.window = config.window_sizes[layer]
         C = config.hidden_size
         self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         has_ve = layer in config.value_embed_layers
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x, cos, sin, ve, cache, past, pad_mask):
+    def forward(self, x, cos, sin, *, ve, cache, past, pad_mask):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -124,8 +125,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, ve, cache, past, pad_mask):
-        x = x + self.attn(norm(x), cos, sin, ve, cache, past, pad_mask)
+    def forward(self, x, cos, sin, *, ve, cache, past, pad_mask):
+        x = x + self.attn(norm(x), cos, sin, ve=ve, cache=cache, past=past, pad_mask=pad_mask)
         return x + self.mlp(norm(x))
 
 
@@ -166,7 +167,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("picochat needs input_ids (value embeddings are looked up by token id)")
@@ -185,7 +186,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = (past + torch.arange(T, device=input_ids.device))[None].expand(B, T)
         # rotary angles in fp32 as picochat computes them, then cast to the compute dtype
         d = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d))
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d
+        inv_freq = 1.0 / (self.config.rope_base ** exponents)
         freqs = position_ids.float()[..., None] * inv_freq
         x = norm(self.wte(input_ids))
         cos, sin = freqs.cos(), freqs.sin()
@@ -197,7 +199,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, ve, cache, past, pad_mask)
+            x = block(x, cos, sin, ve=ve, cache=cache, past=past, pad_mask=pad_mask)
         x = norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -50,7 +50,7 @@ def stream_share(groups, stream, num_streams):
 class PretrainLoader:
     """One data stream (stream `rank` of `world`): BOS-aligned best-fit packed rows, resumable exactly."""
 
-    def __init__(self, files, tokenizer, batch_size, seq_len, rank=0, world=1, buffer_docs=1000,
+    def __init__(self, files, tokenizer, batch_size, seq_len, *, rank=0, world=1, buffer_docs=1000,
                  device="cpu", loop=True, groups=None):
         self.tokenizer, self.B, self.T = tokenizer, batch_size, seq_len
         self.device, self.loop, self.buffer_docs = torch.device(device), loop, buffer_docs
@@ -71,8 +71,8 @@ class PretrainLoader:
             try:
                 texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
             except Exception as e:
-                raise UserError(f"{path} row group {rg} cannot be read ({e.__class__.__name__}: {e}): "
-                                f"the shard is corrupt or truncated; delete it and download or import it again") from None
+                raise UserError(f"{path} row group {rg} cannot be read ({e.__class__.__name__}: {e}): the shard "
+                                "is corrupt or truncated; delete it and download or import it again") from None
             for ids in self.tokenizer.encode([t for t in texts[self.part::self.parts] if t], prepend_bos=True):
                 i = bisect.bisect_right(self.lengths, len(ids))
                 self.lengths.insert(i, len(ids))
@@ -130,15 +130,15 @@ class StepLoader:
     num_streams = micro-batches per optimizer step (total batch / (batch_size x seq_len)); this rank serves
     streams rank, rank + world, ... in turn, one per accumulation step (see the module docstring)."""
 
-    def __init__(self, files, tokenizer, batch_size, seq_len, num_streams, rank=0, world=1, buffer_docs=1000,
+    def __init__(self, files, tokenizer, batch_size, seq_len, *, num_streams, rank=0, world=1, buffer_docs=1000,
                  device="cpu"):
         if num_streams % world:
             raise UserError(f"{num_streams} micro-batches per step cannot be split evenly across {world} ranks")
         groups = _row_groups(files)
         self.num_streams, self.seq_len = num_streams, seq_len
         self.ids = list(range(rank, num_streams, world))
-        self.streams = {s: PretrainLoader(files, tokenizer, batch_size, seq_len, s, num_streams, buffer_docs,
-                                          device, groups=groups) for s in self.ids}
+        self.streams = {s: PretrainLoader(files, tokenizer, batch_size, seq_len, rank=s, world=num_streams,
+                                          buffer_docs=buffer_docs, device=device, groups=groups) for s in self.ids}
         self.turn = 0
 
     def next_batch(self):

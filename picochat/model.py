@@ -47,7 +47,7 @@ class GPTConfig:
     rope_bf16: bool = False       # rotary tables rounded to bf16, as the weights were trained with
 
     @classmethod
-    def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128,
+    def from_depth(cls, depth, *, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128,
                    n_kv_head=0, **kw):
         if depth < 1:
             raise UserError(f"--depth must be at least 1, got {depth}")
@@ -146,7 +146,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.ve_gate_channels = min(config.ve_gate_channels, C)
         self.ve_gate_scale, self.qk_scale = config.ve_gate_scale, config.qk_scale
-        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
+        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
+                        if config.has_value_embed(layer) else None)
 
     def forward(self, x, cos, sin, window, ve=None):
         B, T, _ = x.shape
@@ -385,7 +386,7 @@ class GPT(nn.Module):
             weights = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
         else:
             weights = loss_weights.reshape(-1).float() * valid
-        return fused_loss(h, self.lm_head.weight, flat_targets, weights, sc, chunk, self.ce_kernel)
+        return fused_loss(h, self.lm_head.weight, flat_targets, weights, softcap=sc, chunk=chunk, kernel=self.ce_kernel)
 
 
 def loss_chunk_rows(device, vocab_size):
@@ -396,7 +397,7 @@ def loss_chunk_rows(device, vocab_size):
 
 
 @torch.compiler.disable
-def fused_loss(h, W, targets, weights, softcap, chunk, kernel=softcap_ce_chunk):
+def fused_loss(h, W, targets, weights, *, softcap, chunk, kernel=softcap_ce_chunk):
     return LinearSoftcapCrossEntropy.apply(h, W, targets, weights, softcap, chunk, kernel)
 
 

@@ -290,7 +290,7 @@ def chat_logprob_entry(tokenizer, tok, lp):
                               "bytes": list(token_str(tokenizer, t).encode())} for t, v in lp[1]]}
 
 
-def chat_chunk(cid, created, model, i, delta, finish=None, logprobs=None):
+def chat_chunk(cid, created, model, i, delta, *, finish=None, logprobs=None):
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
@@ -311,7 +311,7 @@ def chat_completion(cid, created, model, *, texts, finish, logprobs, usage):
             "usage": usage}
 
 
-def text_chunk(cid, created, model, i, text, finish=None):
+def text_chunk(cid, created, model, i, text, *, finish=None):
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
 

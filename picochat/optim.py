@@ -61,7 +61,7 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     return X
 
 
-def muon_update(params, grads, bufs, lr, wd, momentum, ns_steps: int, ns_dtype):
+def muon_update(params, grads, bufs, *, lr, wd, momentum, ns_steps: int, ns_dtype):
     """One Muon step for a list of same-shape matrices, in place. lr, wd and momentum are 0-d tensors, so a
     compiled version of this function is reused as they change along the schedule."""
     stacked = []
@@ -308,8 +308,9 @@ class MuonAdamW(torch.optim.Optimizer):
         hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(3)])
         for t, k in zip(hyper, ("lr", "weight_decay", "momentum")):
             t.fill_(group[k])
-        self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps], *hyper,
-                          group["ns_steps"], self._ns_dtype(dev))
+        lr, wd, momentum = hyper
+        self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps], lr=lr, wd=wd, momentum=momentum,
+                          ns_steps=group["ns_steps"], ns_dtype=self._ns_dtype(dev))
 
     # ---- checkpointing: state keyed by the parameter's global index, so any rank count can load it ----
     def shard_state(self):
@@ -383,7 +384,7 @@ def wire_dtype_for(choice, device, world):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
 
 
-def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
+def build_optimizer(model, *, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
                     weight_decay=0.0, adam_betas=(0.8, 0.95), wire_dtype=torch.float32):
     """AdamW learning rates for embeddings and head shrink with width ((width/768)^-0.5): wider models
     receive proportionally larger per-parameter updates from Adam."""

@@ -48,12 +48,15 @@ def add_parser(sub):
                                                     "stage base by default) with a fresh optimizer and schedule: its "
                                                     "architecture replaces the model flags (not --resume)")
     g = p.add_argument_group("budget and batch")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
+    g.add_argument("--num-iterations", type=int, default=-1,
+                   help="optimizer steps (-1: from --target-param-data-ratio)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling parameter")
     g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
                    help="rows per micro-batch per rank, or auto: on a GPU the largest that fits (probed with a real "
-                        "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up the rest")
-    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derived from depth)")
+                        "forward and backward), on a CPU from a memory estimate; gradient accumulation makes up "
+                        "the rest")
+    g.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step (-1: derived from depth)")
     g = p.add_argument_group("optimization")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
     g.add_argument("--embedding-lr", type=float, default=0.3)
@@ -81,7 +84,8 @@ def add_parser(sub):
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block in the backward pass: ~1/3 more compute, far less memory (small GPUs)")
     g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False,
-                   help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); use with --compile")
+                   help="fp8 matmuls in the blocks via torchao (GPUs with compute capability 8.9+, e.g. H100); "
+                        "use with --compile")
     g.add_argument("--flex-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="sliding-window layers on FlexAttention (block-sparse) where FlashAttention-3 is missing, "
                         "instead of SDPA with a dense mask (GPUs; not yet checked on one: see bench/gpu_check.py)")
@@ -102,12 +106,12 @@ def run(args):
     out = Path(args.out) if args.out else home_dir() / "runs" / args.run / "base"
     with checkpoint.stage_lock(out):  # for the whole run: a second run writing to out stops at once
         try:  # everything here fails alike on every rank: report it once (see raise_on_rank0)
-            setup = _setup(args, out, ddp, rank, world, device)
+            setup = _setup(args, out, ddp=ddp, rank=rank, world=world, device=device)
         except UserError as e:
             raise_on_rank0(e)
         gc_was_enabled = gc.isenabled()
         try:
-            return _train(args, setup, ddp, rank, world, device)
+            return _train(args, setup, ddp=ddp, rank=rank, world=world, device=device)
         finally:  # _train freezes and disables the GC after its first step (see there); a caller gets it back
             gc.unfreeze()
             if gc_was_enabled:
@@ -159,7 +163,7 @@ class Setup:
     start_step: int           # 0, or the step resumed from
 
 
-def _setup(args, out, ddp, rank, world, device) -> Setup:
+def _setup(args, out, *, ddp, rank, world, device) -> Setup:
     run_dir = home_dir() / "runs" / args.run
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
     init = init_folder(args.init_from, out) if args.init_from else None
@@ -184,7 +188,8 @@ def _setup(args, out, ddp, rank, world, device) -> Setup:
         if meta["tokenizer_hash"] != tokenizer.hash:
             raise UserError(f"checkpoint in {out} was trained with another tokenizer; use a new --run or --out")
         if meta["config"] != checkpoint.config_to_dict(config):
-            raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); resume with the same flags")
+            raise UserError(f"checkpoint in {out} has a different model config ({meta['config']}); "
+                            "resume with the same flags")
 
     shape = ((config.n_layer, config.n_embd // config.n_layer, config.head_dim) if init is not None
              else (args.depth, args.aspect_ratio, args.head_dim))
@@ -205,7 +210,8 @@ def _setup(args, out, ddp, rank, world, device) -> Setup:
     rows_per_rank = total_batch // (args.seq_len * world)
     if args.device_batch_size == "auto":
         prefer = meta.get("device_batch_size") if meta else None  # the same split resumes the data exactly
-        B, how = fastpath.find_device_batch_size(model, optimizer, args.seq_len, rows_per_rank, device, autocast, prefer)
+        B, how = fastpath.find_device_batch_size(model, optimizer, args.seq_len, rows_per_rank=rows_per_rank,
+                                                 device=device, autocast=autocast, prefer=prefer)
     else:
         B, how = args.device_batch_size, "given"
     tokens_per_micro = B * args.seq_len * world
@@ -222,10 +228,12 @@ def _setup(args, out, ddp, rank, world, device) -> Setup:
     print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
            f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
            f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
-           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing {args.activation_checkpointing}, "
-           f"gradient wire {str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
+           f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing "
+           f"{args.activation_checkpointing}, gradient wire "
+           f"{str(optimizer.wire_dtype).split('.')[-1] if world > 1 else '-'}")
 
-    loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams, rank, world, device=device)
+    loader = StepLoader(train_files, tokenizer, B, args.seq_len, num_streams=num_streams, rank=rank, world=world,
+                        device=device)
     start_step = 0
     if meta is not None:
         start_step = _restore(out, meta, model=model, optimizer=optimizer, loader=loader, rank=rank, world=world,
@@ -303,7 +311,7 @@ def _restore(out, meta, *, model, optimizer, loader, rank, world, num_streams, d
     return step
 
 
-def _train(args, st, ddp, rank, world, device):
+def _train(args, st, *, ddp, rank, world, device):
     out, tokenizer, model, optimizer, loader = st.out, st.tokenizer, st.model, st.optimizer, st.loader
     dtype, autocast, B, grad_accum = st.dtype, st.autocast, st.device_batch, st.grad_accum
     total_batch, num_steps, start_step = st.total_batch, st.num_steps, st.start_step
@@ -402,7 +410,8 @@ def _train(args, st, ddp, rank, world, device):
                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | {dt * 1000:.0f} ms | "
                    f"ETA {format_duration(avg * (num_steps - step)) if step > start_step + 1 else '?'}")
         if saving:
-            save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=args.keep,
+            save(out, step, model, optimizer, loader_state=loader_state, tokenizer=tokenizer, args=args,
+                 val_bpb=val_bpb, keep=args.keep,
                  extra={"device_batch_size": B, "num_streams": st.num_streams})
 
     if rank == 0:
@@ -412,7 +421,8 @@ def _train(args, st, ddp, rank, world, device):
                    "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
                    "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st.config),
                    "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
-                   "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+                   "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2 ** 20
+                                      if device.type == "cuda" else None),
                    "args": vars_json(args)}
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {num_steps} steps, validation bpb {val_bpb:.4f}, checkpoint in {out}")
@@ -421,7 +431,7 @@ def _train(args, st, ddp, rank, world, device):
     return 0
 
 
-def save(out, step, model, optimizer, loader_state, tokenizer, args, val_bpb, keep=2, extra=None):
+def save(out, step, model, optimizer, *, loader_state, tokenizer, args, val_bpb, keep=2, extra=None):
     checkpoint.save_checkpoint(out, step, model, optimizer,
                                rank_state={"loader": loader_state, "rng": torch.get_rng_state()},
                                meta={"stage": "base", "val_bpb": val_bpb, "args": vars_json(args), **(extra or {})},

@@ -55,7 +55,7 @@ def reply_text(tokenizer, completion):
     return tokenizer.decode(tokens)
 
 
-def generate_all(engine, prompts, budgets, num_samples=1, temperature=0.0, top_k=None, seeds=None, slots=1,
+def generate_all(engine, prompts, budgets, *, num_samples=1, temperature=0.0, top_k=None, seeds=None, slots=1,
                  progress=None):
     """Completions as token lists (the stop token included when produced): out[i][j] is sample j of prompts[i],
     at most budgets[i] tokens. slots=1: one prompt at a time through engine.generate_batch (one prefill, the

@@ -429,7 +429,8 @@ def build_report(run, price=2.5, run_dir=None, out_dir=None):
 def add_parser(sub):
     p = sub.add_parser("report", help="write the report card of a run (markdown + plots + JSON)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="", help="run name: reads $PICOCHAT_HOME/runs/<run> (default: the run trained most recently)")
+    p.add_argument("--run", default="", help="run name: reads $PICOCHAT_HOME/runs/<run> "
+                                             "(default: the run trained most recently)")
     p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour for the cost estimate")
     p.add_argument("--out", default="", help="output folder (default runs/<run>/report)")
     p.set_defaults(func=report_cli)

@@ -103,7 +103,7 @@ def token_logprobs(model, x, y, autocast):
         return -model(x, y, reduction="none").float()
 
 
-def pg_weights(adv, y, n_tokens, logp=None, logp_old=None, logp_ref=None, clip=0.2, kl_coef=0.0):
+def pg_weights(adv, y, n_tokens, *, logp=None, logp_old=None, logp_ref=None, clip=0.2, kl_coef=0.0):
     """Per-token weights w on the cross-entropy (-log p) whose weighted sum has the gradient of
         (1/N) sum_t [ -min(r_t A, clip(r_t) A) + kl_coef * k3_t ],  r_t = p/p_old,  k3 = e^(ref-logp) - (ref-logp) - 1
     The PPO term's gradient is -A r_t grad(log p) where the clip is inactive, else 0; the k3 term's is
@@ -132,7 +132,7 @@ def kl_k3(logp, logp_ref, y):
     return float(((torch.exp(d) - d - 1) * valid).sum() / valid.sum().clamp(min=1))
 
 
-def policy_update(model, optimizer, seqs, masks, adv, pad_id, n_tokens, device, autocast=nullcontext,
+def policy_update(model, optimizer, seqs, masks, adv, *, pad_id, n_tokens, device, autocast=nullcontext,
                   device_batch_size=32, ppo_epochs=1, clip=0.2, kl_coef=0.0, ref_model=None):
     """The policy-gradient update(s) for one batch of sampled replies: seqs (prompt + reply tokens), masks
     (1 on sampled tokens), adv (one advantage per reply), n_tokens (the normaliser: sampled tokens in the step,
@@ -154,7 +154,8 @@ def policy_update(model, optimizer, seqs, masks, adv, pad_id, n_tokens, device, 
             if need_old:
                 logp_old = old[b]
                 logp = logp_old if epoch == 0 else token_logprobs(model, x, y, autocast)
-            w, frac = pg_weights(a, y, n_tokens, logp, logp_old, ref[b] if ref else None, clip, kl_coef)
+            w, frac = pg_weights(a, y, n_tokens, logp=logp, logp_old=logp_old, logp_ref=ref[b] if ref else None,
+                                 clip=clip, kl_coef=kl_coef)
             if epoch > 0:
                 clip_fracs.append(frac)
             if ref:
@@ -174,7 +175,7 @@ def policy_update(model, optimizer, seqs, masks, adv, pad_id, n_tokens, device, 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(engine, model, tokenizer, problems, max_tokens, greedy=True, k=0, samples=0, temperature=1.0,
+def evaluate(engine, model, tokenizer, problems, max_tokens, *, greedy=True, k=0, samples=0, temperature=1.0,
              top_k=None, seed=0, autocast=nullcontext):
     """Greedy accuracy and format compliance on problems (decoded together by the engine's scheduler); with k,
     also pass@k and sampled pass@1 from `samples` replies to each (one batched call per problem)."""
@@ -240,8 +241,10 @@ def add_parser(sub):
                    "update has a fixed size however small the gradient: at 0.2 the demo's RL unlearns its SFT)")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=20, help="greedy accuracy and pass@k every N steps (0: start and end)")
-    g.add_argument("--eval-problems", type=int, default=200, help="held-apart problems for greedy accuracy along the way")
+    g.add_argument("--eval-every", type=int, default=20,
+                   help="greedy accuracy and pass@k every N steps (0: start and end)")
+    g.add_argument("--eval-problems", type=int, default=200,
+                   help="held-apart problems for greedy accuracy along the way")
     g.add_argument("--final-eval-problems", type=int, default=500, help="held-apart problems at the start and the end")
     g.add_argument("--pass-k", type=int, default=8, help="k of pass@k (0: off)")
     g.add_argument("--pass-problems", type=int, default=50, help="held-apart problems for pass@k")
@@ -255,7 +258,7 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def sample_groups(engine, tokenizer, problems, idx, step, args, model):
+def sample_groups(engine, tokenizer, problems, idx, *, step, args, model):
     """One batched engine call per problem: (sequences, sampled-token masks, rewards, group ids)."""
     seqs, masks, rewards, groups = [], [], [], []
     for g, i in enumerate(idx):
@@ -368,7 +371,8 @@ def _run(args, out):
         # sized for full-context rows (replies are shorter), out of a step's replies on this rank
         rows = args.prompts_per_step // world * args.num_samples
         args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, model.config.sequence_len,
-                                                                      rows, device, autocast)
+                                                                      rows_per_rank=rows, device=device,
+                                                                      autocast=autocast)
         print0(f"micro-batches of up to {args.device_batch_size} replies ({how})")
     step = checkpoint.resume_finetune(out, start_meta, STAGE, optimizer) if resuming else 0
     mirror = tracker(args.log_to, out=out, run=args.run, stage=STAGE, config=vars_json(args),
@@ -393,7 +397,8 @@ def _run(args, out):
         idx = problem_order(len(train), step, args.prompts_per_step, args.seed)[rank::world]
         model.eval()
         with autocast():
-            seqs, masks, rewards, groups = sample_groups(engine, tokenizer, train, idx, step, args, model)
+            seqs, masks, rewards, groups = sample_groups(engine, tokenizer, train, idx, step=step, args=args,
+                                                         model=model)
         model.train()
         t_sample = time.perf_counter() - t0
         adv = group_advantages(rewards, groups, args.std_norm)
@@ -401,9 +406,10 @@ def _run(args, out):
         if ddp:  # normalise by the sampled tokens of all ranks (the optimizer then averages over ranks)
             dist.all_reduce(n_tokens)
         # replies with zero advantage carry no policy gradient; they matter only to the KL term
-        upd = policy_update(model, optimizer, seqs, masks, adv, tokenizer.bos_id, float(n_tokens) / world,
-                            device, autocast, args.device_batch_size, args.ppo_epochs, args.clip, args.kl_coef,
-                            ref_model)
+        upd = policy_update(model, optimizer, seqs, masks, adv, pad_id=tokenizer.bos_id,
+                            n_tokens=float(n_tokens) / world, device=device, autocast=autocast,
+                            device_batch_size=args.device_batch_size, ppo_epochs=args.ppo_epochs, clip=args.clip,
+                            kl_coef=args.kl_coef, ref_model=ref_model)
         dt = time.perf_counter() - t0
         t_train += dt
         step += 1

@@ -475,8 +475,8 @@ def _run(info, code, *, timeout, memory_mb, max_output, stdin, max_procs, guard)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     if ns and returncode is not None:
         returncode, stderr = _ns_exit(returncode, stderr)
-    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout, cpu, cpu_time,
-                               memory_mb, max_output)
+    status, reason = _classify(returncode, stderr, timed_out, overflow, timeout=timeout, cpu_limit=cpu,
+                               cpu_time=cpu_time, memory_mb=memory_mb, max_output=max_output)
     if oom and status not in ("ok", "timeout", "output_limit"):
         status, reason = "memory", f"killed by the kernel: the run's cgroup memory.max ({memory_mb} MB) was reached"
     return SandboxResult(status, stdout, stderr, returncode, reason, time.monotonic() - t0, cpu_time, isolation)
@@ -566,7 +566,7 @@ def _ns_exit(rc, stderr):
     return rc, stderr
 
 
-def _classify(rc, stderr, timed_out, overflow, timeout, cpu_limit, cpu_time, memory_mb, max_output):
+def _classify(rc, stderr, timed_out, overflow, *, timeout, cpu_limit, cpu_time, memory_mb, max_output):
     if timed_out:
         return "timeout", f"wall-clock limit of {timeout:g} s exceeded"
     if overflow:

@@ -41,7 +41,9 @@ one-line "MemoryError: ..." on MemoryError); under ns=1, 128+N and a final "\\n\
 on stderr when the program died of signal N; 137 if the parent died before the parent-death signal was
 re-armed.
 """
-import os, sys, resource
+import os
+import sys
+import resource
 
 def _fail(msg):
     os.write(2, ("sandbox setup failed: " + msg + "\n").encode())
@@ -66,11 +68,12 @@ def _arch():
     return 0 if m == "x86_64" else 1 if m == "aarch64" else None
 
 def _setup(cfg):
-    import ctypes, errno
+    import ctypes
+    import errno
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    def mount(src, dst, fstype, flags, data, what):
+    def mount(src, dst, fstype, flags, data, *, what):
         if libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
                       data and data.encode()) != 0:
             _fail("%s: %s" % (what, os.strerror(ctypes.get_errno())))
@@ -101,7 +104,7 @@ def _setup(cfg):
         if cfg["arch"] is None:
             _fail("pivot_root: unknown architecture " + os.uname().machine)
         new = cfg["stage"]  # a folder of the parent's that exists; the tmpfs covers it in this namespace only
-        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=512,mode=0755", "tmpfs root")
+        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=512,mode=0755", what="tmpfs root")
         binds = [p for p in _LIB_DIRS + _FILES if os.path.lexists(p)]
         binds += [p for p in sys.path if os.path.isdir(p) and not any(p.startswith(b + "/") for b in binds)]
         binds += ["/dev/" + n for n in _DEV_NODES if os.path.exists("/dev/" + n)]
@@ -115,16 +118,16 @@ def _setup(cfg):
                 os.makedirs(dst, 0o755, exist_ok=True)
             else:
                 os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
-            mount(path, dst, None, MS_BIND, None, "bind " + path)
+            mount(path, dst, None, MS_BIND, None, what="bind " + path)
             st = os.statvfs(path)
             flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (st.f_flag & _KEPT_FLAGS)
             flags |= MS_RELATIME if st.f_flag & _ST_RELATIME else 0
-            mount(None, dst, None, flags, None, "read-only remount of " + path)
+            mount(None, dst, None, flags, None, what="read-only remount of " + path)
             if not os.statvfs(dst).f_flag & MS_RDONLY:
                 _fail("%s is still writable" % path)
         os.mkdir(new + "/tmp", 0o1777)
         mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-              "size=%sm,nr_inodes=%s,mode=1777" % (cfg["tmpfs_mb"], cfg["inodes"]), "tmpfs on /tmp")
+              "size=%sm,nr_inodes=%s,mode=1777" % (cfg["tmpfs_mb"], cfg["inodes"]), what="tmpfs on /tmp")
         os.mkdir(new + "/.old", 0o700)
         err = syscall("pivot_root", new.encode(), (new + "/.old").encode())
         if err:
@@ -134,7 +137,7 @@ def _setup(cfg):
         if err:
             _fail("detaching the old root: " + os.strerror(err))
         os.rmdir("/.old")
-        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None, "read-only root")
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None, what="read-only root")
         if not os.statvfs("/").f_flag & MS_RDONLY:
             _fail("root file system is still writable")
     if not os.path.isdir(work):
@@ -209,7 +212,8 @@ _AUDIT_ARCH = (0xC000003E, 0xC00000B7)
 _CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
 
 def _seccomp(libc, arch):
-    import ctypes, errno
+    import ctypes
+    import errno
     class Insn(ctypes.Structure):
         _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
     class Prog(ctypes.Structure):
@@ -255,7 +259,9 @@ def _repath(fds):
             path[:] = [moved(p) for p in path]
 
 def _guard(allowed):
-    import builtins, io, posix
+    import builtins
+    import io
+    import posix
     os_ = os
     real = os.path.realpath
     def inside(path, dir_fd=None):
@@ -376,8 +382,10 @@ def _run(cfg):
     except BaseException as e:
         _flush()
         try:  # the code's own frames only, with its source lines
-            import linecache, traceback
-            linecache.cache["<sandbox>"] = (len(source), None, source.decode("utf-8", "replace").splitlines(True), "<sandbox>")
+            import linecache
+            import traceback
+            source_lines = source.decode("utf-8", "replace").splitlines(True)
+            linecache.cache["<sandbox>"] = (len(source), None, source_lines, "<sandbox>")
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)
             sys.stderr.flush()
         except BaseException:

@@ -93,13 +93,14 @@ async def chat_completions(svc, body, request):
     check_work(limits, choices=body.n, tokens=body.n * max_tokens, top_n=top_n)
     queue = asyncio.Queue()
     work = svc.admit(request, body.n, stream=body.stream)
-    svc.submit(work, prompt, body, max_tokens, top_n, lambda i, ev: queue.put_nowait((i, ev)))
+    svc.submit(work, prompt, body, max_tokens=max_tokens, logprobs=top_n,
+               on_event=lambda i, ev: queue.put_nowait((i, ev)))
     reqs = work.reqs
     texts = [ChoiceText(tokenizer, stops) for _ in reqs]
     cid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.model_name
 
     def chunk(i, delta, finish=None, logprobs=None):
-        return sse(chat_chunk(cid, created, model, i, delta, finish, logprobs))
+        return sse(chat_chunk(cid, created, model, i, delta, finish=finish, logprobs=logprobs))
 
     def used():
         return usage(len(prompt), sum(r.generated for r in reqs))
@@ -157,8 +158,8 @@ async def completions(svc, body, request):
     work = svc.admit(request, (n_choices if want else 0) + (len(prompts) if scoring else 0), stream=body.stream)
     for k, mp in enumerate(model_prompts):  # choice c = k * n + i: choice i of prompt k
         if want:
-            svc.submit(work, mp, body, min(want, rooms[k]), top_n,
-                       lambda i, ev, k=k: queue.put_nowait((k * body.n + i, ev)))
+            svc.submit(work, mp, body, max_tokens=min(want, rooms[k]), logprobs=top_n,
+                       on_event=lambda i, ev, k=k: queue.put_nowait((k * body.n + i, ev)))
     reqs, scored = work.reqs, [None] * len(prompts)
     texts = [ChoiceText(tokenizer, stops) for _ in range(n_choices)]
     tokens = [[] for _ in range(n_choices)]  # (token, logprob) of each choice, for its logprobs
@@ -193,7 +194,7 @@ async def completions(svc, body, request):
             else:
                 _, c, tail, finish[c] = ev
                 if stream:
-                    yield sse(text_chunk(cid, created, model, c, tail, finish[c]))
+                    yield sse(text_chunk(cid, created, model, c, tail, finish=finish[c]))
         if stream:
             if body.stream_options and body.stream_options.include_usage:
                 yield sse(text_usage_chunk(cid, created, model, used()))
@@ -309,7 +310,8 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
     limits = limits or Limits()
     engine = engine or Engine(model, tokenizer, tool=tool, compile=compile)
     scheduler = Scheduler(engine, slots=slots, max_queue=max_queue, threads=threads).start()
-    svc = Service(engine, scheduler, limits, model_name, api_key, notes or {}, client_limit=client_limit)
+    svc = Service(engine, scheduler, limits, model_name=model_name, api_key=api_key, notes=notes or {},
+                  client_limit=client_limit)
 
     async def lifespan(app):
         yield

@@ -2,9 +2,9 @@
 /info tells) with each client's share of the queue, the Work of one API request, and the scheduler's events turned
 into the per-choice events the endpoints answer with.
 
-    svc = Service(engine, scheduler, limits, model_name, api_key, notes, client_limit=64)
+    svc = Service(engine, scheduler, limits, model_name=..., api_key=..., notes=..., client_limit=64)
     work = svc.admit(request, cost, stream=False)        # APIError 429 when the client or the server is full
-    svc.submit(work, prompt, body, max_tokens, top_n, on_event)
+    svc.submit(work, prompt, body, max_tokens=..., logprobs=top_n, on_event=...)
     async for ev in choice_events(queue, work, stream, texts): ...
     return await respond(run, work, stream)             # closes work however the request ends
 
@@ -31,7 +31,7 @@ class Service:
     generations each client has in flight (client_limit per client, at most the scheduler's queue and slots in
     all; a client is its address, keyed or not: the key is one secret that all clients share)."""
 
-    def __init__(self, engine, scheduler, limits, model_name, api_key, notes, client_limit=0):
+    def __init__(self, engine, scheduler, limits, *, model_name, api_key, notes, client_limit=0):
         self.engine, self.scheduler, self.limits = engine, scheduler, limits
         self.tokenizer = engine.tokenizer
         self.model_name, self.api_key, self.notes = model_name, api_key, notes
@@ -75,7 +75,7 @@ class Service:
         if not self.in_flight[client]:
             del self.in_flight[client]
 
-    def submit(self, work, prompt, body, max_tokens, logprobs, on_event):
+    def submit(self, work, prompt, body, *, max_tokens, logprobs, on_event):
         """Queue body.n generations of prompt as part of work; on_event(index, event) runs on the event loop.
         A generation the scheduler refuses closes work (cancelling what it had queued) and raises APIError."""
         loop = asyncio.get_running_loop()

@@ -87,7 +87,7 @@ class SFTLoader:
     supervised (user turns, tool outputs, padding); with device on CUDA both are in pinned memory, for
     `.to(device, non_blocking=True)`."""
 
-    def __init__(self, convs, tokenizer, row_len, device_batch, grad_accum, rank=0, world=1, buffer_size=64,
+    def __init__(self, convs, tokenizer, row_len, *, device_batch, grad_accum, rank=0, world=1, buffer_size=64,
                  device=None):
         self.row_len, self.bos = row_len, tokenizer.bos_id
         self.device_batch, self.grad_accum, self.rank, self.world = device_batch, grad_accum, rank, world
@@ -166,7 +166,8 @@ def step_loss(model, batches, device, autocast, ddp=False):
 @torch.no_grad()
 def eval_loss(model, loader, device, autocast, max_rows=None):
     """Mean loss over the supervised tokens of a packed set (all of it, or max_rows rows)."""
-    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
     rows = range(loader.rank * loader.device_batch, min(len(loader.rows), max_rows or len(loader.rows)),
                  loader.world * loader.device_batch)
     for first in rows:
@@ -222,7 +223,8 @@ def parse_epochs(text):
             if not sep or out[name.strip()] < 0:
                 raise ValueError
         except ValueError:
-            raise UserError(f"--task-epochs: expected name=number pairs like 'gsm8k=2,mmlu=0.5', got {part!r}") from None
+            raise UserError("--task-epochs: expected name=number pairs like 'gsm8k=2,mmlu=0.5', "
+                            f"got {part!r}") from None
     return out
 
 
@@ -312,9 +314,11 @@ def add_parser(sub):
                         "preference-pair form, added to the mixture (repeatable: --data a.jsonl --data b.jsonl)")
     g.add_argument("--data-only", action="store_true",
                    help="train on --data alone, without the --mixture (no validation set or chat eval then)")
-    g.add_argument("--identity-jsonl", default="", metavar="PATH", help="identity conversations replacing the built-in ones")
+    g.add_argument("--identity-jsonl", default="", metavar="PATH",
+                   help="identity conversations replacing the built-in ones")
+    default_epochs = ", ".join(f"{k}={v:g}" for k, v in DEFAULT_EPOCHS.items())
     g.add_argument("--task-epochs", default="", help="per-task passes, e.g. 'gsm8k=2,mmlu=0.5,data=3' "
-                                                      f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_EPOCHS.items())})")
+                                                      f"(defaults: {default_epochs})")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--seq-len", type=int, default=0, help="row length in tokens (default: the model's context)")
     g.add_argument("--device-batch-size", type=fastpath.batch_size_arg, default="auto",
@@ -332,7 +336,8 @@ def add_parser(sub):
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR decays linearly to this fraction")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=100, help="validation loss and chat eval every N steps (0: start and end)")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="validation loss and chat eval every N steps (0: start and end)")
     g.add_argument("--eval-rows", type=int, default=256, help="validation rows per evaluation")
     g.add_argument("--eval-problems", type=int, default=100, help="prompts per chat-eval suite")
     g.add_argument("--eval-max-tokens", type=int, default=192)
@@ -355,7 +360,7 @@ def run(args):
         return _run(args, out, *data, t0=t0)
 
 
-def _run(args, out, mixture, val_convs, suites, t0):
+def _run(args, out, mixture, val_convs, suites, *, t0):
     ddp, rank, local_rank, world, device = init_runtime(args.device)
     run_dir = home_dir() / "runs" / args.run
     base = Path(args.base) if args.base else run_dir / "base"
@@ -381,13 +386,14 @@ def _run(args, out, mixture, val_convs, suites, t0):
         # split into micro-batches follows the memory, so the optimization does not (each micro-batch's loss
         # is normalized by the whole step's supervised tokens)
         rows = 16 * args.grad_accum
-        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, row_len - 1, rows, device,
-                                                                      autocast)
+        args.device_batch_size, how = fastpath.find_device_batch_size(model, optimizer, row_len - 1, rows_per_rank=rows,
+                                                                      device=device, autocast=autocast)
         args.grad_accum = rows // args.device_batch_size
         print0(f"micro-batch {args.device_batch_size} rows x {args.grad_accum} accumulation steps ({how})")
-    loader = SFTLoader(mixture, tokenizer, row_len, args.device_batch_size, args.grad_accum, rank, world,
-                       device=device)
-    val_loader = (SFTLoader(val_convs, tokenizer, row_len, args.device_batch_size, 1, rank, world, device=device)
+    loader = SFTLoader(mixture, tokenizer, row_len, device_batch=args.device_batch_size, grad_accum=args.grad_accum,
+                       rank=rank, world=world, device=device)
+    val_loader = (SFTLoader(val_convs, tokenizer, row_len, device_batch=args.device_batch_size, grad_accum=1,
+                            rank=rank, world=world, device=device)
                   if val_convs else None)
     num_steps = args.num_iterations if args.num_iterations > 0 else loader.steps_per_epoch
     st = loader.stats()

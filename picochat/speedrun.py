@@ -169,14 +169,17 @@ def stage_commands(preset, run_name, data_arg):
         data = home / "data" / "pretrain"
         hp = derive_hparams(cfg["depth"], cfg["vocab"])
         n_shards = math.ceil(hp["tokens"] * CHARS_PER_TOKEN / SHARD_CHARS) + 1
-        stages.append(("data", ["data", "download", "-n", str(n_shards)], home / "data" / f".download_{n_shards}_done", False))
+        stages.append(("data", ["data", "download", "-n", str(n_shards)],
+                       home / "data" / f".download_{n_shards}_done", False))
     stages += [
         ("tokenizer", ["tokenizer", "train", *r, "--data", str(data), "--vocab-size", str(cfg["vocab"]),
                        "--max-chars", str(cfg["tokenizer_chars"])], run_dir / "tokenizer" / "tokenizer.json", False),
         ("pretrain", ["pretrain", *r, "--data", str(data), *cfg["pretrain"]], run_dir / "base" / "summary.json", True),
-        ("base eval", ["eval", "base", *r, "--data", str(data), *cfg["eval_base"]], run_dir / "base" / "eval_base.json", False),
+        ("base eval", ["eval", "base", *r, "--data", str(data), *cfg["eval_base"]],
+         run_dir / "base" / "eval_base.json", False),
         ("sft", ["sft", *r, *cfg["sft"]], run_dir / "sft" / "summary.json", True),
-        ("sft eval", ["eval", "chat", *r, "--stage", "sft", *cfg["eval_chat"]], run_dir / "sft" / "eval_chat.json", False),
+        ("sft eval", ["eval", "chat", *r, "--stage", "sft", *cfg["eval_chat"]],
+         run_dir / "sft" / "eval_chat.json", False),
         ("rl", ["rl", *r, *cfg["rl"]], run_dir / "rl" / "summary.json", True),
         ("rl eval", ["eval", "chat", *r, "--stage", "rl", *cfg["eval_chat"]], run_dir / "rl" / "eval_chat.json", False),
         ("report", ["report", *r], None, False),
@@ -238,8 +241,8 @@ def run(args):
         print(f"  {'ok  ' if ok else 'FAIL'} {text}")
     total = sum(timings.values())
     gpu_hours = max(1, n_gpus) * total / 3600 if n_gpus else 0.0
-    print(f"\nspeedrun finished: {format_duration(total)} of stage time"
-          f"{f', about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour' if n_gpus else ' on CPU (no GPU cost)'}")
+    cost = f", about ${gpu_hours * args.price:,.0f} at ${args.price}/GPU-hour" if n_gpus else " on CPU (no GPU cost)"
+    print(f"\nspeedrun finished: {format_duration(total)} of stage time{cost}")
     print(f"report card: {run_dir / 'report' / 'report.md'}")
     final = latest_stage(run_dir)
     notes = training_notes(read_meta(final[0])) if final is not None else None
@@ -265,7 +268,8 @@ def check_report(stages, rl_gain=True):
     checks.append((None not in (b0, b1) and b1 < 0.6 * b0,
                    f"pretraining: validation bpb {fmt(b0, 3)} -> {fmt(b1, 3)} (bar: below 0.6x the start)"))
     f0, f1 = sft.get("base_format_compliance"), sft.get("format_compliance")
-    checks.append((f1 is not None and f1 >= 0.9, f"SFT: format compliance {fmt(f0, 3)} -> {fmt(f1, 3)} (bar: at least 0.9)"))
+    checks.append((f1 is not None and f1 >= 0.9,
+                   f"SFT: format compliance {fmt(f0, 3)} -> {fmt(f1, 3)} (bar: at least 0.9)"))
     if rl_gain:
         a0, a1, n = rl.get("start_accuracy"), rl.get("accuracy"), rl.get("eval_problems")
         if None in (a0, a1, n):

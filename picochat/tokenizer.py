@@ -66,7 +66,8 @@ class Tokenizer:
 
     def save(self, folder):
         folder = Path(folder)
-        lines = [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        lines = [f"{base64.b64encode(b).decode()} {r}" for b, r in by_rank]
         atomic_write_bytes(folder / RANKS_FILE, ("\n".join(lines) + "\n").encode())
         atomic_write_json(folder / META_FILE, {"pattern": self.pattern, "special_tokens": SPECIAL_TOKENS,
                                               "vocab_size": self.vocab_size})
@@ -251,7 +252,8 @@ def _text(content, i):
 
 def bytes_to_unicode():
     """GPT-2's reversible map from bytes to printable characters (the byte-level alphabet of tokenizer.json)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -303,7 +305,8 @@ def add_parser(sub):
                                    "encoded with tiktoken, saved to runs/<run>/tokenizer.")
     tsub = p.add_subparsers(dest="action", metavar="<action>", required=True)
     t = tsub.add_parser("train", help="train on the training shards of a data folder")
-    t.add_argument("--run", default="default", help="run name: the tokenizer goes to $PICOCHAT_HOME/runs/<run>/tokenizer")
+    t.add_argument("--run", default="default",
+                   help="run name: the tokenizer goes to $PICOCHAT_HOME/runs/<run>/tokenizer")
     t.add_argument("--data", default="", help="folder of parquet shards (default $PICOCHAT_HOME/data/pretrain)")
     t.add_argument("--out", default="", help="output folder (overrides --run)")
     t.add_argument("--vocab-size", type=int, default=32768, help="including the 9 special tokens")
@@ -320,7 +323,8 @@ def add_parser(sub):
 def _paths(args):
     from picochat.common import home_dir
     data = Path(args.data) if args.data else home_dir() / "data" / "pretrain"
-    out = Path(getattr(args, "out", "") or getattr(args, "tokenizer", "") or home_dir() / "runs" / args.run / "tokenizer")
+    out = Path(getattr(args, "out", "") or getattr(args, "tokenizer", "")
+               or home_dir() / "runs" / args.run / "tokenizer")
     return data, out
 
 
@@ -353,7 +357,8 @@ def eval_cli(args):
     samples = {}
     try:
         _, val = split_shards(data)
-        samples["prose"] = "\n\n".join(pq.ParquetFile(val[0]).read_row_group(0, columns=["text"]).column("text").to_pylist()[:200])
+        prose = pq.ParquetFile(val[0]).read_row_group(0, columns=["text"]).column("text").to_pylist()
+        samples["prose"] = "\n\n".join(prose[:200])
     except UserError:
         pass
     # Python's own standard library is code that exists on every machine

@@ -128,5 +128,6 @@ if __name__ == "__main__":
     home = Path(sys.argv[1])
     (run_dir,) = (home / "runs").iterdir()  # the speedrun's one run
     meta = json.loads(max((run_dir / "rl").glob("meta_*.json")).read_text())
-    result = check_after_speedrun(dict(os.environ, PICOCHAT_HOME=str(home)), run_dir.name, meta["config"]["sequence_len"])
+    env = dict(os.environ, PICOCHAT_HOME=str(home))
+    result = check_after_speedrun(env, run_dir.name, meta["config"]["sequence_len"])
     print(json.dumps({"readme_flow": "ok", "run": run_dir.name, "browser_reply": result["browser"]}))

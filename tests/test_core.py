@@ -86,7 +86,7 @@ def test_language_modeling_prompt_by_hand(bundle, tok):
     assert prompt == ("The country of Melbourne is Australia\n\nThe sport played by Ron LeFlore is baseball\n\n"
                       "The sport played by Shane Victorino is")
     assert full == prompt + " baseball"
-    (ids, start, end), = build_requests(tok, "language_modeling", rows[3], shots, " ", 10_000)[0]
+    (ids, start, end), = build_requests(tok, "language_modeling", rows[3], shots, delim=" ", max_len=10_000)[0]
     assert ids[0] == tok.bos_id and end == len(ids)
     assert tok.decode(ids[start:end]) == " baseball"
     assert tok.decode(ids[1:start]) == prompt
@@ -102,7 +102,7 @@ def test_schema_prompt_by_hand(bundle, tok):
         "because the trophy is too large.",
         "Jim comforted Kevin because Kevin was so upset.\n\nThe trophy doesn't fit into the brown suitcase "
         "because the suitcase is too large."]
-    seqs, gold = build_requests(tok, "schema", rows[2], shots, " ", 10_000)
+    seqs, gold = build_requests(tok, "schema", rows[2], shots, delim=" ", max_len=10_000)
     assert gold == 0
     for ids, start, end in seqs:  # the scored part is the shared continuation
         assert tok.decode(ids[start:end]).strip() == "is too large." and end == len(ids)
@@ -176,7 +176,8 @@ def test_batched_scoring_matches_one_at_a_time(bundle, tok, label, shots, kw):
     k = 0
     for i in items:
         shots = [rows[j] for j in fewshot_indices(len(rows), i, task["num_fewshot"])]
-        seqs, _ = build_requests(tok, task["type"], rows[i], shots, task["continuation_delimiter"], 10_000)
+        seqs, _ = build_requests(tok, task["type"], rows[i], shots, delim=task["continuation_delimiter"],
+                                 max_len=10_000)
         for ids, s, e in seqs:
             loss, exact = plain_scores(model, ids, s, e, 128)
             assert math.isclose(got[k][0], loss, rel_tol=2e-4, abs_tol=2e-4), (label, i, got[k][0], loss)
@@ -198,7 +199,7 @@ def test_exact_match_both_ways(tok):
     repeat = {"context": "a a a a", "continuation": "a a a"}
     other = {"context": "a a a a", "continuation": "b a"}
     for item, want in [(repeat, True), (other, False)]:
-        seqs, gold = build_requests(tok, "language_modeling", item, [], " ", 64)
+        seqs, gold = build_requests(tok, "language_modeling", item, [], delim=" ", max_len=64)
         scores = score_batch(InferenceModel(model), seqs)
         assert judge("language_modeling", scores, gold) is want
         assert scores[0][1] == plain_scores(model, *seqs[0], 64)[1]
@@ -257,7 +258,7 @@ def test_core_is_mean_of_centered_and_says_what_it_covers(bundle, tok, tmp_path)
     logs = []
     res = evaluate_core(model, tok, b, CPU, max_per_task=10, batch_tokens=2048, log=logs.append)
     assert res["missing"] == ["squad"] and res["num_scored"] == 3 and res["num_tasks"] == 4
-    assert res["label"] == "CORE (3/4 tasks)" and any("squad" in l and "skipped" in l for l in logs)
+    assert res["label"] == "CORE (3/4 tasks)" and any("squad" in line and "skipped" in line for line in logs)
     by_hand = []
     for label, r in res["tasks"].items():
         assert r["total"] == 10

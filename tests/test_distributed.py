@@ -22,7 +22,8 @@ from picochat.optim import MuonAdamW, build_optimizer, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--depth", "2", "--head-dim", "32", "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
-        "--eval-tokens", "2048", "--log-every", "5", "--matrix-lr", "0.3", "--embedding-lr", "3", "--unembedding-lr", "0.1"]
+        "--eval-tokens", "2048", "--log-every", "5", "--matrix-lr", "0.3", "--embedding-lr", "3",
+        "--unembedding-lr", "0.1"]
 STEPS = ["--num-iterations", "20", "--eval-every", "10", "--save-every", "10", "--keep", "3"]
 
 
@@ -123,9 +124,9 @@ def test_other_micro_batch_restarts_the_data_with_a_warning(runs, tmp_path):
 def sft_runs(runs):
     """SFT from the base model above, 4 steps: 2 ranks x 1 micro-batch against 1 process x 2."""
     convs = runs["root"] / "convs.jsonl"
-    convs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
-                             for i in range(40)))
+    sums = [[{"role": "user", "content": f"What is {i} plus {i}?"},
+             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}] for i in range(40)]
+    convs.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in sums))
     common = ["sft", "--run", "t", "--base", str(runs["one"]), "--mixture", "full", "--data", str(convs),
               "--seq-len", "64", "--device-batch-size", "2", "--num-iterations", "4", "--eval-every", "0",
               "--save-every", "2", "--keep", "3"]
@@ -180,8 +181,10 @@ def test_rl_two_ranks_equal_one_process(tmp_path, webtext_tokenizer):
     assert len(ra) == len(rb) == 2
     assert all(r["trained_replies"] > 0 for r in ra), ra  # a real policy gradient, not all-zero advantages
     for a, b in zip(ra, rb):
-        assert (a["reward"], a["trained_replies"], a["sampled_tokens"]) == (b["reward"], b["trained_replies"], b["sampled_tokens"])
-    a, b = load_file(tmp_path / "one" / "model_000002.safetensors"), load_file(tmp_path / "two" / "model_000002.safetensors")
+        assert ((a["reward"], a["trained_replies"], a["sampled_tokens"])
+                == (b["reward"], b["trained_replies"], b["sampled_tokens"]))
+    a = load_file(tmp_path / "one" / "model_000002.safetensors")
+    b = load_file(tmp_path / "two" / "model_000002.safetensors")
     base = load_file(next((home / "runs" / "t" / "sft").glob("model_*.safetensors")))
     assert any(not torch.equal(a[k], base[k]) for k in a)  # the update moved the weights
     # per tensor, the gap between the runs against how far the two steps moved the weights: fp32 sums in
@@ -233,7 +236,8 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    with pytest.raises(UserError, match="4 processes per node but only 2 GPUs are visible: lower --nproc_per_node to 2"):
+    with pytest.raises(UserError, match="4 processes per node but only 2 GPUs are visible: "
+                                        "lower --nproc_per_node to 2"):
         init_runtime("cuda")
 
 
@@ -486,7 +490,8 @@ def test_each_rank_reads_only_the_optimizer_shards_it_needs(tmp_path, monkeypatc
     old = {"state": {i: {"step": 7, "exp_avg": torch.arange(p.numel(), dtype=torch.float32).view(p.shape),
                          "exp_avg_sq": torch.ones(p.shape)}}, "groups": opt.shard_state()["groups"]}
     opt.load_shards([old])
-    assert opt.state[p]["step"] == 7 and torch.equal(opt.state[p]["exp_avg"], torch.arange(start, stop, dtype=torch.float32))
+    assert opt.state[p]["step"] == 7
+    assert torch.equal(opt.state[p]["exp_avg"], torch.arange(start, stop, dtype=torch.float32))
     assert opt.state[p]["exp_avg_sq"].shape == (stop - start,)
 
 
@@ -536,10 +541,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_auto_device_batch_size_on_cpu():
     model = tiny_model()
     opt = build_optimizer(model)
-    B, how = fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None)
+    on_cpu = dict(rows_per_rank=48, device=torch.device("cpu"), autocast=None)
+    B, how = fastpath.find_device_batch_size(model, opt, 32, **on_cpu)
     assert B == 24 and "no probe" in how  # the largest divisor of 48 rows up to 32
-    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=6)[0] == 6
-    assert fastpath.find_device_batch_size(model, opt, 32, 48, torch.device("cpu"), None, prefer=5)[0] == 24
+    assert fastpath.find_device_batch_size(model, opt, 32, **on_cpu, prefer=6)[0] == 6
+    assert fastpath.find_device_batch_size(model, opt, 32, **on_cpu, prefer=5)[0] == 24
 
 
 def test_fast_attention_falls_back_to_sdpa_on_cpu():

@@ -208,6 +208,7 @@ def test_auto_batch_for_an_evaluation_on_cpu():
     lets fit (no probe), the preferred one where it divides."""
     from picochat.model import GPT, GPTConfig
     model = GPT(GPTConfig.from_depth(2, vocab_size=64, sequence_len=32, head_dim=16)).init_weights(seed=0)
-    B, how = fastpath.find_device_batch_size(model, None, 32, 8, torch.device("cpu"), None)
+    cpu = torch.device("cpu")
+    B, how = fastpath.find_device_batch_size(model, None, 32, rows_per_rank=8, device=cpu, autocast=None)
     assert B == 8 and how.startswith("auto: cpu, no probe")
-    assert fastpath.find_device_batch_size(model, None, 32, 64, torch.device("cpu"), None)[0] == 32
+    assert fastpath.find_device_batch_size(model, None, 32, rows_per_rank=64, device=cpu, autocast=None)[0] == 32

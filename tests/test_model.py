@@ -9,8 +9,8 @@ from picochat.model import GPT, GPTConfig, bits_per_byte
 
 
 def tiny(**kw):
-    cfg = GPTConfig.from_depth(kw.pop("depth", 2), vocab_size=kw.pop("vocab_size", 300), sequence_len=kw.pop("sequence_len", 64),
-                               head_dim=kw.pop("head_dim", 32), **kw)
+    cfg = GPTConfig.from_depth(kw.pop("depth", 2), vocab_size=kw.pop("vocab_size", 300),
+                               sequence_len=kw.pop("sequence_len", 64), head_dim=kw.pop("head_dim", 32), **kw)
     model = GPT(cfg).init_weights(seed=0)
     with torch.no_grad():  # zero-initialized projections would hide bugs in attention and MLP paths
         g = torch.Generator().manual_seed(1)
@@ -66,7 +66,8 @@ def test_weighted_loss_and_no_valid_targets():
     assert loss.item() == 0 and all(torch.isfinite(p.grad).all() for p in model.parameters())
     y = torch.randint(0, 300, (2, 20))
     w = torch.rand(2, 20)
-    assert torch.allclose(model(x, y, loss_weights=w, reduction="sum"), (model(x, y, reduction="none") * w).sum(), rtol=1e-5)
+    summed = model(x, y, loss_weights=w, reduction="sum")
+    assert torch.allclose(summed, (model(x, y, reduction="none") * w).sum(), rtol=1e-5)
 
 
 def test_sliding_window_limits_attention():
@@ -168,7 +169,7 @@ def test_loss_matmuls_run_in_the_autocast_dtype():
     for autocast, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
         seen = set()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), MatmulDtypes():
-            fused_loss(h, W, t, w, 15.0, 16, softcap_ce_chunk)
+            fused_loss(h, W, t, w, softcap=15.0, chunk=16, kernel=softcap_ce_chunk)
         assert seen == want, (autocast, seen)
 
 

@@ -105,7 +105,8 @@ def test_check_sampling():
 
 def test_check_stops():
     lim = Limits(max_stop=2)
-    assert check_stops(None, lim) == [] and check_stops("x", lim) == ["x"] and check_stops(["a", "b"], lim) == ["a", "b"]
+    assert check_stops(None, lim) == [] and check_stops("x", lim) == ["x"]
+    assert check_stops(["a", "b"], lim) == ["a", "b"]
     assert check_stops(["y" * 200], lim) == ["y" * 200]
     for stop in (["a", "b", "c"], ["y" * 201], "y" * 201):
         e = api_error(check_stops, stop, lim)
@@ -116,7 +117,8 @@ def test_conversation():
     lim = Limits(max_messages=3, max_chars=60)
     msgs = chat(messages=[{"role": "system", "content": "be brief"},
                           {"role": "assistant", "content": "<|python_start|>1+1<|python_end|>2"},
-                          {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "3"}]}]
+                          {"role": "user", "content": [{"type": "text", "text": "and "},
+                                                       {"type": "text", "text": "3"}]}]
                 ).messages
     conv = conversation(msgs, lim)
     assert conv[0] == {"role": "system", "content": "be brief"}
@@ -158,7 +160,8 @@ def test_room_echo_and_generation_parameters():
     assert p[1]["seed"] == 0  # seed + i stays a valid 63-bit seed
     assert sampling_params(chat(top_k=5, seed=3), 2)["top_k"] == 5 and sampling_params(chat(seed=3), 2)["seed"] == 5
     assert chat_logprobs_count(chat()) is None and chat_logprobs_count(chat(top_logprobs=3)) is None
-    assert chat_logprobs_count(chat(logprobs=True)) == 0 and chat_logprobs_count(chat(logprobs=True, top_logprobs=3)) == 3
+    assert chat_logprobs_count(chat(logprobs=True)) == 0
+    assert chat_logprobs_count(chat(logprobs=True, top_logprobs=3)) == 3
 
 
 def test_check_work():
@@ -181,7 +184,8 @@ def test_choice_text_holds_back_a_possible_stop(tok):
     assert out == t.text == "the cat sat " and t.stopped and finish_reason("length", t) == "stop"
     t = ChoiceText(tok, [])
     assert "".join(t.feed(i) for i in ids) + t.finish() == "the cat sat on the mat" and not t.stopped
-    assert [finish_reason(r, t) for r in ("length", "stop", "cancelled", "error: boom")] == ["length", "stop", "stop", "stop"]
+    reasons = [finish_reason(r, t) for r in ("length", "stop", "cancelled", "error: boom")]
+    assert reasons == ["length", "stop", "stop", "stop"]
 
 
 def test_error_body_and_sse():
@@ -194,7 +198,7 @@ def test_error_body_and_sse():
 def test_chat_bodies(tok):
     u = usage(5, 3)
     assert u == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    c = chat_chunk("id", 1, "m", 1, {"content": "x"}, "stop")
+    c = chat_chunk("id", 1, "m", 1, {"content": "x"}, finish="stop")
     assert c == {"id": "id", "object": "chat.completion.chunk", "created": 1, "model": "m",
                  "choices": [{"index": 1, "delta": {"content": "x"}, "logprobs": None, "finish_reason": "stop"}]}
     assert chat_usage_chunk("id", 1, "m", u)["choices"] == [] and chat_usage_chunk("id", 1, "m", u)["usage"] == u
@@ -211,7 +215,7 @@ def test_chat_bodies(tok):
 
 
 def test_completion_bodies(tok):
-    assert text_chunk("id", 1, "m", 0, "x", "length")["choices"] == [
+    assert text_chunk("id", 1, "m", 0, "x", finish="length")["choices"] == [
         {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}]
     assert completion("id", 1, "m", choices=[], usage=usage(1, 0))["object"] == "text_completion"
     ids = tok.encode("the cat")

@@ -66,7 +66,8 @@ def test_cautious_weight_decay_only_where_signs_agree():
 
 
 def test_build_optimizer_covers_every_parameter_once():
-    model = GPT(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=32, value_embeds=True)).init_weights(0)
+    config = GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=32, value_embeds=True)
+    model = GPT(config).init_weights(0)
     opt = build_optimizer(model)
     seen = [p for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))

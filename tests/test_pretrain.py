@@ -26,11 +26,12 @@ def setup(tmp_path, webtext_tokenizer, data_root):
 
 def run_cli(home, *args):
     env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "picochat", *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "picochat", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def losses(path):
-    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [(r["step"], r.get("loss"), r.get("val_bpb")) for r in rows]
 
 
@@ -63,7 +64,7 @@ def test_loss_falls_on_webtext(setup):
                 "--eval-every", "40", "--save-every", "40", "--matrix-lr", "0.3", "--embedding-lr", "3",
                 "--unembedding-lr", "0.1")
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(l) for l in (home / "runs/t/base/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (home / "runs/t/base/metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if "loss" in r]
     bpb = [r["val_bpb"] for r in rows if "val_bpb" in r]
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.5
@@ -188,7 +189,8 @@ def test_bf16_linears_runs_fp8_layers_as_plain_linears():
     import torch.nn as nn
     from picochat.model import GPT, GPTConfig
     from picochat.fastpath import bf16_linears
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)).init_weights(seed=0)
+    config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config).init_weights(seed=0)
     ref = copy.deepcopy(model)
     calls = []
     fp8 = fake_float8_class(calls)
@@ -303,7 +305,7 @@ def test_init_from_continues_an_imported_model(setup, monkeypatch, capsys):
     assert main(["pretrain", "--run", "ref", "--init-from", "ref", *args]) == 2
     assert "this run's own output folder" in capsys.readouterr().err
     assert main(["pretrain", "--run", "c", "--init-from", "ref", *args]) == 0
-    rows = [json.loads(l) for l in (home / "runs/c/base/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (home / "runs/c/base/metrics.jsonl").read_text().splitlines()]
     first = [r["loss"] for r in rows if "loss" in r][0]
     assert first < 5.0  # a fresh model starts at ln(512) = 6.2; the imported one has learned webtext already
     model, tok, meta = load_model(home / "runs/c/base")

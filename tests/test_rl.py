@@ -57,7 +57,7 @@ def test_pg_weights_match_autograd_of_the_objective():
     objective = ((-surrogate + kl * k3) * valid).sum() / N
     (g_true,) = torch.autograd.grad(objective, logits, retain_graph=True)
 
-    w, frac = rl.pg_weights(adv, y, N, logp.detach(), logp_old, logp_ref, clip, kl)
+    w, frac = rl.pg_weights(adv, y, N, logp=logp.detach(), logp_old=logp_old, logp_ref=logp_ref, clip=clip, kl_coef=kl)
     assert 0 < frac < 1
     ce = -logp
     (g_w,) = torch.autograd.grad((w * ce).sum(), logits)
@@ -96,7 +96,8 @@ def test_update_raises_logprob_of_rewarded_replies():
     before = seq_logp(model)
     opt = build_optimizer(model, matrix_lr=0.005, embedding_lr=0.01, unembedding_lr=0.01, scalar_lr=0.01)
     n_tokens = sum(sum(m) for m in masks)
-    stats = rl.policy_update(model, opt, seqs, masks, adv, 0, n_tokens, "cpu", device_batch_size=3)
+    stats = rl.policy_update(model, opt, seqs, masks, adv, pad_id=0, n_tokens=n_tokens, device="cpu",
+                             device_batch_size=3)
     assert stats["trained"] == 8
     delta = seq_logp(model) - before
     for r, d in zip(rewards, delta.tolist()):
@@ -104,8 +105,8 @@ def test_update_raises_logprob_of_rewarded_replies():
 
     # PPO epochs and a KL term run too, and the clip fraction is reported
     ref = copy.deepcopy(model)
-    stats = rl.policy_update(model, opt, seqs, masks, adv, 0, n_tokens, "cpu", device_batch_size=3, ppo_epochs=3,
-                             clip=0.2, kl_coef=0.1, ref_model=ref)
+    stats = rl.policy_update(model, opt, seqs, masks, adv, pad_id=0, n_tokens=n_tokens, device="cpu",
+                             device_batch_size=3, ppo_epochs=3, clip=0.2, kl_coef=0.1, ref_model=ref)
     assert 0 <= stats["clip_frac"] <= 1 and stats["kl"] >= 0
 
 
@@ -141,7 +142,7 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["stage"] == "rl" and summary["step"] == 2 and summary["eval_problems"] == 2
     assert "pass@2" in summary and summary["start_accuracy"] is not None
-    full = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
 
     real_save = checkpoint.save_checkpoint
 
@@ -153,7 +154,7 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "1"]) == 130
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "1", "--resume"]) == 0
-    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     pick = lambda recs: [(r["step"], r["reward"], r["sampled_tokens"], r.get("kl")) for r in recs if "reward" in r]
     assert pick(resumed) == pick(full)
     wa, wb = checkpoint.load_weights(tmp_path / "a", 2), checkpoint.load_weights(tmp_path / "b", 2)

@@ -64,8 +64,8 @@ def test_a_host_unix_socket_cannot_be_reached(run, tmp_path):
     os.chmod(tmp_path, 0o755)
     os.chmod(path, 0o777)
     try:
-        r = run("import socket\ntry:\n    s = socket.socket(socket.AF_UNIX)\n    s.connect(%r)\n    print('connected')\n"
-                "except OSError as e:\n    print(type(e).__name__)" % str(path))
+        r = run("import socket\ntry:\n    s = socket.socket(socket.AF_UNIX)\n    s.connect(%r)\n"
+                "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)" % str(path))
         server.settimeout(0.2)
         with pytest.raises(socket.timeout):
             server.accept()
@@ -93,7 +93,8 @@ def test_no_new_namespaces_or_mounts():
                 "print('mount', libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), ctypes.get_errno())\n"
                 "print('clone3', libc.syscall(435, None, 0), ctypes.get_errno())\n"
                 "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
-                "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+                "pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+                "print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
     assert r.ok, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:4] == ["unshare -1 1"] * 4 and lines[4] == "mount -1 1", r.stdout
@@ -226,7 +227,8 @@ def test_weak_mode_is_said_and_serve_refuses_the_tool(tmp_path):
     assert lines[0] == "weak"
     assert lines[1].startswith("False sandbox: WEAK") and "PICOCHAT_SANDBOX=basic" in lines[1]
     assert lines[2].startswith("tool: OFF") and "--allow-weak-sandbox" in lines[2]
-    assert lines[3].startswith("True sandbox: WEAK") and lines[4] == "tool: on, in the weak sandbox (--allow-weak-sandbox)"
+    assert lines[3].startswith("True sandbox: WEAK")
+    assert lines[4] == "tool: on, in the weak sandbox (--allow-weak-sandbox)"
     assert lines[5] == "(False, 'tool: off (--no-tool)')"
 
 

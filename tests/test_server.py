@@ -195,7 +195,8 @@ def test_errors_are_openai_shaped(server, client, tok):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}).encode(), "application/json"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_k": 5000}).encode(), "application/json"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 99}).encode(), "application/json"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}).encode(), "application/json"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}).encode(),
+         "application/json"),
         (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), "application/json"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}).encode(),
          "application/json"),
@@ -270,7 +271,7 @@ def test_metrics(server, client):
     for name in ("picochat_queue_depth", "picochat_active_slots", "picochat_generated_tokens_total",
                  "picochat_generation_seconds_bucket", "picochat_time_to_first_token_seconds_count"):
         assert name in text
-    gen = [l for l in text.splitlines() if l.startswith("picochat_generated_tokens_total")][0]
+    gen = [line for line in text.splitlines() if line.startswith("picochat_generated_tokens_total")][0]
     assert float(gen.split()[-1]) >= 3
     r = httpx.get(server.url + "/metrics")
     assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -292,9 +293,9 @@ def test_load_and_abuse(server, tok):
         with httpx.Client(timeout=120) as h:
             with h.stream("POST", url + "/v1/chat/completions", json=dict(good, seed=i)) as r:
                 assert r.status_code == 200
-                lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
-        chunks = [json.loads(l[6:]) for l in lines[:-1]]
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
         return len(chunks)
 
@@ -380,7 +381,8 @@ def test_info_tells_the_ui_the_limits(model, tok):
     app = create_app(model, tok, model_name="m")  # no cap: the context; no notes: empty
     with ServerThread(app) as url:
         info = httpx.get(url + "/info").json()
-        assert info["max_tokens"] == 256 and info["tool"] is True and info["trained_on"] == "" and info["examples"] == []
+        assert info["max_tokens"] == 256 and info["tool"] is True
+        assert info["trained_on"] == "" and info["examples"] == []
 
 
 # ---- hardening: dropped clients, fairness, Host names, hostile input, the key ----------------------------------
@@ -461,7 +463,8 @@ def test_one_client_cannot_crowd_out_another(model, tok):
     other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"), timeout=60)
     with ServerThread(app) as url, flood_client, other:
         def flood(i):
-            return flood_client.post(url + "/v1/completions", json={"prompt": "Once upon", "max_tokens": 150, "seed": i})
+            return flood_client.post(url + "/v1/completions",
+                                     json={"prompt": "Once upon", "max_tokens": 150, "seed": i})
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             futures = [pool.submit(flood, i) for i in range(8)]

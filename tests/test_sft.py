@@ -99,7 +99,8 @@ def test_batch_masks_and_padding(tok):
     assert sup == tok.encode("Hello!") + [tok.special("<|assistant_end|>")]
     # tool outputs are inputs, never targets
     tc = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [
-        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "#### 4"}]}]}
+        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"},
+        {"type": "text", "text": "#### 4"}]}]}
     ids, mask = tok.render_conversation(tc)
     x, y = sft.SFTLoader([tc], tok, len(ids), device_batch=1, grad_accum=1).micro_batch(0, 0)
     sup = [int(v) for v in y[0] if v >= 0]
@@ -124,7 +125,8 @@ class CountingTokenizer:
 
 def varied_conversations():
     tool = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [
-        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "#### 4"}]}]}
+        {"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"},
+        {"type": "text", "text": "#### 4"}]}]}
     convs = [conv("word " * (i % 13), "yes " * (i % 7) + str(i)) for i in range(40)]
     convs[5] = convs[23] = tool
     convs[11] = conv("word " * 120, "far too long for a row")  # truncated, in a row alone
@@ -165,10 +167,11 @@ def test_batches_are_the_rendered_rows_with_each_conversation_rendered_once(tok,
 def test_batches_are_pinned_only_for_cuda(tok):
     """Pinned host memory (for asynchronous copies) only where the device is CUDA: pinning needs a GPU."""
     c = [conv("a", "b")]
-    assert not sft.SFTLoader(c, tok, 16, 1, 1).pin and not sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").pin
-    assert sft.SFTLoader(c, tok, 16, 1, 1, device=torch.device("cuda", 0)).pin
-    assert sft.SFTLoader(c, tok, 16, 1, 1, device="cuda").pin
-    x, y = sft.SFTLoader(c, tok, 16, 1, 1, device="cpu").micro_batch(0, 0)
+    one_row = dict(device_batch=1, grad_accum=1)
+    assert not sft.SFTLoader(c, tok, 16, **one_row).pin and not sft.SFTLoader(c, tok, 16, **one_row, device="cpu").pin
+    assert sft.SFTLoader(c, tok, 16, **one_row, device=torch.device("cuda", 0)).pin
+    assert sft.SFTLoader(c, tok, 16, **one_row, device="cuda").pin
+    x, y = sft.SFTLoader(c, tok, 16, **one_row, device="cpu").micro_batch(0, 0)
     assert not x.is_pinned() and not y.is_pinned()
 
 
@@ -278,9 +281,10 @@ def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     home = tmp_path / "home"
     _home_with_run(home, demo_setup, tiny_model(demo_setup[1].vocab_size, seq_len=128))
     flags = ["sft", "--run", "t", "--num-iterations", "4", "--device-batch-size", "4", "--grad-accum", "2",
-             "--eval-every", "0", "--eval-rows", "8", "--eval-problems", "2", "--eval-max-tokens", "8", "--log-every", "1"]
+             "--eval-every", "0", "--eval-rows", "8", "--eval-problems", "2", "--eval-max-tokens", "8",
+             "--log-every", "1"]
     assert main(flags + ["--out", str(tmp_path / "a"), "--save-every", "100"]) == 0
-    full = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["stage"] == "sft" and summary["step"] == 4 and summary["train_seconds"] > 0
     assert summary["val_loss"] is not None and summary["format_compliance"] is not None
@@ -297,7 +301,7 @@ def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "2"]) == 130
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert main(flags + ["--out", str(tmp_path / "b"), "--save-every", "2", "--resume"]) == 0
-    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     losses = lambda recs: [(r["step"], r["loss"]) for r in recs if "loss" in r]
     assert losses(resumed) == losses(full)
     wa = checkpoint.load_weights(tmp_path / "a", 4)
@@ -440,7 +444,7 @@ def test_sft_auto_batch_keeps_the_rows_of_a_step(tmp_path, demo_setup):
                         ("default", [])):
         assert main(flags + extra + ["--out", str(tmp_path / name)]) == 0
         args = json.loads((tmp_path / name / "summary.json").read_text())["args"]
-        metrics = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = (args["device_batch_size"], args["grad_accum"]), [r["loss"] for r in metrics if "loss" in r]
     assert runs["auto"][0] == (32, 1) and runs["given"][0] == (16, 2) and runs["default"][0] == (16, 1)
     # the same gradient up to the order of its sums (Muon's orthogonalization carries that into the digits)

@@ -97,3 +97,59 @@ def test_stages_are_leaves():
     bad = [f"{m} imports the stage {n} (line {line}): move what they share into a library module"
            for m in sorted(STAGES) for n, line in sorted(graph[m].items()) if n in STAGES]
     assert not bad, "\n".join(bad)
+
+
+# the project's style: keyword arguments past the first few, so a call reads without the signature beside it
+MAX_POSITIONAL = 5
+# "file:qualified name" of the functions whose signature is not ours to choose, each with its reason
+POSITIONAL_EXCEPTIONS = {
+    # autograd.Function.apply takes no keywords: it hands forward its inputs in order, and backward returns one
+    # gradient per input in that order
+    "model.py:LinearSoftcapCrossEntropy.forward",
+}
+
+
+def definitions(tree, prefix=""):
+    """(qualified name, node) of every function in tree: methods and nested functions too."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name, node
+            yield from definitions(node, f"{prefix}{node.name}.")
+        elif isinstance(node, ast.ClassDef):
+            yield from definitions(node, f"{prefix}{node.name}.")
+        else:
+            yield from definitions(node, prefix)
+
+
+def positional_parameters(fn):
+    """The named parameters a call can fill by position, self or cls left out (*args is a pass-through, not counted)."""
+    names = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def too_many_positional():
+    """{"file:qualified name": "picochat/file:line: ..."} for every function in picochat/ over MAX_POSITIONAL."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for name, fn in definitions(ast.parse(path.read_text(), str(path))):
+            params = positional_parameters(fn)
+            if len(params) > MAX_POSITIONAL:
+                found[f"{rel}:{name}"] = (f"picochat/{rel}:{fn.lineno}: {name}({', '.join(params)}) takes "
+                                          f"{len(params)} positional parameters")
+    return found
+
+
+def test_positional_parameters_are_counted_as_a_call_fills_them():
+    tree = ast.parse("class A:\n    def m(self, a, b, *, c): pass\n    @classmethod\n    def k(cls, a): pass\n"
+                     "def f(a, b, /, c, *args, d=1, **kw):\n    def inner(x, y): pass\n")
+    found = {name: positional_parameters(fn) for name, fn in definitions(tree)}
+    assert found == {"A.m": ["a", "b"], "A.k": ["a"], "f": ["a", "b", "c"], "f.inner": ["x", "y"]}
+
+
+def test_keyword_arguments_past_the_first_few():
+    found = too_many_positional()
+    assert POSITIONAL_EXCEPTIONS <= set(found), f"no longer needed: {POSITIONAL_EXCEPTIONS - set(found)}"
+    bad = [line for key, line in sorted(found.items()) if key not in POSITIONAL_EXCEPTIONS]
+    assert not bad, (f"more than {MAX_POSITIONAL} positional parameters: put a * after the first few and pass the "
+                     "rest by keyword at every call\n" + "\n".join(bad))

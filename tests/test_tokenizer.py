@@ -20,7 +20,8 @@ def test_roundtrip_unicode(tok, text):
 @settings(max_examples=200, deadline=None)
 @given(st.binary())
 def test_roundtrip_arbitrary_bytes(tok, data):
-    text = data.decode("utf-8", errors="surrogateescape").encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+    raw = data.decode("utf-8", errors="surrogateescape").encode("utf-8", errors="surrogatepass")
+    text = raw.decode("utf-8", errors="replace")
     assert tok.decode(tok.encode(text)) == text
 
 
@@ -98,12 +99,14 @@ def test_render_conversation_masks(tok):
                 + [(S("<|output_start|>"), 0)] + [(i, 0) for i in enc("42")] + [(S("<|output_end|>"), 0)]
                 + [(i, 1) for i in enc("It is 42.")] + [(S("<|assistant_end|>"), 1)]
                 + [(S("<|user_start|>"), 0)] + [(i, 0) for i in enc("Thanks")] + [(S("<|user_end|>"), 0)]
-                + [(S("<|assistant_start|>"), 0)] + [(i, 1) for i in enc("You're welcome.")] + [(S("<|assistant_end|>"), 1)])
+                + [(S("<|assistant_start|>"), 0)] + [(i, 1) for i in enc("You're welcome.")]
+                + [(S("<|assistant_end|>"), 1)])
     assert list(zip(ids, mask)) == expected
     ids, mask = tok.render_conversation(conv, max_tokens=5)
     assert len(ids) == len(mask) == 5
-    prompt = tok.render_for_completion({"messages": conv["messages"][:2]})
-    assert prompt[-1] == S("<|assistant_start|>") and prompt[:-1] == tok.render_conversation({"messages": conv["messages"][:2]})[0]
+    first_turn = {"messages": conv["messages"][:2]}
+    prompt = tok.render_for_completion(first_turn)
+    assert prompt[-1] == S("<|assistant_start|>") and prompt[:-1] == tok.render_conversation(first_turn)[0]
 
 
 @pytest.mark.parametrize("messages,match", [

@@ -19,7 +19,8 @@ def read_arc(path):
         ch = r.get("choices") or {}
         labels = list(ch.get("label") or [])
         answer = labels.index(r.get("answerKey")) if r.get("answerKey") in labels else -1
-        out.append(mc_row(path, i, r.get("question"), list(ch.get("text") or []), labels, answer, id=r.get("id")))
+        out.append(mc_row(path, i, r.get("question"), choices=list(ch.get("text") or []), labels=labels,
+                          answer=answer, id=r.get("id")))
     return out
 
 

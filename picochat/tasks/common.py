@@ -65,7 +65,7 @@ def mc_check(item, text):
     return bool(text) and text[0] == answer_letter(item)
 
 
-def mc_row(path, i, question, choices, labels, answer, **extra):
+def mc_row(path, i, question, *, choices, labels, answer, **extra):
     """A multiple-choice row as the readers return it, or a UserError naming path and row i when the question,
     choices or answer index are malformed."""
     if not (isinstance(question, str) and isinstance(choices, list) and len(choices) >= 2 and

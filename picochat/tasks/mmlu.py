@@ -17,8 +17,8 @@ def read_mmlu(path):
         if isinstance(r.get("train"), dict):  # the auxiliary_train config nests each row under "train"
             r = r["train"]
         choices = list(r.get("choices") or [])
-        out.append(mc_row(path, i, r.get("question"), choices, list("ABCDEFGHIJ"[:len(choices)]), r.get("answer"),
-                       subject=r.get("subject", "")))
+        out.append(mc_row(path, i, r.get("question"), choices=choices, labels=list("ABCDEFGHIJ"[:len(choices)]),
+                          answer=r.get("answer"), subject=r.get("subject", "")))
     return out
 
 
