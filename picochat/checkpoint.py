@@ -18,6 +18,7 @@ import fcntl
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,27 @@ from picochat.model import GPT, GPTConfig, config_to_dict
 from picochat.tokenizer import Tokenizer, RANKS_FILE, META_FILE, HF_FILE
 
 STAGES = ("base", "sft", "rl")  # the stage folders of a run, in training order: the last one trained is the default
+
+
+class CheckpointMeta(TypedDict, total=False):
+    """meta_<step>.json, as save_checkpoint writes it and read_meta returns it (other modules read these keys)."""
+    step: int                   # always present, like config, world_size, files and sha256
+    config: dict                # GPTConfig as a dict (model.config_to_dict); build_model reads it back
+    world_size: int             # ranks that wrote the checkpoint: how many optim/state shards it has
+    tokenizer_hash: str | None  # Tokenizer.hash of the tokenizer the model was trained with
+    files: dict                 # {file name: size in bytes} of every file of the checkpoint
+    sha256: dict                # {file name: hex digest}, checked on load (older checkpoints lack it)
+    optim_shards: list          # which rank's optimizer shard holds which parameters (see load_rank_shards)
+    stage: str                  # "base", "sft" or "rl": the stage that wrote it
+    args: dict                  # that stage's flags (common.vars_json)
+    val_bpb: float | None       # base: validation bits per byte at this step
+    device_batch_size: int      # base: rows per micro-batch and micro-batches per step, to resume the data
+    num_streams: int            #   order exactly
+    val_loss: float | None      # sft: validation loss at this step
+    base: str                   # sft: the checkpoint folder it started from
+    source: str                 # rl: the checkpoint folder it started from
+    accuracy: float | None      # rl: held-apart accuracy at the last eval
+    imported_from: str          # import: where the weights came from
 
 
 LOCK_FILE = ".lock"
@@ -70,7 +92,8 @@ def _barrier():
         dist.barrier()
 
 
-def save_checkpoint(folder, step, model, optimizer=None, *, rank_state=None, meta=None, tokenizer=None, keep=2):
+def save_checkpoint(folder, step, model, optimizer=None, *, rank_state=None, meta: CheckpointMeta | None = None,
+                    tokenizer=None, keep=2):
     """Every rank calls this. Rank 0 writes the weights and the meta; each rank writes its own shards."""
     folder = Path(folder)
     _, rank, _, world = dist_info()
@@ -176,7 +199,7 @@ def resolve_checkpoint(run, stage=None, checkpoint=""):
     return found
 
 
-def read_meta(folder, step=None):
+def read_meta(folder, step=None) -> CheckpointMeta:
     """The meta of a complete checkpoint (latest by default), after checking every file it lists."""
     folder = Path(folder)
     step = latest_step(folder) if step is None else step
@@ -234,7 +257,7 @@ def load_torch(path):
                         "the checkpoint is corrupt or truncated") from None
 
 
-def build_model(meta, weights, device):
+def build_model(meta: CheckpointMeta, weights, device):
     config = GPTConfig(**meta["config"])
     with torch.device("meta"):
         model = GPT(config)
