@@ -33,6 +33,12 @@ compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip 
 it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py checks the layout token for token
 against GPT.forward. The prepared weights are rebuilt when the model's parameters change (RL updates them in place
 between generations) or the decoding thread's thread count does.
+
+int8 weights (Engine(dtype=torch.int8), `chat --dtype int8`, `serve --dtype int8`; CPUs): every matrix a decode step
+streams (q/k/v, the attention output, the MLP, lm_head) is stored as int8 with one scale per output channel
+(quantize_int8), a quarter of fp32's bytes, and multiplied by int8_matmul; activations, the KV cache, the embeddings
+and the small value-embedding gate stay fp32. Sampling, tool calls and stops are the same code as in fp32.
+bench/int8.py measures what it costs in bits per byte and greedy tokens on a trained checkpoint.
 """
 import codecs
 import re
@@ -386,7 +392,7 @@ def quantize_int8(w):
     return Int8Weight(q.to(torch.int8).contiguous(), scale, scale.to(torch.bfloat16))
 
 
-INT8_KERNEL_MAX_ROWS = 16  # above this many rows dequantizing once beats the int8 kernel (see int8_matmul)
+INT8_KERNEL_MAX_ROWS = 64  # above this many rows dequantizing once beats the int8 kernel (see int8_matmul)
 
 
 def int8_matmul(x, w):
@@ -396,8 +402,9 @@ def int8_matmul(x, w):
       code is vectorized for bf16 activations only (fp32 ones take a scalar loop, ~4x slower than fp32 weights),
       so x is rounded to bf16 for the product and the result comes back in x's dtype. It has no loop tail: the
       input width must be a multiple of 32 (every shape from_depth makes; others take the path below).
-    - More rows (prefill, scoring): that kernel's time grows with every row, while MKL's gemm reads the weights
-      once for all rows; dequantizing W for it costs about as much as 16 rows of the kernel."""
+    - More rows (prefill, scoring): the kernel reads the weights again for every 4 rows, while MKL's gemm reads
+      them once for all rows; dequantizing W for it costs about as much as 64 rows of the kernel (the crossover
+      at d20 shapes)."""
     rows = x.numel() // x.shape[-1]
     if rows <= INT8_KERNEL_MAX_ROWS and x.shape[-1] % 32 == 0:
         a = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel assumes rows of width `in`

@@ -3,8 +3,8 @@ import torch
 
 import picochat.engine as engine_mod
 from picochat.common import UserError
-from picochat.engine import (Engine, InferenceModel, Int8Weight, StaticCache, StreamDecoder, ToolState, decode_layout,
-                             int8_matmul, matmul, parse_reply, quantize_int8, sample, softcap)
+from picochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, InferenceModel, Int8Weight, StaticCache, StreamDecoder,
+                             ToolState, decode_layout, int8_matmul, matmul, parse_reply, quantize_int8, sample, softcap)
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
@@ -234,7 +234,7 @@ def test_quantize_int8_round_trip_error_per_channel():
     assert (qw.q.abs().amax(dim=1)[row_max > 0] == 127).all()  # each row uses the whole range
     # int8_matmul computes F.linear with the dequantized matrix, on both of its paths (the kernel for a few rows,
     # dequantize-then-gemm for many): rounding x to bf16 for the kernel costs ~2^-9 of each product
-    for rows in (1, 3, 40):
+    for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 1):
         x = torch.randn(rows, 64, generator=g)
         ref = torch.nn.functional.linear(x, back)
         assert torch.allclose(int8_matmul(x, qw), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
@@ -253,7 +253,7 @@ def test_int8_logits_close_to_float32(kw):
     x = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
-        whole = softcap(net.logits(net.hidden(x)), 15.0)  # 40 rows per product: the dequantizing path
+        whole = softcap(net.logits(net.hidden(x)), 15.0)  # 120 rows per product: the dequantizing path
         cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
         parts = [net.logits(net.hidden(x[:, :25], cache, slice(0, 3), [0] * 3))]
         parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 3), [t] * 3)) for t in range(25, 40)]
