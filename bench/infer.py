@@ -4,6 +4,11 @@ requests through the continuous-batching Scheduler (what the server runs), again
 
     python bench/infer.py                       # depth 6, width 384 (head dim 64), vocab 32768, fp32
     python bench/infer.py --threads 2 --compile
+    python bench/infer.py --depth 20 --head-dim 128 --vocab-size 65536 --dtype float32,int8 --skip-naive
+
+With several --dtype values, batch-1 decode is measured for each (one Engine per dtype over the same model, rounds
+interleaved: batch1_tok_s_by_dtype, and batch1_ratio_to_first = each one's figure over the first one's); the
+scheduler and naive figures are the first dtype's.
 
 Random weights (speed does not depend on them); stop tokens are switched off so every request decodes exactly
 --tokens tokens. Each figure is the best of --repeats rounds, the measurements interleaved round by round (the machine
@@ -18,6 +23,7 @@ import time
 
 import torch
 
+from picochat.checkpoint import ENGINE_DTYPES
 from picochat.common import autodetect_device
 from picochat.batching import Request, Scheduler
 from picochat.engine import Engine
@@ -41,8 +47,14 @@ p.add_argument("--threads", type=int, default=0,
                     "<10 tok/s)")
 p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 p.add_argument("--device", default="")
+p.add_argument("--dtype", default="auto",
+               help=f"the engine's dtype, or several separated by commas (of {', '.join(ENGINE_DTYPES)}; see above)")
 p.add_argument("--skip-naive", action="store_true")
 args = p.parse_args()
+dtypes = args.dtype.split(",")
+for name in dtypes:
+    if name not in ENGINE_DTYPES:
+        p.error(f"--dtype {name}: not one of {', '.join(ENGINE_DTYPES)}")
 
 # every measurement runs in the scheduler's thread, as in the server; this one keeps one torch thread (see
 # batching.Scheduler: a second OpenMP team in the process would slow both)
@@ -64,8 +76,10 @@ class StubTokenizer:
 
 
 tok = StubTokenizer(args.vocab_size)
-engine = Engine(model, tok, tool=False, compile=args.compile)
-engine.stop_ids = frozenset()  # never stop early: every request decodes exactly --tokens tokens
+engines = {name: Engine(model, tok, tool=False, compile=args.compile, dtype=ENGINE_DTYPES[name]) for name in dtypes}
+for e in engines.values():
+    e.stop_ids = frozenset()  # never stop early: every request decodes exactly --tokens tokens
+engine = engines[dtypes[0]]
 gen = torch.Generator().manual_seed(0)
 prompt = torch.randint(0, args.vocab_size - len(SPECIAL_TOKENS), (args.prompt_tokens,), generator=gen).tolist()
 top_k = args.top_k or None
@@ -80,7 +94,7 @@ def timed(fn):
     return n / (time.perf_counter() - t0)
 
 
-def engine_run():
+def engine_run(engine):
     n = 0
     for tokens, _ in engine.generate(prompt, 1, args.tokens, temperature=args.temperature, top_k=top_k, seed=0):
         n += 1
@@ -132,12 +146,13 @@ def scheduler_run(k, sched):
 
 sched = Scheduler(engine, slots=args.concurrent, threads=threads).start()
 t0 = time.perf_counter()
-sched.run_job(engine_run).result()  # warm-up (and compile)
+for e in engines.values():
+    sched.run_job(lambda e=e: engine_run(e)).result()  # warm-up (the layouts, compiling)
 warmup_s = time.perf_counter() - t0
 scheduler_run(1, sched)
 # rounds of every measurement, best of each: on a shared machine the load moves between phases
-runs = {"b1": lambda: sched.run_job(engine_run).result(), "one": lambda: scheduler_run(1, sched),
-        "agg": lambda: scheduler_run(args.concurrent, sched)}
+runs = {f"b1 {name}": lambda e=e: sched.run_job(lambda: engine_run(e)).result() for name, e in engines.items()}
+runs.update({"one": lambda: scheduler_run(1, sched), "agg": lambda: scheduler_run(args.concurrent, sched)})
 if not args.skip_naive:
     runs["naive"] = lambda: sched.run_job(naive_run).result()
 res = {k: 0.0 for k in runs}
@@ -145,14 +160,17 @@ for _ in range(args.repeats):
     for k, fn in runs.items():
         res[k] = max(res[k], timed(fn))
 sched.stop()
-b1, one, agg, naive = res["b1"], res["one"], res["agg"], res.get("naive")
+b1s = {name: res[f"b1 {name}"] for name in dtypes}
+b1, one, agg, naive = b1s[dtypes[0]], res["one"], res["agg"], res.get("naive")
 print(json.dumps({
     "bench": "infer", "device": str(device), "threads": threads, "compile": args.compile,
     "model": f"d{args.depth} w{config.n_embd} h{config.n_head}x{config.head_dim} V{args.vocab_size}",
-    "params": model.num_params(), "dtype": str(engine.net.dtype).split(".")[-1],
+    "params": model.num_params(), "dtype": dtypes[0] if dtypes[0] != "auto" else str(engine.net.dtype).split(".")[-1],
     "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens, "temperature": args.temperature,
     "top_k": top_k,
     "batch1_tok_s": round(b1, 1), "batch1_ms_per_token": round(1000 / b1, 2),
+    **({"batch1_tok_s_by_dtype": {k: round(v, 2) for k, v in b1s.items()},
+        "batch1_ratio_to_first": {k: round(v / b1, 2) for k, v in b1s.items()}} if len(dtypes) > 1 else {}),
     "naive_generate_tok_s": round(naive, 1) if naive else None,
     "scheduler_1_tok_s": round(one, 1),
     f"scheduler_{args.concurrent}_concurrent_tok_s": round(agg, 1),

@@ -108,7 +108,7 @@ def chat_cli(args):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer, info = load_chat_model(args)
-    engine = Engine(model, tokenizer, tool=not args.no_tool, compile=args.compile)
+    engine = Engine(model, tokenizer, tool=not args.no_tool, compile=args.compile, dtype=info["dtype"])
     if engine.tool:
         print(describe_sandbox(), file=sys.stderr)
     seed = args.seed if args.seed is not None else secrets.randbits(31)

@@ -370,6 +370,10 @@ def training_notes(meta):
 
 
 # ---- loading a model to talk to (chat, serve) --------------------------------------------------------------
+# --dtype: what the engine decodes with (None: engine.inference_dtype, the device's own choice)
+ENGINE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
 def add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--run", default="",
@@ -379,6 +383,9 @@ def add_model_args(p):
     g.add_argument("--checkpoint", default="", help="a stage folder to load instead of --run/--stage")
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     g.add_argument("--device", default="", help="cpu, cuda or mps (default: the best available)")
+    g.add_argument("--dtype", choices=list(ENGINE_DTYPES), default="auto",
+                   help="weights for decoding: auto = bfloat16 on GPUs, float32 on CPUs; int8 (CPUs only): int8 "
+                        "matrices with a scale per output channel, a quarter of float32's bytes to read per token")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
     g.add_argument("--no-tool", action="store_true", help="do not run the model's calculator tool calls")
     g.add_argument("--threads", type=int, default=0,
@@ -386,7 +393,9 @@ def add_model_args(p):
 
 
 def load_chat_model(args):
-    """(model, tokenizer, info) for chat and serve: weights in bf16 on GPUs (the engine decodes in bf16 there)."""
+    """(model, tokenizer, info) for chat and serve. info["dtype"] is what to give Engine(dtype=...) for --dtype
+    (auto: None); the model's weights are in the dtype the engine computes in (bf16 on GPUs unless --dtype says
+    otherwise), so that no second full-precision copy stays in memory."""
     from picochat.common import autodetect_device, pick_run
     from picochat.engine import inference_dtype
     from picochat.model import describe
@@ -396,10 +405,12 @@ def load_chat_model(args):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or autodetect_device())
     model, tokenizer, meta = load_model(folder, args.step, device)
-    dtype = inference_dtype(device)
+    engine_dtype = ENGINE_DTYPES[args.dtype]
+    dtype = inference_dtype(device) if engine_dtype in (None, torch.int8) else engine_dtype
     if dtype != torch.float32:
         model.to(dtype=dtype)
+    weights = ", int8 weights" if engine_dtype == torch.int8 else ""
     info = {"run": run or folder.parent.name, "stage": stage, "folder": str(folder), "step": meta["step"],
-            "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}",
-            **training_notes(meta)}
+            "description": f"{stage} model from {folder} (step {meta['step']}): {describe(model)}{weights}",
+            "dtype": engine_dtype, **training_notes(meta)}
     return model, tokenizer, info

@@ -33,11 +33,18 @@ compiled on a GPU, the whole static cache: fixed shapes). Greedy and top-k skip 
 it is monotonic, so only the k survivors pay for the tanh. tests/test_engine.py checks the layout token for token
 against GPT.forward. The prepared weights are rebuilt when the model's parameters change (RL updates them in place
 between generations) or the decoding thread's thread count does.
+
+int8 weights (Engine(dtype=torch.int8), `chat --dtype int8`, `serve --dtype int8`; CPUs): every matrix a decode step
+streams (q/k/v, the attention output, the MLP, lm_head) is stored as int8 with one scale per output channel
+(quantize_int8), a quarter of fp32's bytes, and multiplied by int8_matmul; activations, the KV cache, the embeddings
+and the small value-embedding gate stay fp32. Sampling, tool calls and stops are the same code as in fp32.
+bench/int8.py measures what it costs in bits per byte and greedy tokens on a trained checkpoint.
 """
 import codecs
 import re
 import threading
 from collections import deque
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +117,12 @@ class InferenceModel:
         self.model = model
         self.config = model.config
         self.device = model.lm_head.weight.device
-        self.dtype = dtype or inference_dtype(self.device)
+        # dtype torch.int8: int8 weights (quantize_int8), activations, cache and embeddings in the device's
+        # inference dtype. CPU only: int8_matmul's kernel is torch's CPU one, and GPUs decode in bf16 already
+        self.int8 = dtype == torch.int8
+        if self.int8 and self.device.type != "cpu":
+            raise UserError(f"int8 weights run on CPUs only, not {self.device.type}: use bfloat16 there")
+        self.dtype = inference_dtype(self.device) if self.int8 or dtype is None else dtype
         self._fingerprint = None
         self._lock = threading.Lock()
         self.compiled = compile
@@ -128,12 +140,12 @@ class InferenceModel:
         self._decode = (torch.compile(self._hidden_impl, dynamic=True, mode="reduce-overhead") if self.static
                         else self._hidden)
         self.use_packed = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
-                           and torch.backends.mkldnn.is_available())
+                           and not self.int8 and torch.backends.mkldnn.is_available())
 
     def _fingerprint_now(self):
         """What the layout depends on: the parameters, and on CPU the calling thread's torch thread count (the
-        number of column blocks, see decode_layout)."""
-        parts = torch.get_num_threads() if self.device.type == "cpu" and not self.compiled else 1
+        number of column blocks, see decode_layout; int8 weights have one layout for any thread count)."""
+        parts = torch.get_num_threads() if self.device.type == "cpu" and not self.compiled and not self.int8 else 1
         return parts, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
     def _linear_weights(self):
@@ -153,8 +165,11 @@ class InferenceModel:
             m, dt = self.model, self.dtype
             self.parts = fp[0]
             t = lambda w, parts=self.parts: decode_layout(w.detach().to(dt), parts)
+            # the matrices every token streams (attention, MLP, lm_head); embeddings are looked up one row per
+            # token, so they stay in dt (int8 would save memory there, not time)
+            mat = quantize_int8 if self.int8 else t
             self.wte = m.wte.weight.detach().to(dt)
-            self.head = t(m.lm_head.weight)
+            self.head = mat(m.lm_head.weight)
             # rotary as x * [cos, cos] + [x2, x1] * [sin, -sin]: the same products and sums as apply_rotary
             # (bit for bit) in 4 ops instead of 8
             self.cos = torch.cat([m.cos, m.cos], dim=-1).to(dt)
@@ -170,7 +185,7 @@ class InferenceModel:
             for i, (block, mats) in enumerate(zip(m.blocks, self._linear_weights())):
                 a = block.attn
                 self.layers.append(dict(
-                    {k: t(w) for k, w in mats.items()},
+                    {k: mat(w) for k, w in mats.items()},
                     gate=t(a.ve_gate.weight, 1) if a.ve_gate is not None else None,
                     gate_channels=a.ve_gate_channels,
                     ve=m.value_embeds[str(i)].weight.detach().to(dt) if str(i) in m.value_embeds else None,
@@ -350,12 +365,52 @@ def decode_layout(w, parts=1):
 
 
 def matmul(x, w):
-    """F.linear(x, W) for w = decode_layout(W)."""
+    """F.linear(x, W) for w = decode_layout(W) or quantize_int8(W)."""
+    if isinstance(w, Int8Weight):
+        return int8_matmul(x, w)
     if w.dim() == 3:  # column blocks: (parts, rows, out / parts) -> (rows, out)
         y = torch.bmm(x.reshape(1, -1, x.shape[-1]).expand(w.shape[0], -1, -1), w)
         return y.permute(1, 0, 2).reshape(*x.shape[:-1], -1)
     # a square W is stored transposed, as is any W with out > in
     return x @ w if w.shape[0] == x.shape[-1] else F.linear(x, w)
+
+
+class Int8Weight(NamedTuple):
+    """A matrix W (out, in) as int8 with one scale per output channel: W ~ q * scale[:, None]."""
+    q: torch.Tensor  # (out, in) int8, contiguous
+    scale: torch.Tensor  # (out,) fp32
+    kernel_scale: torch.Tensor  # the same scales in bf16, the dtype int8_matmul's kernel takes them in
+
+
+def quantize_int8(w):
+    """Per-output-channel symmetric int8 weights (InferenceModel with dtype=torch.int8): each row of w (out, in)
+    is scaled so that its largest |value| becomes 127, then rounded. What holds: q in [-127, 127], and
+    |W - q * scale| <= scale / 2 = max|row| / 254 elementwise; a row of zeros stays zeros."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    return Int8Weight(q.to(torch.int8).contiguous(), scale, scale.to(torch.bfloat16))
+
+
+INT8_KERNEL_MAX_ROWS = 64  # above this many rows dequantizing once beats the int8 kernel (see int8_matmul)
+
+
+def int8_matmul(x, w):
+    """F.linear(x, W) for w = quantize_int8(W), in x's dtype.
+    - Up to INT8_KERNEL_MAX_ROWS rows (decode steps, the scheduler's batches): torch's int8 kernel
+      (aten._weight_int8pack_mm), which reads the int8 weights as they are: a quarter of fp32's bytes. Its x86
+      code is vectorized for bf16 activations only (fp32 ones take a scalar loop, ~4x slower than fp32 weights),
+      so x is rounded to bf16 for the product and the result comes back in x's dtype. It has no loop tail: the
+      input width must be a multiple of 32 (every shape from_depth makes; others take the path below).
+    - More rows (prefill, scoring): the kernel reads the weights again for every 4 rows, while MKL's gemm reads
+      them once for all rows; dequantizing W for it costs about as much as 64 rows of the kernel (the crossover
+      at d20 shapes)."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= INT8_KERNEL_MAX_ROWS and x.shape[-1] % 32 == 0:
+        a = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel assumes rows of width `in`
+        y = torch.ops.aten._weight_int8pack_mm(a, w.q, w.kernel_scale)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    return F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
 
 
 def decode_attention(q, k, v, mask=None):

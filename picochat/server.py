@@ -295,12 +295,12 @@ def metrics_response(svc):
 # ---- the app --------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=None, slots=8, max_queue=256,
                client_limit=64, allowed_hosts=LOOPBACK_HOSTS, tool=True, compile=False, engine=None, threads=0,
-               notes=None):
+               notes=None, dtype=None):
     """The FastAPI app (UI + API) around one Engine and one Scheduler. The scheduler thread starts now and stops
     at the app's shutdown (app.state.scheduler.stop() does it by hand). notes ({"trained_on", "examples"}, from
     checkpoint.training_notes) tell the web UI what to say about the model. client_limit: generations one client
     may have queued or running (0: no limit); allowed_hosts: the Host names answered (see allowed_hosts(); None:
-    any); api_key also guards /metrics."""
+    any); api_key also guards /metrics. dtype: the engine's (Engine(dtype=...); None: the device's choice)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse
@@ -308,7 +308,7 @@ def create_app(model, tokenizer, *, model_name="picochat", api_key=None, limits=
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = limits or Limits()
-    engine = engine or Engine(model, tokenizer, tool=tool, compile=compile)
+    engine = engine or Engine(model, tokenizer, tool=tool, compile=compile, dtype=dtype)
     scheduler = Scheduler(engine, slots=slots, max_queue=max_queue, threads=threads).start()
     svc = Service(engine, scheduler, limits, model_name=model_name, api_key=api_key, notes=notes or {},
                   client_limit=client_limit)
@@ -509,7 +509,7 @@ def serve_cli(args):
     print(tool_lines)
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, limits=limits, slots=args.slots,
                      max_queue=args.max_queue, client_limit=args.client_limit, allowed_hosts=hosts,
-                     tool=tool, compile=args.compile, threads=threads, notes=info)
+                     tool=tool, compile=args.compile, threads=threads, notes=info, dtype=info.get("dtype"))
     if host_name(args.host) not in LOOPBACK_HOSTS and not api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it"
               + (" (by the names localhost, 127.0.0.1, [::1] and --allowed-host)" if hosts is not None else ""))

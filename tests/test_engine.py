@@ -3,8 +3,8 @@ import torch
 
 import picochat.engine as engine_mod
 from picochat.common import UserError
-from picochat.engine import (Engine, InferenceModel, StaticCache, StreamDecoder, ToolState, decode_layout, matmul,
-                             parse_reply, sample, softcap)
+from picochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, InferenceModel, Int8Weight, StaticCache, StreamDecoder,
+                             ToolState, decode_layout, int8_matmul, matmul, parse_reply, quantize_int8, sample, softcap)
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
@@ -214,6 +214,99 @@ def test_static_decode_steps_compile_once_not_once_per_position():
             if t == 8:
                 first = counter.frame_count
     assert first == 1 and counter.frame_count <= 2, counter.frame_count  # batch 3, then 2: one dynamic graph
+
+
+# ---- int8 weights -----------------------------------------------------------------------------------------------
+def test_quantize_int8_round_trip_error_per_channel():
+    g = torch.Generator().manual_seed(0)
+    # rows of very different scales (one all zeros, one with an outlier): the scale is per output channel
+    w = torch.randn(96, 64, generator=g) * torch.logspace(-4, 1, 96)[:, None]
+    w[5] = 0
+    w[7, 3] = 50.0
+    qw = quantize_int8(w)
+    assert qw.q.dtype == torch.int8 and qw.q.shape == w.shape and qw.scale.shape == (96,)
+    assert qw.q.abs().max() <= 127
+    back = qw.q.float() * qw.scale[:, None]
+    row_max = w.abs().amax(dim=1)
+    # rounding to the nearest step: half a step at most, a step being max|row| / 127
+    assert ((back - w).abs().amax(dim=1) <= row_max / 254 * (1 + 1e-5) + 1e-30).all()
+    assert (back[5] == 0).all()
+    assert (qw.q.abs().amax(dim=1)[row_max > 0] == 127).all()  # each row uses the whole range
+    # int8_matmul computes F.linear with the dequantized matrix, on both of its paths (the kernel for a few rows,
+    # dequantize-then-gemm for many): rounding x to bf16 for the kernel costs ~2^-9 of each product
+    for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 1):
+        x = torch.randn(rows, 64, generator=g)
+        ref = torch.nn.functional.linear(x, back)
+        assert torch.allclose(int8_matmul(x, qw), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+        assert torch.allclose(matmul(x[None], qw)[0], int8_matmul(x, qw))
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1, "depth": 4}, REFERENCE_FEATURES])
+def test_int8_logits_close_to_float32(kw):
+    """Tolerance: RMS error under 3% of the logits' spread (argmax mostly unchanged). Each weight moves by at
+    most half a step, max|row| / 254, uniformly: an RMS of ~0.8% of a Gaussian row's own spread (its largest
+    entry is ~3.5 of those); bf16 activations into the kernel add 2^-9; the 2-4 layers' products in series (qkv,
+    wo, fc, proj, then lm_head) add their errors roughly in quadrature: ~2% at depth 4 (measured 1.3-2.1%)."""
+    model = tiny(**kw)
+    net = InferenceModel(model, dtype=torch.int8)
+    assert isinstance(net.head, Int8Weight) and net.dtype == torch.float32 and net.packed(8) is None
+    x = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
+        whole = softcap(net.logits(net.hidden(x)), 15.0)  # 120 rows per product: the dequantizing path
+        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
+        parts = [net.logits(net.hidden(x[:, :25], cache, slice(0, 3), [0] * 3))]
+        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 3), [t] * 3)) for t in range(25, 40)]
+        steps = softcap(torch.cat(parts, 1), 15.0)  # one token per row per step: the int8 kernel
+    for out in (whole, steps):
+        assert (out - ref).pow(2).mean().sqrt() < 0.03 * ref.std()
+        assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_generation_through_engine_and_scheduler(tok, monkeypatch):
+    """int8 weights change the numbers, not the engine: Engine.generate and the Scheduler decode the same greedy
+    tokens, and a tool call is evaluated and forced, and a stop token ends a sample, as in float32."""
+    from picochat.batching import Request, Scheduler
+    from test_batching import run_requests
+    model = tiny(vocab=tok.vocab_size, seq=96, head_scale=20.0)
+    eng = Engine(model, tok, tool=True, dtype=torch.int8)
+    prompts = [tok.encode(t, prepend_bos=True) for t in ("The history of science", "Numbers 1 2 3", "x y")]
+    expected = []
+    for p in prompts:
+        seqs, _ = eng.generate_batch(p, num_samples=2, max_tokens=12, temperature=0.0)
+        assert seqs[0] == seqs[1]
+        expected.append(seqs[0][len(p):])
+    sched = Scheduler(eng, slots=2).start()  # fewer slots than requests: rows at different positions
+    try:
+        results = run_requests(sched, [Request(prompt=p, max_tokens=12, temperature=0.0) for p in prompts])
+    finally:
+        sched.stop()
+    for evs, exp in zip(results, expected):
+        assert [e[1] for e in evs if e[0] == "token"] == exp
+        assert evs[-1][0] == "done" and evs[-1][1] in ("stop", "length")
+    S = tok.special
+    call = [S("<|python_start|>")] + tok.encode("12*3+4") + [S("<|python_end|>")]
+    script = call + [None] * 8 + [S("<|assistant_end|>")]  # None: the model's own greedy choice
+    steps = len(script)
+    real_sample = engine_mod.sample
+
+    def scripted(logits, *a, **k):
+        out = real_sample(logits, 0.0)
+        if script:
+            t = script.pop(0)
+            if t is not None:
+                out[:] = t
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", scripted)
+    prompt = tok.render_for_completion([{"role": "user", "content": "What is 12*3+4?"}])
+    seqs, masks = eng.generate_batch(prompt, num_samples=1, max_tokens=40, temperature=0.0)
+    completion, mask = seqs[0][len(prompt):], masks[0][len(prompt):]
+    forced = [S("<|output_start|>")] + tok.encode("40") + [S("<|output_end|>")]
+    assert completion[:len(call) + len(forced)] == call + forced
+    assert mask[len(call):len(call) + len(forced)] == [0] * len(forced)
+    # every step samples (a forced one ignores the sample): the scripted stop token ends the sample
+    assert completion[-1] == S("<|assistant_end|>") and len(completion) == steps
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
@@ -429,6 +522,24 @@ def test_chat_cli_one_shot_and_stage_choice(tok, tmp_path, capsys, webtext_token
                  "--temperature", "0"]) == 0
     assert main(["chat", "--run", "nope", "-p", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_chat_cli_dtype(tok, capsys):
+    from picochat import checkpoint
+    from picochat.cli import main
+    from picochat.common import home_dir
+    model = tiny(vocab=tok.vocab_size, seq=64)
+    checkpoint.save_checkpoint(home_dir() / "runs" / "demo" / "sft", 3, model, tokenizer=tok)
+    args = ["chat", "--run", "demo", "-p", "Hello", "--max-tokens", "8", "--temperature", "0", "--no-tool"]
+    assert main(args + ["--dtype", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(args + ["--dtype", "float32"]) == 0
+    for command in (args, ["serve"]):  # serve takes the same flag
+        with pytest.raises(SystemExit) as e:
+            main(command + ["--dtype", "int4"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --dtype: invalid choice: 'int4'" in err
+        assert all(name in err for name in ("auto", "float32", "bfloat16", "int8"))
 
 
 def test_commands_without_run_take_the_run_trained_last(tok, capsys):

@@ -615,3 +615,20 @@ def test_serve_wires_the_key_and_the_host_names(argv, env, key, foreign_host, mo
             assert httpx.get(url + path).status_code == (401 if key else 200)
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == foreign_host
+
+
+def test_serve_dtype_int8(model, tok, monkeypatch):
+    """`picochat serve --dtype int8`: the loaded checkpoint decodes with int8 weights, and answers."""
+    import uvicorn
+    from picochat import checkpoint
+    from picochat.common import home_dir
+    from picochat.engine import Int8Weight
+    checkpoint.save_checkpoint(home_dir() / "runs" / "demo" / "sft", 3, model, tokenizer=tok)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert serve_cli(serve_args(["--run", "demo", "--dtype", "int8", "--no-tool", "--port", "0"])) == 0
+    assert isinstance(served["app"].state.engine.net.head, Int8Weight)
+    with ServerThread(served["app"]) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "x", "prompt": "Hello", "max_tokens": 4,
+                                                      "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
