@@ -399,9 +399,9 @@ def int8_matmul(x, w):
     """F.linear(x, W) for w = quantize_int8(W), in x's dtype.
     - Up to INT8_KERNEL_MAX_ROWS rows (decode steps, the scheduler's batches): torch's int8 kernel
       (aten._weight_int8pack_mm), which reads the int8 weights as they are: a quarter of fp32's bytes. Its x86
-      code is vectorized for bf16 activations only (fp32 ones take a scalar loop, ~4x slower than fp32 weights),
+      code is vectorized for bf16 activations only (fp32 ones take its scalar loop, slower than fp32 weights),
       so x is rounded to bf16 for the product and the result comes back in x's dtype. It has no loop tail: the
-      input width must be a multiple of 32 (every shape from_depth makes; others take the path below).
+      input width must be a multiple of 32 (the default shapes' are; other widths take the path below).
     - More rows (prefill, scoring): the kernel reads the weights again for every 4 rows, while MKL's gemm reads
       them once for all rows; dequantizing W for it costs about as much as 64 rows of the kernel (the crossover
       at d20 shapes)."""

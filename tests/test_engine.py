@@ -239,6 +239,11 @@ def test_quantize_int8_round_trip_error_per_channel():
         ref = torch.nn.functional.linear(x, back)
         assert torch.allclose(int8_matmul(x, qw), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
         assert torch.allclose(matmul(x[None], qw)[0], int8_matmul(x, qw))
+    # a width the kernel cannot take (not a multiple of 32: it would read past each row) goes the other way
+    odd = quantize_int8(torch.randn(16, 48, generator=g))
+    x = torch.randn(1, 48, generator=g)
+    ref = torch.nn.functional.linear(x, odd.q.float() * odd.scale[:, None])
+    assert torch.allclose(int8_matmul(x, odd), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1, "depth": 4}, REFERENCE_FEATURES])
