@@ -70,7 +70,8 @@ def add_parser(sub):
     g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0 = only at the end)")
     g.add_argument("--eval-tokens", type=int, default=2 ** 20, help="validation tokens per evaluation")
     g.add_argument("--sample-every", type=int, default=0, help="print sampled completions every N steps")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps and at the end (0: at the end only)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -372,7 +373,7 @@ def _train(args, st, *, ddp, rank, world, device):
                 loss = fwd(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-        saving = (step + 1) % args.save_every == 0 or step + 1 == num_steps
+        saving = (args.save_every > 0 and (step + 1) % args.save_every == 0) or step + 1 == num_steps
         # a checkpoint resumes from the loader as it is now, before it hands out the next step's first batch
         loader_state = loader.state_dict() if saving else None
         if step + 1 < num_steps:

@@ -248,7 +248,8 @@ def add_parser(sub):
     g.add_argument("--final-eval-problems", type=int, default=500, help="held-apart problems at the start and the end")
     g.add_argument("--pass-k", type=int, default=8, help="k of pass@k (0: off)")
     g.add_argument("--pass-problems", type=int, default=50, help="held-apart problems for pass@k")
-    g.add_argument("--save-every", type=int, default=20)
+    g.add_argument("--save-every", type=int, default=20,
+                   help="checkpoint every N steps and at the end (0: at the end only)")
     g.add_argument("--keep", type=int, default=2)
     g.add_argument("--resume", action="store_true", help="continue the RL run in --out exactly")
     g = p.add_argument_group("runtime")
@@ -430,7 +431,7 @@ def _run(args, out):
             last_eval = run_eval(step, args.final_eval_problems)
         elif args.eval_every > 0 and step % args.eval_every == 0:
             last_eval = run_eval(step, args.eval_problems)
-        if step % args.save_every == 0 or last:
+        if (args.save_every > 0 and step % args.save_every == 0) or last:
             checkpoint.save_checkpoint(out, step, model, optimizer, rank_state={"rng": torch.get_rng_state()},
                                        meta={"stage": STAGE, "source": str(source), "args": vars_json(args),
                                              "accuracy": (last_eval or {}).get("accuracy")},

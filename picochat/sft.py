@@ -341,7 +341,8 @@ def add_parser(sub):
     g.add_argument("--eval-rows", type=int, default=256, help="validation rows per evaluation")
     g.add_argument("--eval-problems", type=int, default=100, help="prompts per chat-eval suite")
     g.add_argument("--eval-max-tokens", type=int, default=192)
-    g.add_argument("--save-every", type=int, default=200)
+    g.add_argument("--save-every", type=int, default=200,
+                   help="checkpoint every N steps and at the end (0: at the end only)")
     g.add_argument("--keep", type=int, default=2)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--resume", action="store_true", help="continue the SFT run in --out exactly")
@@ -448,7 +449,7 @@ def _run(args, out, mixture, val_convs, suites, *, t0):
                    f"{dt * 1000:.0f} ms | ETA {format_duration(t_train / step * (num_steps - step)) if step else '?'}")
         if step == num_steps or (args.eval_every > 0 and step % args.eval_every == 0):
             last_eval = evaluate(step)
-        if step % args.save_every == 0 or step == num_steps:
+        if (args.save_every > 0 and step % args.save_every == 0) or step == num_steps:
             checkpoint.save_checkpoint(out, step, model, optimizer, rank_state={"rng": torch.get_rng_state()},
                                        meta={"stage": STAGE, "val_loss": (last_eval or {}).get("val_loss"),
                                              "base": str(base), "args": vars_json(args)},

@@ -311,3 +311,11 @@ def test_init_from_continues_an_imported_model(setup, monkeypatch, capsys):
     model, tok, meta = load_model(home / "runs/c/base")
     assert meta["step"] == 2 and model.config.rope_bf16 and not model.config.resid_scalars
     assert tok.hash == load_model(home / "runs/ref/base")[1].hash
+
+
+def test_save_every_0_saves_only_at_the_end(setup, monkeypatch):
+    home, data = setup
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    assert main(["pretrain", "--run", "t", "--data", str(data), *TINY, "--num-iterations", "3", "--eval-every", "0",
+                 "--save-every", "0"]) == 0
+    assert sorted(p.name for p in (home / "runs/t/base").glob("meta_*.json")) == ["meta_000003.json"]
