@@ -598,7 +598,7 @@ def d12_step(ctx):
 
 # ---- 5. decode ----------------------------------------------------------------------------------------------------
 def decode(ctx):
-    from picochat.engine import InferenceModel, StaticCache
+    from picochat.decode import InferenceModel, StaticCache
     depth, T, V, hd = (2, 64, 512, 32) if ctx.smoke else (20, 2048, 32768, 128)
     prompt, steps = (16, 8) if ctx.smoke else (128, 64)
     cfg = GPTConfig.from_depth(depth, vocab_size=V, sequence_len=T, head_dim=hd, window_pattern="SSSL",
@@ -640,7 +640,7 @@ def decode(ctx):
 
 def kernels_per_decode_step(ctx, net, cfg, V, prompt):
     """CUDA kernels launched by one batch-1 decode step (on a CPU: aten ops), or a short reason."""
-    from picochat.engine import StaticCache
+    from picochat.decode import StaticCache
     from torch.profiler import ProfilerActivity, profile
     try:
         cache = StaticCache(cfg, 1, prompt + 2, ctx.device, net.dtype)

@@ -23,7 +23,8 @@ import torch
 from prometheus_client import Histogram
 
 from picochat.common import UserError
-from picochat.engine import Engine, StaticCache, ToolState, sample, softcap
+from picochat.decode import StaticCache, softcap
+from picochat.engine import Engine, ToolState, sample
 
 
 class QueueFull(Exception):

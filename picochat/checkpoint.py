@@ -370,7 +370,7 @@ def training_notes(meta):
 
 
 # ---- loading a model to talk to (chat, serve) --------------------------------------------------------------
-# --dtype: what the engine decodes with (None: engine.inference_dtype, the device's own choice)
+# --dtype: what the engine decodes with (None: decode.inference_dtype, the device's own choice)
 ENGINE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
@@ -397,7 +397,7 @@ def load_chat_model(args):
     (auto: None); the model's weights are in the dtype the engine computes in (bf16 on GPUs unless --dtype says
     otherwise), so that no second full-precision copy stays in memory."""
     from picochat.common import autodetect_device, pick_run
-    from picochat.engine import inference_dtype
+    from picochat.decode import inference_dtype
     from picochat.model import describe
     run = "" if args.checkpoint else pick_run(args.run)
     folder, stage = resolve_checkpoint(run, args.stage, args.checkpoint)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from picochat.common import UserError, print0
 from picochat.shards import read_jsonl
-from picochat.engine import InferenceModel, StaticCache, softcap
+from picochat.decode import InferenceModel, StaticCache, softcap
 
 FEWSHOT_SEED = 1234    # item i draws its examples with random.Random(FEWSHOT_SEED + i)
 SUBSAMPLE_SEED = 1337  # --max-per-task takes the first N items of a fixed shuffle
@@ -158,7 +158,7 @@ def item_requests(tokenizer, task, rows, idx, max_len):
 def score_batch(net, seqs, head_chunk=2048):
     """Per sequence (ids, start, end): (mean loss over the continuation, greedy argmax reproduces it).
     One causal forward pass over the right-padded batch; the head runs only at continuation positions.
-    net is the model's inference layout (picochat.engine.InferenceModel)."""
+    net is the model's inference layout (picochat.decode.InferenceModel)."""
     T = max(len(ids) for ids, _, _ in seqs)
     x = torch.zeros((len(seqs), T), dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # positions whose next token is a continuation token

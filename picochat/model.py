@@ -4,7 +4,7 @@ Everything is derived from one dial, --depth (see GPTConfig.from_depth). A forwa
 (returns a scalar loss, computed chunk by chunk so the full logits never exist), scores (per-token losses)
 or returns the logits of every position.
 
-The same architecture is written twice more, and the three must compute the same thing: engine.InferenceModel
+The same architecture is written twice more, and the three must compute the same thing: decode.InferenceModel
 runs this trunk over a static KV cache with the weights laid out for decoding (chat, the server, RL's sampling,
 pretraining's samples and CORE's scoring go through it), and hf_modeling.py is the `transformers` model that
 `picochat export --hf` ships inside an export. Tests hold both to GPT.forward: tests/test_engine.py

@@ -12,7 +12,7 @@ from picochat.core import (fewshot_indices, render_mc, render_schema, render_lm,
                            score_batch, make_batches, score_shared, make_group_batches, shared_prefix, judge,
                            evaluate_task, evaluate_core, centered, core_label, select_items,
                            read_core_bundle, read_core_task)
-from picochat.engine import InferenceModel
+from picochat.decode import InferenceModel
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 

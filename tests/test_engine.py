@@ -3,8 +3,9 @@ import torch
 
 import picochat.engine as engine_mod
 from picochat.common import UserError
-from picochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, InferenceModel, Int8Weight, StaticCache, StreamDecoder,
-                             ToolState, decode_layout, int8_matmul, matmul, parse_reply, quantize_int8, sample, softcap)
+from picochat.decode import (INT8_KERNEL_MAX_ROWS, InferenceModel, Int8Weight, StaticCache, decode_layout, int8_matmul,
+                             matmul, quantize_int8, softcap)
+from picochat.engine import Engine, StreamDecoder, ToolState, parse_reply, sample
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
