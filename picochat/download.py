@@ -6,7 +6,7 @@ connections and 5xx, and renamed into place only after the size and a checksum (
 parquet footer check out, so a file under its final name is always whole.
 
 What is fetched is pinned where it can be: each hub dataset is read at a fixed revision (HF_REVISIONS, in the
-URL), the word list and (when EVAL_BUNDLE_SHA256 is set) the CORE bundle by their sha256. Only https URLs are
+URL), the word list and the CORE bundle by their sha256. Only https URLs are
 fetched, redirects included; a .partial file is never opened through a symlink; the CORE bundle is refused
 if it would unzip to more than MAX_UNZIPPED_BYTES.
 """
@@ -59,7 +59,9 @@ HF_REVISIONS = {
 }
 WHAT_SETS = {"sft": ["smoltalk"], "eval": ["gsm8k", "arc", "mmlu", "humaneval", "eval_bundle", "words"]}
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-EVAL_BUNDLE_SHA256 = None  # the zip's sha256, checked when set (not known offline: set it from a trusted download)
+# the zip's sha256: the value several public projects pin for this URL (not downloaded here: no network); a
+# mismatch is retried, then stops the download naming both digests
+EVAL_BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
 MAX_UNZIPPED_BYTES = 2 << 30  # the CORE bundle unzips to well under this; a zip that claims more is refused
 SCHEMES = ("https",)  # URL schemes that may be fetched (tests widen it to reach their local http server)
 # pinned to a commit so the checksum holds

@@ -232,6 +232,7 @@ def test_download_eval_sets(hub, home, monkeypatch, tmp_path, data_root):
         for f in ("core.yaml", "eval_meta_data.csv", "eval_data/commonsense_reasoning/copa.jsonl"):
             z.write(data_root / "eval_bundle" / f, f"eval_bundle/{f}")
     monkeypatch.setattr(download, "EVAL_BUNDLE_URL", hub.add("/eval_bundle.zip", zbuf.getvalue()))
+    monkeypatch.setattr(download, "EVAL_BUNDLE_SHA256", hashlib.sha256(zbuf.getvalue()).hexdigest())
     words = b"apple\r\nbanana\r\n"
     monkeypatch.setattr(download, "WORDS_URL", hub.add("/words_alpha.txt", words))
     monkeypatch.setattr(download, "WORDS_SHA256", hashlib.sha256(words).hexdigest())
@@ -332,6 +333,7 @@ def test_zip_bomb_is_refused_and_leaves_nothing(hub, home, monkeypatch, data_roo
         z.writestr("eval_bundle/eval_data/filler.jsonl", b"\0" * (8 << 20))  # 8 MB of zeros in a few KB
     assert len(zbuf.getvalue()) < 100_000
     monkeypatch.setattr(download, "EVAL_BUNDLE_URL", hub.add("/eval_bundle.zip", zbuf.getvalue()))
+    monkeypatch.setattr(download, "EVAL_BUNDLE_SHA256", hashlib.sha256(zbuf.getvalue()).hexdigest())
     monkeypatch.setattr(download, "MAX_UNZIPPED_BYTES", 4 << 20)
     with pytest.raises(UserError, match="over the cap"):
         download.download_sets(["eval_bundle"])
