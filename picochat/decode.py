@@ -180,7 +180,7 @@ class InferenceModel:
     def packed(self, rows):
         """oneDNN-packed copies of every matrix for products of `rows` > 1 rows on CPU, or None. MKL's gemm streams
         the weights once per row for a few rows (batch 2 costs twice batch 1); oneDNN's packed kernel reads them
-        once (batch 8 ~2x faster), but is slower than the transposed layout for a single row. Built on first use
+        once, but is slower than the transposed layout for a single row. Built on first use
         (they double the weight memory), so single-stream decoding never pays for them."""
         if rows < 2 or not self.use_packed:
             return None
@@ -327,15 +327,13 @@ class InferenceModel:
 
 def decode_layout(w, parts=1):
     """A weight w (out, in) laid out for the one-row products of decoding (matmul() computes F.linear(x, w)
-    with it). Measured on the 2-core EPYC, d6, weights not in cache:
+    with it); the figures behind each choice are in dev/LOG.md (session 8):
     - One thread: short side first, the layout MKL's matrix-vector product streams fastest. W^T stored (in, out)
-      when out >= in (fc 384 -> 1536: 142 us against 247 for F.linear's layout; lm_head: 2.1 ms against 5.7),
-      nn.Linear's own (out, in) when out < in (proj 1536 -> 384: 153 us against 247).
+      when out >= in, nn.Linear's own (out, in) when out < in.
     - `parts` threads: W^T cut into `parts` blocks of columns, (parts, in, out / parts), multiplied with one
       bmm, whose OpenMP threads stream a block each. MKL does not thread a single-row product, so this is
-      what puts the second core's memory bandwidth to work: with 2 threads lm_head takes 0.95 ms against
-      1.9 ms as one product, fc 96 us against 130, proj 166 us against 242. Blocks narrower than 64 columns
-      are not cut (many cores, small matrices): a product that small is not worth a thread."""
+      what puts the second core's memory bandwidth to work. Blocks narrower than 64 columns are not cut (many
+      cores, small matrices): a product that small is not worth a thread."""
     if parts > 1 and w.shape[0] % parts == 0 and w.shape[0] // parts >= 64:
         return w.t().reshape(w.shape[1], parts, w.shape[0] // parts).transpose(0, 1).contiguous()
     return (w.t() if w.shape[0] >= w.shape[1] else w).contiguous()
@@ -393,7 +391,7 @@ def int8_matmul(x, w):
 def decode_attention(q, k, v, mask=None):
     """Attention of one new token per row on CPU: q (B, H, 1, D), k and v (B, H_kv, L, D), mask None or
     (B, 1, 1, L). Plain batched matmuls: torch's CPU flash-attention kernel spends far more on threading than
-    on the math for a single query (0.4-10 ms per call with 2 threads against ~15 us here). Query heads are
+    on the math for a single query. Query heads are
     grouped per key/value head, as SDPA's enable_gqa does (query head h reads kv head h // (H / H_kv))."""
     B, H, _, D = q.shape
     Hk = k.shape[1]
