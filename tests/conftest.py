@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
     """The end-to-end speedrun (test_speedrun.py) runs for minutes on one core: start it now, in the background,
     so that it runs beside the other tests, and move the tests that read it to the end."""
     e2e = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
-    if e2e:
+    if e2e and not config.option.collectonly:
         items[:] = [item for item in items if item not in e2e] + e2e
         config.smoke_module = e2e[0].module
         config.smoke_module.start_in_background(Path(tempfile.mkdtemp(prefix="picochat-smoke-")))

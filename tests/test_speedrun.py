@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # every figure a stage reports except timings, which differ from run to run
 TIMING_KEYS = {"train_seconds", "tokens_per_sec", "mfu", "hours", "cost_usd", "cost_note", "eval_seconds"}
 SPEEDRUN = ["speedrun", "--preset", "smoke"]
-BACKGROUND = {}  # the run driven in the background: root, env, procs, thread, error, exit codes
+BACKGROUND = {}  # the run driven in the background: root, env, procs, thread, error, exit codes, stopped
+LAUNCH_LOCK = threading.Lock()  # a launch and the session's end never interleave: nothing starts after the stop
 
 
 def start_in_background(root):
@@ -45,7 +46,7 @@ def start_in_background(root):
         except BaseException as e:  # reported by the fixture, in the test's own failure
             BACKGROUND["error"] = e
 
-    BACKGROUND.update(root=root, env=env, procs=[], error=None, exit=None,
+    BACKGROUND.update(root=root, env=env, procs=[], error=None, exit=None, stopped=False,
                       thread=threading.Thread(target=drive, daemon=True))
     BACKGROUND["thread"].start()
 
@@ -54,7 +55,10 @@ def stop_background(keep_files):
     """Kill what is still running (an interrupted session); remove the run's files unless a test failed."""
     if not BACKGROUND:
         return
-    for proc in BACKGROUND["procs"]:
+    with LAUNCH_LOCK:  # the driving thread may be about to launch a stage: it will find the run stopped
+        BACKGROUND["stopped"] = True
+        procs = list(BACKGROUND["procs"])
+    for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -63,10 +67,12 @@ def stop_background(keep_files):
 
 
 def launch(env, root, argv, log_name="speedrun.log"):
-    with open(root / log_name, "a") as log:  # the child keeps its own copy of the descriptor
+    with LAUNCH_LOCK, open(root / log_name, "a") as log:  # the child keeps its own copy of the descriptor
+        if BACKGROUND["stopped"]:
+            raise RuntimeError("the test session has ended: not starting another speedrun")
         proc = subprocess.Popen([sys.executable, "-m", "picochat", *argv], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    BACKGROUND["procs"].append(proc)
+        BACKGROUND["procs"].append(proc)
     return proc
 
 
