@@ -18,8 +18,7 @@ import math
 
 from picochat.common import UserError
 
-CHOICES = ("none", "wandb", "tensorboard")
-_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+CHOICES = ("none", "wandb", "tensorboard")  # each one but none is also the name of its pip package
 
 
 def add_log_to_arg(parser):
@@ -30,9 +29,8 @@ def add_log_to_arg(parser):
 
 def check_available(kind):
     """Raise UserError naming the pip command when `kind`'s library is not installed (call it before training)."""
-    if kind != "none" and importlib.util.find_spec(_PACKAGES[kind]) is None:
-        raise UserError(f"--log-to {kind}: the {_PACKAGES[kind]} package is not installed; "
-                        f"pip install {_PACKAGES[kind]}")
+    if kind != "none" and importlib.util.find_spec(kind) is None:
+        raise UserError(f"--log-to {kind}: the {kind} package is not installed; pip install {kind}")
 
 
 def _scalars(record, stage):
