@@ -91,6 +91,7 @@ import math
 import stat
 import time
 import fcntl
+import itertools
 import platform
 import random
 import shutil
@@ -273,7 +274,7 @@ def _cgroup_root():
     return path, sorted({"memory", "pids"} & set(Path(subtree).read_text().split()))
 
 
-_cgroup_count = iter(range(1 << 62))
+_cgroup_count = itertools.count()
 
 
 def _cgroup_make(root, *, memory_mb, max_procs):
