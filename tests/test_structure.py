@@ -153,3 +153,35 @@ def test_keyword_arguments_past_the_first_few():
     bad = [line for key, line in sorted(found.items()) if key not in POSITIONAL_EXCEPTIONS]
     assert not bad, (f"more than {MAX_POSITIONAL} positional parameters: put a * after the first few and pass the "
                      "rest by keyword at every call\n" + "\n".join(bad))
+
+
+def unresolved_imports(paths):
+    """`from picochat.x import name` lines (anywhere in a file, inside functions too) whose name picochat.x does not
+    define: what a module split leaves behind in callers that only run in a slow test, a benchmark or on a GPU."""
+    import importlib
+    import importlib.util
+    missing = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("picochat")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                if not hasattr(module, alias.name) and not submodule:
+                    missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+    return missing
+
+
+def test_unresolved_imports_are_found(tmp_path):
+    script = tmp_path / "old_caller.py"
+    script.write_text("def f():\n    from picochat.engine import NoSuchThing\n")
+    assert unresolved_imports([script]) == ["old_caller.py:2 picochat.engine.NoSuchThing"]
+
+
+def test_every_picochat_import_resolves():
+    """The tests, benchmarks, dev scripts and the package itself import only names that exist."""
+    root = PACKAGE.parent
+    folders = ("picochat", "picochat/tasks", "tests", "bench", "dev")
+    paths = [p for d in folders for p in sorted((root / d).glob("*.py"))]
+    assert unresolved_imports(paths) == []
