@@ -53,6 +53,45 @@ class CheckpointMeta(TypedDict, total=False):
     imported_from: str          # import: where the weights came from
 
 
+class StageSummary(TypedDict, total=False):
+    """summary.json, the last file a pretrain, sft or rl run writes (its presence marks the stage done for
+    speedrun; report reads the rest). Keys shared by the three stages come first, then each stage's own."""
+    stage: str                      # "base", "sft" or "rl"
+    step: int                       # the step the run ended at
+    train_seconds: float            # training time, evals and checkpoints excluded (report's cost)
+    device: str                     # e.g. "cuda:0" or "cpu", with world_size ranks
+    world_size: int
+    args: dict                      # the run's flags (common.vars_json)
+    val_bpb: float | None           # base: validation bits per byte at the end
+    num_params: int                 # base: parameters, and those the scaling rules count
+    scaling_params: int
+    tokens: int                     # base: tokens trained on, and the rate, MFU and FLOPs per token behind it
+    tokens_per_sec: float | None
+    mfu: float | None
+    flops_per_token: float
+    config: dict                    # base: GPTConfig as a dict
+    device_batch_size: int          # base: rows per micro-batch, micro-batches per rank and step
+    grad_accum: int
+    peak_memory_mb: float | None    # base: CUDA only
+    val_loss: float | None          # sft: validation loss and format compliance at the end, and before training
+    format_compliance: float | None  # sft and rl
+    base_format_compliance: float | None
+    eval: dict                      # sft and rl: the last held-apart eval, and the one before training
+    base_eval: dict                 # sft
+    start_eval: dict                # rl
+    mixture: dict                   # sft: {task: conversations}, and how rows were packed
+    rows: int
+    truncated: int
+    row_fill: float
+    task: str                       # rl: the task trained on, greedy accuracy at the end and at the start
+    accuracy: float | None
+    start_accuracy: float | None
+    pass_k: int                     # rl: k of pass@k (0: off), pass@k at the end and at the start
+    pass_at_k: float | None
+    start_pass_at_k: float | None
+    eval_problems: int | None       # rl: held-apart problems scored
+
+
 LOCK_FILE = ".lock"
 
 

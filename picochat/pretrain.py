@@ -416,15 +416,15 @@ def _train(args, st, *, ddp, rank, world, device):
                  extra={"device_batch_size": B, "num_streams": st.num_streams})
 
     if rank == 0:
-        summary = {"stage": "base", "step": num_steps, "val_bpb": val_bpb, "num_params": model.num_params(),
-                   "scaling_params": model.num_scaling_params(), "tokens": num_steps * total_batch,
-                   "train_seconds": t_train, "tokens_per_sec": tokens_seen / t_train if t_train else None,
-                   "mfu": (model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
-                   "flops_per_token": model.flops_per_token(), "config": checkpoint.config_to_dict(st.config),
-                   "device": str(device), "world_size": world, "device_batch_size": B, "grad_accum": grad_accum,
-                   "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2 ** 20
-                                      if device.type == "cuda" else None),
-                   "args": vars_json(args)}
+        summary = checkpoint.StageSummary(
+            stage="base", step=num_steps, val_bpb=val_bpb, num_params=model.num_params(),
+            scaling_params=model.num_scaling_params(), tokens=num_steps * total_batch, train_seconds=t_train,
+            tokens_per_sec=tokens_seen / t_train if t_train else None,
+            mfu=(model.flops_per_token() * tokens_seen / t_train / peak) if t_train else None,
+            flops_per_token=model.flops_per_token(), config=checkpoint.config_to_dict(st.config), device=str(device),
+            world_size=world, device_batch_size=B, grad_accum=grad_accum,
+            peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+            args=vars_json(args))
         atomic_write_json(out / "summary.json", summary)
         print0(f"done: {num_steps} steps, validation bpb {val_bpb:.4f}, checkpoint in {out}")
     if ddp:

@@ -323,13 +323,13 @@ def _write_summary(out, *, args, step, t_train, last_eval, device, world):
     run's facts; then the closing line."""
     start = json.loads((out / "start_eval.json").read_text()) if (out / "start_eval.json").exists() else {}
     end = last_eval or {}
-    summary = {"stage": STAGE, "task": args.task, "step": step, "train_seconds": t_train,
-               "accuracy": end.get("accuracy"), "start_accuracy": start.get("accuracy"),
-               f"pass@{args.pass_k}": end.get(f"pass@{args.pass_k}"),
-               f"start_pass@{args.pass_k}": start.get(f"pass@{args.pass_k}"),
-               "format_compliance": end.get("format"), "eval_problems": end.get("eval_problems"),
-               "eval": end, "start_eval": start, "args": vars_json(args),
-               "device": str(device), "world_size": world}
+    pass_key = f"pass@{args.pass_k}"
+    summary = checkpoint.StageSummary(
+        stage=STAGE, task=args.task, step=step, train_seconds=t_train, accuracy=end.get("accuracy"),
+        start_accuracy=start.get("accuracy"), pass_k=args.pass_k, pass_at_k=end.get(pass_key),
+        start_pass_at_k=start.get(pass_key), format_compliance=end.get("format"),
+        eval_problems=end.get("eval_problems"), eval=end, start_eval=start, args=vars_json(args), device=str(device),
+        world_size=world)
     atomic_write_json(out / "summary.json", summary)
     print0(f"done: {step} steps in {format_duration(t_train)}; held-apart greedy accuracy "
            f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f}; checkpoint in {out}")

@@ -457,12 +457,11 @@ def _run(args, out, mixture, val_convs, suites, *, t0):
 
     if rank == 0:
         start_eval = json.loads((out / "start_eval.json").read_text()) if (out / "start_eval.json").exists() else {}
-        summary = {"stage": STAGE, "step": step, "train_seconds": t_train,
-                   "val_loss": (last_eval or {}).get("val_loss"), "format_compliance": (last_eval or {}).get("format"),
-                   "base_format_compliance": start_eval.get("format"), "eval": last_eval, "base_eval": start_eval,
-                   "mixture": mixture.counts(), "rows": st["rows"], "truncated": st["truncated"],
-                   "row_fill": st["fill"], "args": vars_json(args),
-                   "device": str(device), "world_size": world}
+        summary = checkpoint.StageSummary(
+            stage=STAGE, step=step, train_seconds=t_train, val_loss=(last_eval or {}).get("val_loss"),
+            format_compliance=(last_eval or {}).get("format"), base_format_compliance=start_eval.get("format"),
+            eval=last_eval, base_eval=start_eval, mixture=mixture.counts(), rows=st["rows"],
+            truncated=st["truncated"], row_fill=st["fill"], args=vars_json(args), device=str(device), world_size=world)
         atomic_write_json(out / "summary.json", summary)
         compliance = (f"format compliance {start_eval['format']:.2f} -> {last_eval['format']:.2f}, "
                       if "format" in start_eval and "format" in (last_eval or {}) else "")

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from picochat.checkpoint import StageSummary
 from picochat.cli import main
 from picochat.model import derive_hparams, scaling_params
 
@@ -71,6 +72,7 @@ def test_loss_falls_on_webtext(setup):
     assert bpb[-1] < bpb[0] - 0.3
     summary = json.loads((home / "runs/t/base/summary.json").read_text())
     assert summary["val_bpb"] == bpb[-1]
+    assert set(summary) <= set(StageSummary.__annotations__), "summary.json keys StageSummary lacks"
 
 
 def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):

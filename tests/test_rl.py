@@ -141,7 +141,8 @@ def test_rl_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     assert main(flags + ["--out", str(tmp_path / "a"), "--save-every", "100"]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["stage"] == "rl" and summary["step"] == 2 and summary["eval_problems"] == 2
-    assert "pass@2" in summary and summary["start_accuracy"] is not None
+    assert summary["pass_k"] == 2 and summary["pass_at_k"] is not None and summary["start_accuracy"] is not None
+    assert set(summary) <= set(checkpoint.StageSummary.__annotations__), "summary.json keys StageSummary lacks"
     full = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
 
     real_save = checkpoint.save_checkpoint

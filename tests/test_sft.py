@@ -288,6 +288,7 @@ def test_sft_cli_runs_and_resumes_exactly(tmp_path, demo_setup, monkeypatch):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["stage"] == "sft" and summary["step"] == 4 and summary["train_seconds"] > 0
     assert summary["val_loss"] is not None and summary["format_compliance"] is not None
+    assert set(summary) <= set(checkpoint.StageSummary.__annotations__), "summary.json keys StageSummary lacks"
     assert checkpoint.latest_step(tmp_path / "a") == 4 and (tmp_path / "a" / "tokenizer").is_dir()
 
     # interrupted right after the step-2 checkpoint, then resumed: the same losses, bit for bit
