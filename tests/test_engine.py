@@ -1,13 +1,14 @@
+"""picochat/engine.py: generation matches greedy full recompute, the calculator tool is evaluated and forced,
+sampling, stop tokens, the context guard, UTF-8-safe streaming text, and the chat CLI. Decode-path tests
+(layouts, the static cache, int8) are in test_decode.py."""
 import pytest
 import torch
 
 import picochat.engine as engine_mod
 from picochat.common import UserError
-from picochat.decode import (INT8_KERNEL_MAX_ROWS, InferenceModel, Int8Weight, StaticCache, decode_layout, int8_matmul,
-                             matmul, quantize_int8, softcap)
 from picochat.engine import Engine, StreamDecoder, ToolState, parse_reply, sample
-from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
+from test_decode import REFERENCE_FEATURES, tiny  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,23 +23,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok(webtext_tokenizer):
     return Tokenizer.load(webtext_tokenizer)
-
-
-def tiny(vocab=300, depth=2, seq=64, scale=0.05, head_scale=1.0, **kw):
-    cfg = GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq, head_dim=32, **kw)
-    model = GPT(cfg).init_weights(seed=0)
-    with torch.no_grad():  # zero-initialized projections and a near-zero head would hide bugs (and tie logits)
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-        model.lm_head.weight.mul_(head_scale)
-    return model.eval()
-
-
-# every optional feature of the reference's recent models at once (see GPTConfig)
-REFERENCE_FEATURES = {"value_embeds": True, "window_pattern": "SL", "depth": 3, "smear": True, "backout": True,
-                      "ve_gate_channels": 12, "ve_gate_scale": 3.0, "qk_scale": 1.2, "short_window": 7,
-                      "rope_bf16": True}
 
 
 def greedy_reference(model, prompt, n, stops=(), forced_script=None, tool=None):
@@ -67,206 +51,6 @@ def greedy_reference(model, prompt, n, stops=(), forced_script=None, tool=None):
         if t in stops and not f:
             break
     return out
-
-
-@pytest.fixture
-def threads(request):
-    """Run the test with torch at request.param threads (the decode layout follows the thread count)."""
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(1)
-
-
-# ---- the decode layout ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("out_f,in_f", [(192, 64), (64, 192), (128, 128), (130, 64), (96, 48)])
-@pytest.mark.parametrize("parts", [1, 2, 3])
-def test_decode_layout_computes_linear(out_f, in_f, parts):
-    w = torch.randn(out_f, in_f)
-    stored = decode_layout(w, parts)
-    # column blocks only when they divide the outputs evenly, 64 columns or more each
-    assert stored.dim() == (3 if parts > 1 and out_f % parts == 0 and out_f // parts >= 64 else 2)
-    for shape in [(1, in_f), (5, in_f), (2, 3, in_f), (1, 1, in_f)]:
-        x = torch.randn(shape)
-        y = matmul(x, stored)
-        assert y.shape == (*shape[:-1], out_f)
-        assert torch.allclose(y, torch.nn.functional.linear(x, w), atol=1e-5)
-
-
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("kw", [{}, {"value_embeds": True, "window_pattern": "SSL", "depth": 3},
-                                {"n_kv_head": 1, "depth": 4}, {"resid_scalars": False}, REFERENCE_FEATURES])
-def test_inference_model_matches_model_forward(kw, threads):
-    model = tiny(**kw)
-    net = InferenceModel(model)
-    assert net.parts == threads  # one column block per thread (see decode_layout)
-    x = torch.randint(0, 300, (3, 40))
-    with torch.no_grad():
-        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
-        assert torch.allclose(softcap(net.logits(net.hidden(x)), 15.0), ref, atol=1e-5)
-        assert torch.allclose(model(x), ref, atol=1e-5)
-        # prefill then decode, all rows together
-        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
-        parts = [net.logits(net.hidden(x[:, :25], cache, slice(0, 3), [0] * 3))]
-        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 3), [t] * 3)) for t in range(25, 40)]
-        assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-5)
-        # rows at different positions (the server's slots), decoded together
-        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
-        lens = [9, 21, 30]
-        for b, n in enumerate(lens):
-            net.hidden(x[b:b + 1, :n], cache, slice(b, b + 1), [0])
-        for t in range(6):
-            ids = torch.tensor([[x[b, lens[b] + t]] for b in range(3)])
-            out = softcap(net.logits(net.hidden(ids, cache, slice(0, 3), [n + t for n in lens])), 15.0)
-            for b in range(3):
-                assert torch.allclose(out[b, 0], ref[b, lens[b] + t], atol=1e-5)
-
-
-@pytest.mark.parametrize("kw", [{"window_pattern": "SL"}, REFERENCE_FEATURES])
-def test_static_cache_attends_over_the_whole_cache(kw):
-    model = tiny(seq=32, **kw)
-    net = InferenceModel(model)
-    x = torch.randint(0, 300, (2, 20))
-    with torch.no_grad():
-        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
-        cache = StaticCache(model.config, 2, 32, "cpu", torch.float32, static=True)
-        parts = [net.logits(net.hidden(x[:, :12], cache, slice(0, 2), [0, 0]))]
-        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 2), [t, t])) for t in range(12, 20)]
-    assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-5)
-
-
-def test_layout_follows_the_thread_count(tok):
-    """The layout is rebuilt for the thread count of the thread that decodes (the server's scheduler runs with
-    its own), and gives the same tokens."""
-    engine = Engine(tiny(vocab=tok.vocab_size), tok, tool=False)
-    engine.stop_ids = frozenset()
-    runs = {}
-    try:
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            runs.setdefault(n, []).append([t[0] for t, _ in engine.generate([5, 6, 7], 1, 12, temperature=0)])
-            assert engine.net.parts == n
-    finally:
-        torch.set_num_threads(1)
-    assert runs[1][0] == runs[1][1] == runs[2][0]
-
-
-def test_layout_follows_in_place_weight_updates():
-    """RL updates the model between generations: the engine must not decode with stale weights."""
-    model = tiny()
-    net = InferenceModel(model)
-    x = torch.randint(0, 300, (1, 10))
-    before = net.logits(net.hidden(x)).clone()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    net.refresh()
-    after = net.logits(net.hidden(x))
-    assert not torch.allclose(before, after)
-    with torch.no_grad():
-        assert torch.allclose(softcap(after, 15.0), model(x), atol=1e-4)
-
-
-def test_compiled_decode_step_matches():
-    model = tiny(depth=1)
-    x = torch.randint(0, 300, (2, 12))
-    net = InferenceModel(model, compile=True)
-    with torch.no_grad():
-        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
-        cache = StaticCache(model.config, 2, 16, "cpu", torch.float32, static=True)
-        parts = [net.logits(net.hidden(x[:, :8], cache, slice(0, 2), [0, 0]))]
-        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 2), [t, t])) for t in range(8, 12)]
-    assert torch.allclose(softcap(torch.cat(parts, 1), 15.0), ref, atol=1e-4)
-
-
-def test_static_decode_steps_compile_once_not_once_per_position():
-    """A CUDA graph is recorded per distinct compiled graph: the static one-token step (what InferenceModel
-    graphs on GPUs) must depend on no Python int that moves as decoding advances. Checked here with a counting
-    backend on CPU: positions advance, rows get dropped (keep), the weights change (RL), and the step compiles
-    once per batch-size class, with the eager layout's outputs."""
-    from torch._dynamo.testing import CompileCounter
-    torch._dynamo.reset()
-    model = tiny(window_pattern="SL", seq=32, value_embeds=True)
-    net = InferenceModel(model)
-    net.compiled = net.static = True  # the GPU settings, on this CPU
-    net._fingerprint = None
-    net.refresh()
-    counter = CompileCounter()
-    net._decode = torch.compile(net._hidden_impl, dynamic=True, backend=counter)
-    eager = InferenceModel(model)
-    x = torch.randint(0, 300, (3, 20))
-    with torch.no_grad():
-        cache = StaticCache(model.config, 3, 32, "cpu", torch.float32, static=True)
-        ref = StaticCache(model.config, 3, 32, "cpu", torch.float32)
-        net.hidden(x[:, :8], cache, slice(0, 3), [0] * 3)
-        eager.hidden(x[:, :8], ref, slice(0, 3), [0] * 3)
-        for t in range(8, 20):
-            if t == 14:  # a row finished; and a training step moved the weights
-                cache.keep([0, 2])
-                ref.keep([0, 2])
-                x = x[[0, 2]]
-                for p in model.parameters():
-                    p.mul_(1.01)
-                net.refresh()
-                eager.refresh()
-            B = x.shape[0]
-            got = net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, B), [t] * B))
-            want = eager.logits(eager.hidden(x[:, t:t + 1], ref, slice(0, B), [t] * B))
-            assert torch.allclose(got, want, atol=1e-4), t
-            if t == 8:
-                first = counter.frame_count
-    assert first == 1 and counter.frame_count <= 2, counter.frame_count  # batch 3, then 2: one dynamic graph
-
-
-# ---- int8 weights -----------------------------------------------------------------------------------------------
-def test_quantize_int8_round_trip_error_per_channel():
-    g = torch.Generator().manual_seed(0)
-    # rows of very different scales (one all zeros, one with an outlier): the scale is per output channel
-    w = torch.randn(96, 64, generator=g) * torch.logspace(-4, 1, 96)[:, None]
-    w[5] = 0
-    w[7, 3] = 50.0
-    qw = quantize_int8(w)
-    assert qw.q.dtype == torch.int8 and qw.q.shape == w.shape and qw.scale.shape == (96,)
-    assert qw.q.abs().max() <= 127
-    back = qw.q.float() * qw.scale[:, None]
-    row_max = w.abs().amax(dim=1)
-    # rounding to the nearest step: half a step at most, a step being max|row| / 127
-    assert ((back - w).abs().amax(dim=1) <= row_max / 254 * (1 + 1e-5) + 1e-30).all()
-    assert (back[5] == 0).all()
-    assert (qw.q.abs().amax(dim=1)[row_max > 0] == 127).all()  # each row uses the whole range
-    # int8_matmul computes F.linear with the dequantized matrix, on both of its paths (the kernel for a few rows,
-    # dequantize-then-gemm for many): rounding x to bf16 for the kernel costs ~2^-9 of each product
-    for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 1):
-        x = torch.randn(rows, 64, generator=g)
-        ref = torch.nn.functional.linear(x, back)
-        assert torch.allclose(int8_matmul(x, qw), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-        assert torch.allclose(matmul(x[None], qw)[0], int8_matmul(x, qw))
-    # a width the kernel cannot take (not a multiple of 32: it would read past each row) goes the other way
-    odd = quantize_int8(torch.randn(16, 48, generator=g))
-    x = torch.randn(1, 48, generator=g)
-    ref = torch.nn.functional.linear(x, odd.q.float() * odd.scale[:, None])
-    assert torch.allclose(int8_matmul(x, odd), ref, atol=1e-5)
-
-
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1, "depth": 4}, REFERENCE_FEATURES])
-def test_int8_logits_close_to_float32(kw):
-    """Tolerance: RMS error under 3% of the logits' spread (argmax mostly unchanged). Each weight moves by at
-    most half a step, max|row| / 254, uniformly: an RMS of ~0.8% of a Gaussian row's own spread (its largest
-    entry is ~3.5 of those); bf16 activations into the kernel add 2^-9; the 2-4 layers' products in series (qkv,
-    wo, fc, proj, then lm_head) add their errors roughly in quadrature: ~2% at depth 4 (measured 1.3-2.1%)."""
-    model = tiny(**kw)
-    net = InferenceModel(model, dtype=torch.int8)
-    assert isinstance(net.head, Int8Weight) and net.dtype == torch.float32 and net.packed(8) is None
-    x = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = softcap(model.lm_head(model.trunk(x)).float(), 15.0)
-        whole = softcap(net.logits(net.hidden(x)), 15.0)  # 120 rows per product: the dequantizing path
-        cache = StaticCache(model.config, 3, 64, "cpu", torch.float32)
-        parts = [net.logits(net.hidden(x[:, :25], cache, slice(0, 3), [0] * 3))]
-        parts += [net.logits(net.hidden(x[:, t:t + 1], cache, slice(0, 3), [t] * 3)) for t in range(25, 40)]
-        steps = softcap(torch.cat(parts, 1), 15.0)  # one token per row per step: the int8 kernel
-    for out in (whole, steps):
-        assert (out - ref).pow(2).mean().sqrt() < 0.03 * ref.std()
-        assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_int8_generation_through_engine_and_scheduler(tok, monkeypatch):
