@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from picochat.checkpoint import load_model, resolve_checkpoint
 from picochat.common import pick_run
-from picochat.decode import INT8_KERNEL_MAX_ROWS, StaticCache, softcap
+from picochat.decode import StaticCache, softcap
 from picochat.engine import Engine
+from picochat.int8 import INT8_KERNEL_MAX_ROWS
 from picochat.loader import fixed_batches
 from picochat.model import bits_per_byte
 from picochat.shards import iter_texts, split_shards

@@ -19,17 +19,17 @@ between generations) or the decoding thread's thread count does.
 
 int8 weights (Engine(dtype=torch.int8), `chat --dtype int8`, `serve --dtype int8`; CPUs): every matrix a decode step
 streams (q/k/v, the attention output, the MLP, lm_head) is stored as int8 with one scale per output channel
-(quantize_int8), a quarter of fp32's bytes, and multiplied by int8_matmul; activations, the KV cache, the embeddings
+(picochat/int8.py), a quarter of fp32's bytes, and multiplied by int8_matmul; activations, the KV cache, the embeddings
 and the small value-embedding gate stay fp32. Sampling, tool calls and stops are the same code as in fp32.
 bench/int8.py measures what it costs in bits per byte and greedy tokens on a trained checkpoint.
 """
 import threading
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from picochat.common import UserError
+from picochat.int8 import Int8Weight, int8_matmul, quantize_int8
 from picochat.model import norm, smear
 
 
@@ -95,7 +95,7 @@ class InferenceModel:
         self.config = model.config
         self.device = model.lm_head.weight.device
         # dtype torch.int8: int8 weights (quantize_int8), activations, cache and embeddings in the device's
-        # inference dtype. CPU only: int8_matmul's kernel is torch's CPU one, and GPUs decode in bf16 already
+        # inference dtype. CPU only: int8_matmul's kernels are CPU ones, and GPUs decode in bf16 already
         self.int8 = dtype == torch.int8
         if self.int8 and self.device.type != "cpu":
             raise UserError(f"int8 weights run on CPUs only, not {self.device.type}: use bfloat16 there")
@@ -348,44 +348,6 @@ def matmul(x, w):
         return y.permute(1, 0, 2).reshape(*x.shape[:-1], -1)
     # a square W is stored transposed, as is any W with out > in
     return x @ w if w.shape[0] == x.shape[-1] else F.linear(x, w)
-
-
-class Int8Weight(NamedTuple):
-    """A matrix W (out, in) as int8 with one scale per output channel: W ~ q * scale[:, None]."""
-    q: torch.Tensor  # (out, in) int8, contiguous
-    scale: torch.Tensor  # (out,) fp32
-    kernel_scale: torch.Tensor  # the same scales in bf16, the dtype int8_matmul's kernel takes them in
-
-
-def quantize_int8(w):
-    """Per-output-channel symmetric int8 weights (InferenceModel with dtype=torch.int8): each row of w (out, in)
-    is scaled so that its largest |value| becomes 127, then rounded. What holds: q in [-127, 127], and
-    |W - q * scale| <= scale / 2 = max|row| / 254 elementwise; a row of zeros stays zeros."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1) / 127
-    q = torch.round(w / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
-    return Int8Weight(q.to(torch.int8).contiguous(), scale, scale.to(torch.bfloat16))
-
-
-INT8_KERNEL_MAX_ROWS = 64  # above this many rows dequantizing once beats the int8 kernel (see int8_matmul)
-
-
-def int8_matmul(x, w):
-    """F.linear(x, W) for w = quantize_int8(W), in x's dtype.
-    - Up to INT8_KERNEL_MAX_ROWS rows (decode steps, the scheduler's batches): torch's int8 kernel
-      (aten._weight_int8pack_mm), which reads the int8 weights as they are: a quarter of fp32's bytes. Its x86
-      code is vectorized for bf16 activations only (fp32 ones take its scalar loop, slower than fp32 weights),
-      so x is rounded to bf16 for the product and the result comes back in x's dtype. It has no loop tail: the
-      input width must be a multiple of 32 (the default shapes' are; other widths take the path below).
-    - More rows (prefill, scoring): the kernel reads the weights again for every 4 rows, while MKL's gemm reads
-      them once for all rows; dequantizing W for it costs about as much as 64 rows of the kernel (the crossover
-      at d20 shapes)."""
-    rows = x.numel() // x.shape[-1]
-    if rows <= INT8_KERNEL_MAX_ROWS and x.shape[-1] % 32 == 0:
-        a = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel assumes rows of width `in`
-        y = torch.ops.aten._weight_int8pack_mm(a, w.q, w.kernel_scale)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
-    return F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
 
 
 def decode_attention(q, k, v, mask=None):

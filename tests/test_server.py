@@ -622,7 +622,7 @@ def test_serve_dtype_int8(model, tok, monkeypatch):
     import uvicorn
     from picochat import checkpoint
     from picochat.common import home_dir
-    from picochat.decode import Int8Weight
+    from picochat.int8 import Int8Weight
     checkpoint.save_checkpoint(home_dir() / "runs" / "demo" / "sft", 3, model, tokenizer=tok)
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
