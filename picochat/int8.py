@@ -1,6 +1,6 @@
 """int8 weights for CPU decoding: one scale per output channel, and the matrix product that reads them as they are.
 
-    w = quantize_int8(weight)   # Int8Weight: q (out, in) int8, scale (out,) fp32
+    w = quantize_int8(weight)   # Int8Weight: int8 q in our kernel's tiles or (out, in), scale (out,) fp32
     y = int8_matmul(x, w)       # ~ F.linear(x, weight), in x's dtype
 
 A decode step streams every weight from memory once, so int8 (a quarter of fp32's bytes) is worth what the product

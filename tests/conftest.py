@@ -2,6 +2,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
@@ -11,6 +12,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 def _isolated_home(tmp_path, monkeypatch):
     """Every test writes under its own PICOCHAT_HOME, never the user's."""
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): with tiny
+    models on a shared 2-core machine, OpenMP barriers across 2 threads cost ~20x the work itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,7 @@ from picochat.engine import Engine
 from test_engine import tiny
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: on a shared 2-core machine, OpenMP barriers across 2 threads cost ~20x the work itself
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_scheduler_runs_with_its_own_thread_count(tok):

@@ -11,13 +11,7 @@ from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: on a shared 2-core machine, OpenMP barriers across 2 threads cost ~20x the work itself
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny(vocab=300, depth=2, seq=64, scale=0.05, head_scale=1.0, **kw):

@@ -11,13 +11,7 @@ from picochat.tokenizer import Tokenizer
 from test_decode import REFERENCE_FEATURES, tiny  # tests/ is on sys.path under pytest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: on a shared 2-core machine, OpenMP barriers across 2 threads cost ~20x the work itself
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

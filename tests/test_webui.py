@@ -19,10 +19,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 
 @pytest.fixture(scope="module")
-def server(webtext_tokenizer):
+def server(webtext_tokenizer, one_thread):
     pytest.importorskip("playwright.sync_api")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     tok = Tokenizer.load(webtext_tokenizer)
     model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=256, head_dim=32)).init_weights(seed=0)
     with torch.no_grad():  # varied text, and special tokens (stops) that never win: replies run until stopped
@@ -32,7 +30,6 @@ def server(webtext_tokenizer):
     srv = ServerThread(app).start()
     yield srv
     srv.stop()
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
