@@ -14,6 +14,10 @@ from picochat.decode import matmul
 from picochat.int8 import INT8_KERNEL_MAX_ROWS, build_kernel, int8_matmul, quantize_int8
 
 
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                              reason="no C compiler (cc or $CC) to build the int8 kernel with")
+
+
 def dequantized(qw):
     return qw.rows().float() * qw.scale[:, None]
 
@@ -24,7 +28,7 @@ def test_quantize_int8_round_trip_error_per_channel():
     w = torch.randn(96, 64, generator=g) * torch.logspace(-4, 1, 96)[:, None]
     w[5] = 0
     w[7, 3] = 50.0
-    qw = quantize_int8(w)
+    qw = quantize_int8(w, tiled=True)  # the kernel's layout, built or not
     q = qw.rows()
     assert qw.q.dtype == torch.int8 and q.shape == w.shape and qw.scale.shape == (96,)
     assert q.abs().max() <= 127
@@ -38,14 +42,13 @@ def test_quantize_int8_round_trip_error_per_channel():
     assert (q.abs().amax(dim=1)[row_max > 0] == 127).all()  # each row uses the whole range
 
 
+@needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("out_f,in_f", [(96, 64), (97, 48), (3, 33), (8, 1280), (130, 5)])
 def test_kernel_computes_linear_with_the_dequantized_weights(out_f, in_f, threads):
     """Our kernel: fp32 activations, so it matches F.linear to fp32 roundoff, whatever the shape (tiles of 64
     output channels, the last one padded; any input width; rows in groups of 4 and one by one) and the thread
     count."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler (cc or $CC) to build the int8 kernel with")
     assert int8._kernel() is not None, "this machine's C compiler should build the kernel"
     g = torch.Generator().manual_seed(out_f * in_f)
     qw = quantize_int8(torch.randn(out_f, in_f, generator=g))
@@ -87,6 +90,7 @@ def test_without_our_kernel_torch_takes_over(monkeypatch):
     assert torch.allclose(int8_matmul(x, odd), F.linear(x, dequantized(odd)), atol=1e-5)
 
 
+@needs_cc
 def test_build_is_cached_and_follows_the_source(tmp_path, monkeypatch):
     first = build_kernel(tmp_path)
     stamp = first.stat().st_mtime_ns
@@ -98,6 +102,7 @@ def test_build_is_cached_and_follows_the_source(tmp_path, monkeypatch):
     assert sorted(p.name.startswith("int8_linear-") for p in tmp_path.glob("*.so")) == [True, True]
 
 
+@needs_cc
 def test_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch, capsys):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
