@@ -227,8 +227,9 @@ def estimate_training_memory(config, batch, seq_len, *, dtype=torch.bfloat16, de
         parts["total"] = sum(parts.values())
         return parts
 
-    adam = count["embedding"] + count["lm_head"] + count["scalar"]
-    parts.update(grads=4 * n_params, optimizer=(4 * count["matrix"] + 8 * adam) // world,
+    adam = n_params - count["matrix"]
+    normuon = sum(max(p.shape) for p in groups["matrix"])  # a mean square per row or column (optim.second_moment_like)
+    parts.update(grads=4 * n_params, optimizer=(4 * (count["matrix"] + normuon) + 8 * adam) // world,
                  weight_copies=e * count["matrix"] if e < 4 else 0)
     if checkpointing:  # a block keeps its input (and the residual mix its own), and is recomputed once in the backward
         kept_layers = N * L * e * C * (1 + config.resid_scalars) + N * ve_layers * e * Ckv

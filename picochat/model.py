@@ -314,13 +314,15 @@ class GPT(nn.Module):
         return self
 
     def param_groups(self):
-        """Parameters by optimizer role: block matrices (Muon), embeddings, lm_head, scalars (AdamW)."""
-        matrices = [p for p in self.blocks.parameters()]
-        embeds = [self.wte.weight] + [e.weight for e in self.value_embeds.values()]
-        scalars = [self.resid_lambdas, self.x0_lambdas] if self.config.resid_scalars else []
-        scalars += [self.smear_gate.weight, self.smear_lambda] if self.config.smear else []
-        scalars += [self.backout_lambda] if self.config.backout else []
-        return {"matrix": matrices, "embedding": embeds, "lm_head": [self.lm_head.weight], "scalar": scalars}
+        """Parameters by optimizer role: block matrices (Muon); token embedding, value embeddings, lm_head, the
+        residual mix's two kinds of scalar and the smear/backout gates (AdamW, each role its own settings)."""
+        scalars = self.config.resid_scalars
+        gates = [self.smear_gate.weight, self.smear_lambda] if self.config.smear else []
+        gates += [self.backout_lambda] if self.config.backout else []
+        return {"matrix": list(self.blocks.parameters()), "embedding": [self.wte.weight],
+                "value_embedding": [e.weight for e in self.value_embeds.values()], "lm_head": [self.lm_head.weight],
+                "resid": [self.resid_lambdas] if scalars else [], "x0": [self.x0_lambdas] if scalars else [],
+                "gate": gates}
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

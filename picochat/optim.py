@@ -1,8 +1,10 @@
 """One optimizer for the whole model: Muon for the 2-D matrices inside the blocks, AdamW for the rest.
 
-Muon: Nesterov momentum, then the update is orthogonalized (its singular values pushed to ~1) by a few
-quintic Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with weight decay applied only where
-the update and the weight agree in sign ("cautious" decay).
+Muon: Nesterov momentum, then the update is orthogonalized (its singular values pushed to ~1) by five
+Polar Express iterations from rows of equal norm, snapped to the Frobenius norm of an orthogonal matrix,
+each row (tall matrices) or column (wide) divided by its running RMS and the whole rescaled to its norm before
+(NorMuon), scaled by sqrt(max(1, rows/cols)), with weight decay applied only where the update and the weight
+agree in sign ("cautious" decay). dev/LOG.md has what each piece gave on the ladder (bench/ladder.py).
 
 Distributed (ZeRO-1): the parameters lie in a few flat buckets, the same on every rank (`layout`), each cut
 into one equal chunk per rank; a rank keeps optimizer state for its chunks only and updates only them.
@@ -40,30 +42,41 @@ recorded in the checkpoint's meta, lets each rank read only the shards that hold
 import torch
 import torch.distributed as dist
 
-# quintic Newton-Schulz coefficients tuned to pull singular values into ~[0.7, 1.2] in few steps
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): a different quintic per iteration, chosen so that 5
+# iterations bring every singular value in [1e-3, 1] close to 1 (fixed coefficients overshoot to ~[0.7, 1.2])
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
-    """Approximate U V^T of G = U S V^T, batched over leading dims."""
+    """Approximate U V^T of G = U S V^T, batched over leading dims, with Frobenius norm sqrt(min(rows, cols))."""
     X = G.to(dtype)
     transpose = X.size(-2) > X.size(-1)
     if transpose:  # iterate on the wide side: X X^T is then the small Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
+    # every row to norm 1 / (sqrt(rows) * 1.01): rows of one norm are a better conditioned start, and a
+    # Frobenius norm just under 1 keeps every singular value inside the iteration's range
+    row_norms = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (1.0 / (row_norms * X.size(-2) ** 0.5 * 1.01)).to(dtype)
+    for a, b, c in POLAR_EXPRESS[:steps]:
         A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
+    # the norm of an exactly orthogonal matrix, whatever the iteration left short of convergence
+    X = X * (min(X.shape[-2:]) ** 0.5 / X.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(dtype)
     if transpose:
         X = X.mT
     return X
 
 
-def muon_update(params, grads, bufs, *, lr, wd, momentum, ns_steps: int, ns_dtype):
-    """One Muon step for a list of same-shape matrices, in place. lr, wd and momentum are 0-d tensors, so a
-    compiled version of this function is reused as they change along the schedule."""
+def muon_update(params, grads, bufs, vbufs, *, lr, wd, momentum, beta2, ns_steps: int, ns_dtype):
+    """One Muon step for a list of same-shape matrices, in place. lr, wd, momentum and beta2 are 0-d tensors, so
+    a compiled version of this function is reused as they change along the schedule. vbufs: per row (tall
+    matrices) or per column (wide) running mean squares of the orthogonalized update (NorMuon, arXiv 2510.05491):
+    each row/column's step is divided by its RMS, then the whole update is scaled back to its norm before."""
     stacked = []
     for g, buf in zip(grads, bufs):
         buf.lerp_(g, 1 - momentum)
@@ -71,10 +84,25 @@ def muon_update(params, grads, bufs, *, lr, wd, momentum, ns_steps: int, ns_dtyp
     G = torch.stack(stacked)
     U = orthogonalize(G, ns_steps, ns_dtype).to(G.dtype)
     rows, cols = G.shape[-2:]
+    dim = -1 if rows >= cols else -2
+    sq = U.square().mean(dim=dim, keepdim=True)
+    V = torch.stack(vbufs).lerp_(sq, 1 - beta2)
+    for vb, v in zip(vbufs, V.unbind(0)):
+        vb.copy_(v)
+    scale = V.clamp_min(1e-10).rsqrt()
+    norm = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
+    new_norm = (sq * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    U = U * scale * (norm / new_norm.clamp_min(1e-10))
     U = U * max(1.0, rows / cols) ** 0.5
     for p, u in zip(params, U.unbind(0)):
         # cautious weight decay: only where the update and the weight agree in sign
         p.sub_(p * ((u * p) > 0) * (lr * wd) + u * lr)
+
+
+def second_moment_like(p):
+    """NorMuon's running mean square for matrix p: one per row of a tall matrix, one per column of a wide one."""
+    rows, cols = p.shape
+    return p.new_zeros((rows, 1) if rows >= cols else (1, cols))
 
 
 def _cost(p, kind):
@@ -151,7 +179,7 @@ class MuonAdamW(torch.optim.Optimizer):
     it may be changed between steps."""
 
     def __init__(self, param_groups, ns_dtype=None, wire_dtype=torch.float32):
-        defaults = dict(lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, betas=(0.8, 0.95), eps=1e-10)
+        defaults = dict(lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, beta2=0.9, betas=(0.8, 0.95), eps=1e-10)
         super().__init__(param_groups, defaults)
         for g in self.param_groups:
             assert g["kind"] in ("muon", "adamw"), g["kind"]
@@ -196,7 +224,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if self.param_groups[gi]["kind"] == "adamw":
             self.state[p] = {"step": 0, "exp_avg": p.new_zeros(stop - start), "exp_avg_sq": p.new_zeros(stop - start)}
         else:
-            self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+            self.state[p] = {"momentum_buffer": torch.zeros_like(p), "second_moment": second_moment_like(p)}
         return self.state[p]
 
     @torch.no_grad()
@@ -305,11 +333,14 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon(self, ps, grads, group):
         dev = ps[0].device
         # device-resident 0-d tensors refilled in place: no host-to-device copy, no recompilation
-        hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(3)])
-        for t, k in zip(hyper, ("lr", "weight_decay", "momentum")):
+        hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(4)])
+        for t, k in zip(hyper, ("lr", "weight_decay", "momentum", "beta2")):
             t.fill_(group[k])
-        lr, wd, momentum = hyper
-        self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps], lr=lr, wd=wd, momentum=momentum,
+        for p in ps:  # a checkpoint from before NorMuon resumes with the running RMS starting afresh
+            self.state[p].setdefault("second_moment", second_moment_like(p))
+        lr, wd, momentum, beta2 = hyper
+        self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps],
+                          [self.state[p]["second_moment"] for p in ps], lr=lr, wd=wd, momentum=momentum, beta2=beta2,
                           ns_steps=group["ns_steps"], ns_dtype=self._ns_dtype(dev))
 
     # ---- checkpointing: state keyed by the parameter's global index, so any rank count can load it ----
@@ -371,8 +402,12 @@ class MuonAdamW(torch.optim.Optimizer):
                     v = v if self.kind[p] == "adamw" else v.view(p.shape)
                 state[k] = v.to(p.device) if torch.is_tensor(v) else v
             self.state[p] = state
-        for g, saved_group in zip(self.param_groups, shards[0]["groups"]):
-            g.update({k: v for k, v in saved_group.items() if k != "kind"})
+        saved_groups = shards[0]["groups"]
+        # a checkpoint from another grouping of the parameters (before the per-role AdamW groups) keeps the
+        # state above but not the groups' hyperparameters: this run's own stand
+        if [(g["kind"], g.get("role")) for g in saved_groups] == [(g["kind"], g.get("role")) for g in self.param_groups]:
+            for g, saved_group in zip(self.param_groups, saved_groups):
+                g.update({k: v for k, v in saved_group.items() if k != "kind"})
 
 
 def wire_dtype_for(choice, device, world):
@@ -385,19 +420,28 @@ def wire_dtype_for(choice, device, world):
 
 
 def build_optimizer(model, *, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
-                    weight_decay=0.0, adam_betas=(0.8, 0.95), wire_dtype=torch.float32):
-    """AdamW learning rates for embeddings and head shrink with width ((width/768)^-0.5): wider models
-    receive proportionally larger per-parameter updates from Adam."""
+                    weight_decay=0.0, wire_dtype=torch.float32):
+    """Muon for the block matrices, AdamW for each other role of model.param_groups() with its own settings.
+    AdamW learning rates for embeddings and head shrink with width ((width/768)^-0.5): wider models receive
+    proportionally larger per-parameter updates from Adam. The embeddings keep a long second-moment memory
+    (beta2 0.995: a rare token's row sees a gradient in few steps), the residual scalars move at 1/100 of
+    the x0 scalars' rate, and the x0 scalars average their gradient over more steps (beta1 0.96). dev/LOG.md
+    has what these settings gave on the ladder (bench/ladder.py)."""
     groups = model.param_groups()
     scale = (model.config.n_embd / 768) ** -0.5
-    adam = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
-    param_groups = [
-        dict(kind="muon", params=groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, ns_steps=5),
-        dict(params=groups["embedding"], lr=embedding_lr * scale, **adam),
-        dict(params=groups["lm_head"], lr=unembedding_lr * scale, **adam),
-    ]
-    if groups["scalar"]:
-        param_groups.append(dict(params=groups["scalar"], lr=scalar_lr, **adam))
+    # role: (lr, betas, weight decay)
+    adamw = {"embedding": (embedding_lr * scale, (0.8, 0.995), 0.001),
+             "lm_head": (unembedding_lr * scale, (0.8, 0.96), 0.01),
+             "value_embedding": (embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
+             "resid": (scalar_lr * 0.01, (0.8, 0.95), 0.05),
+             "x0": (scalar_lr, (0.96, 0.95), 0.0),
+             "gate": (scalar_lr, (0.8, 0.95), 0.0)}
+    param_groups = [dict(kind="muon", params=groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                         ns_steps=5)]
+    for role, (lr, betas, wd) in adamw.items():  # embedding and lm_head first: pretrain prints their lr by index
+        if groups[role]:
+            param_groups.append(dict(kind="adamw", params=groups[role], lr=lr, betas=betas, eps=1e-10,
+                                     weight_decay=wd, role=role))
     return MuonAdamW(param_groups, wire_dtype=wire_dtype)
 
 
