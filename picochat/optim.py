@@ -405,7 +405,8 @@ class MuonAdamW(torch.optim.Optimizer):
         saved_groups = shards[0]["groups"]
         # a checkpoint from another grouping of the parameters (before the per-role AdamW groups) keeps the
         # state above but not the groups' hyperparameters: this run's own stand
-        if [(g["kind"], g.get("role")) for g in saved_groups] == [(g["kind"], g.get("role")) for g in self.param_groups]:
+        roles = lambda groups: [(g["kind"], g.get("role")) for g in groups]
+        if roles(saved_groups) == roles(self.param_groups):
             for g, saved_group in zip(self.param_groups, saved_groups):
                 g.update({k: v for k, v in saved_group.items() if k != "kind"})
 
