@@ -436,6 +436,10 @@ def add_shape_args(g):
     g.add_argument("--seq-len", type=int, default=2048)
     g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
     g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--smear", action=argparse.BooleanOptionalAction, default=False,
+                   help="a gated share of the previous token's embedding added to each token's")
+    g.add_argument("--backout", action=argparse.BooleanOptionalAction, default=False,
+                   help="a learned share of the middle layer's output subtracted before the final norm")
 
 
 D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules

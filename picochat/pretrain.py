@@ -257,7 +257,7 @@ def _build_model(args, *, init, tokenizer, device):
         config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
                                       aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                       n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
-                                      value_embeds=args.value_embeds)
+                                      value_embeds=args.value_embeds, smear=args.smear, backout=args.backout)
     config.window_sizes()  # validates the pattern before any work
     with torch.device("meta"):
         model = GPT(config)

@@ -439,6 +439,9 @@ def test_each_rank_reads_only_the_optimizer_shards_it_needs(tmp_path, monkeypatc
     def expected(i, p, key, start, stop):  # a value per (parameter, element, state) that any rank can check
         return torch.arange(start, stop, dtype=torch.float32) * 1e-3 + i + (0.5 if key == "exp_avg_sq" else 0)
 
+    def span(v, start, stop):  # a value per element of the parameter, or (NorMuon's) per row or column
+        return (start, stop) if v.numel() == stop - start else (0, v.numel())
+
     model = tiny_model(value_embeds=True)
     params = optimizer(0, 1).all_params  # the optimizer's global order: its groups', not the model's
     index = {p: i for i, p in enumerate(params)}
@@ -454,7 +457,7 @@ def test_each_rank_reads_only_the_optimizer_shards_it_needs(tmp_path, monkeypatc
                 i = index[p]
                 for key, v in opt.state[p].items():
                     if torch.is_tensor(v):
-                        v.copy_(expected(i, p, key, start, stop).view(v.shape))
+                        v.copy_(expected(i, p, key, *span(v, start, stop)).view(v.shape))
                     else:
                         opt.state[p][key] = i
             torch.save(opt.shard_state(), folder / f"optim_000005_rank{r}.pt")
@@ -477,7 +480,7 @@ def test_each_rank_reads_only_the_optimizer_shards_it_needs(tmp_path, monkeypatc
                     i = index[p]
                     for key, v in opt.state[p].items():
                         if torch.is_tensor(v):
-                            assert torch.equal(v.reshape(-1), expected(i, p, key, start, stop)), (i, key)
+                            assert torch.equal(v.reshape(-1), expected(i, p, key, *span(v, start, stop))), (i, key)
                         else:
                             assert v == i
                 read.clear()

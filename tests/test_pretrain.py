@@ -321,3 +321,12 @@ def test_save_every_0_saves_only_at_the_end(setup, monkeypatch):
     assert main(["pretrain", "--run", "t", "--data", str(data), *TINY, "--num-iterations", "3", "--eval-every", "0",
                  "--save-every", "0"]) == 0
     assert sorted(p.name for p in (home / "runs/t/base").glob("meta_*.json")) == ["meta_000003.json"]
+
+
+def test_smear_and_backout_flags_train_and_are_recorded(setup, monkeypatch):
+    home, data = setup
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    assert main(["pretrain", "--run", "t", "--data", str(data), *TINY, "--num-iterations", "2", "--eval-every", "0",
+                 "--save-every", "0", "--smear", "--backout"]) == 0
+    meta = json.loads((home / "runs/t/base/meta_000002.json").read_text())
+    assert meta["config"]["smear"] and meta["config"]["backout"]
