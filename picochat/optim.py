@@ -336,8 +336,6 @@ class MuonAdamW(torch.optim.Optimizer):
         hyper = self._hyper.setdefault((id(group), dev), [torch.zeros((), device=dev) for _ in range(4)])
         for t, k in zip(hyper, ("lr", "weight_decay", "momentum", "beta2")):
             t.fill_(group[k])
-        for p in ps:  # a checkpoint from before NorMuon resumes with the running RMS starting afresh
-            self.state[p].setdefault("second_moment", second_moment_like(p))
         lr, wd, momentum, beta2 = hyper
         self._muon_update(ps, grads, [self.state[p]["momentum_buffer"] for p in ps],
                           [self.state[p]["second_moment"] for p in ps], lr=lr, wd=wd, momentum=momentum, beta2=beta2,
@@ -401,6 +399,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     v = torch.cat([entry[k].reshape(-1)[lo - s:hi - s] for lo, hi, s, entry in parts])
                     v = v if self.kind[p] == "adamw" else v.view(p.shape)
                 state[k] = v.to(p.device) if torch.is_tensor(v) else v
+            if self.kind[p] == "muon":  # a checkpoint from before NorMuon: the running RMS starts afresh
+                state.setdefault("second_moment", second_moment_like(p))
             self.state[p] = state
         saved_groups = shards[0]["groups"]
         # a checkpoint from another grouping of the parameters (before the per-role AdamW groups) keeps the
