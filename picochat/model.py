@@ -289,11 +289,14 @@ class GPT(nn.Module):
             fn(tmp)
             p.copy_(tmp)
 
-        fill(self.wte.weight, lambda t: t.normal_(0.0, 1.0, generator=gen))
+        # the reference's July 2026 init: a smaller embedding and MLP input, and residual scalars that keep more
+        # of the stream and of x0 in early layers than in late ones (dev/LOG.md, session 12: the recipe)
+        fill(self.wte.weight, lambda t: t.normal_(0.0, 0.8, generator=gen))
         fill(self.lm_head.weight, lambda t: t.normal_(0.0, 0.001, generator=gen))
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 fill(lin.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
+            fill(block.mlp.c_fc.weight, lambda t: t.uniform_(-0.4 * bound, 0.4 * bound, generator=gen))
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
             if block.attn.ve_gate is not None:
@@ -301,8 +304,9 @@ class GPT(nn.Module):
         for emb in self.value_embeds.values():
             fill(emb.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
         if self.config.resid_scalars:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(0.1)
+            depth = torch.linspace(0, 1, self.config.n_layer)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
         if self.config.smear:  # starts off (lambda 0) with a gate that can open either way
             fill(self.smear_gate.weight, lambda t: t.uniform_(0.0, 0.02, generator=gen))
             self.smear_lambda.zero_()
@@ -435,14 +439,16 @@ def add_shape_args(g):
     g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped attention (0 = all)")
     g.add_argument("--seq-len", type=int, default=2048)
     g.add_argument("--window-pattern", default="L", help="attention windows per layer, e.g. SSSL (S = T/4)")
-    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--smear", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=True,
+                   help="value embeddings on alternating layers, mixed in by a learned gate")
+    g.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True,
                    help="a gated share of the previous token's embedding added to each token's")
-    g.add_argument("--backout", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True,
                    help="a learned share of the middle layer's output subtracted before the final norm")
+    g.add_argument("--qk-scale", type=float, default=1.2, help="q and k multiplied by this after QK-norm")
 
 
-D12_REF = dict(depth=12, vocab_size=32768)  # the reference point of the scaling rules
+D12_DEPTH = 12  # the reference point of the scaling rules: d12 with the run's own vocabulary
 
 
 def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
@@ -459,7 +465,7 @@ def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128)
     d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
     n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
     tokens = int(ratio * n)
-    tokens_d12 = ratio * scaling_params(D12_REF["depth"], D12_REF["vocab_size"], aspect_ratio, head_dim)
+    tokens_d12 = ratio * scaling_params(D12_DEPTH, vocab_size, aspect_ratio, head_dim)
     batch = 2 ** round(math.log2(2 ** 19 * (tokens / tokens_d12) ** 0.383))
     lr_scale = math.sqrt(batch / 2 ** 19)
     return dict(scaling_params=n, tokens=tokens, total_batch_size=batch, lr_scale=lr_scale,

@@ -39,6 +39,8 @@ Checkpoints: state is saved per rank (shard_state) keyed by the parameter's glob
 with the element range they cover, and any number of ranks re-shard it on load (load_shards). shard_index(),
 recorded in the checkpoint's meta, lets each rank read only the shards that hold its part (shards_to_read).
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -184,6 +186,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for g in self.param_groups:
             assert g["kind"] in ("muon", "adamw"), g["kind"]
             g.setdefault("initial_lr", g["lr"])
+            g.setdefault("initial_weight_decay", g["weight_decay"])
         self.ns_dtype = ns_dtype
         self.wire_dtype = wire_dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -420,7 +423,7 @@ def wire_dtype_for(choice, device, world):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
 
 
-def build_optimizer(model, *, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
+def build_optimizer(model, *, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
                     weight_decay=0.0, wire_dtype=torch.float32):
     """Muon for the block matrices, AdamW for each other role of model.param_groups() with its own settings.
     AdamW learning rates for embeddings and head shrink with width ((width/768)^-0.5): wider models receive
@@ -467,5 +470,18 @@ def warmup_linear_decay(step, num_steps, warmup_steps=0, final_frac=0.0):
     return 1.0 - progress * (1.0 - final_frac)
 
 
-def muon_momentum(step, warmup=300, start=0.85, end=0.97):
-    return start + (end - start) * min(1.0, step / warmup)
+def muon_momentum(step, num_steps, *, warmdown_ratio=0.65, warmup=400, start=0.85, peak=0.97, end=0.90):
+    """Muon's momentum at step: up from start to peak over the first warmup steps, then down to end over the
+    LR warm-down, as the reference schedules it. A run shorter than the warm-up only ever warms up."""
+    if step < warmup:
+        return start + (peak - start) * step / warmup
+    warmdown_start = num_steps - round(warmdown_ratio * num_steps)
+    if step < warmdown_start:
+        return peak
+    return peak + (end - peak) * (step - warmdown_start) / max(1, num_steps - warmdown_start)
+
+
+def cosine_decay(step, num_steps):
+    """Muon's weight decay multiplier at step: a half cosine from 1 to 0 over the run, as the reference
+    schedules it (part of the recipe measured in dev/LOG.md, session 12)."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, num_steps)))

@@ -23,7 +23,8 @@ from picochat.common import (UserError, autocast_for, home_dir, init_runtime, pr
                              format_duration, atomic_write_json, raise_on_rank0, metrics_logger, vars_json)
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, add_shape_args, bits_per_byte, derive_hparams, describe
-from picochat.optim import MuonAdamW, build_optimizer, muon_momentum, warmup_stable_decay, wire_dtype_for
+from picochat.optim import (MuonAdamW, build_optimizer, cosine_decay, muon_momentum, warmup_stable_decay,
+                           wire_dtype_for)
 from picochat.loader import StepLoader, fixed_batches
 from picochat.shards import split_shards
 from picochat import fastpath
@@ -60,10 +61,11 @@ def add_parser(sub):
     g = p.add_argument_group("optimization")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
     g.add_argument("--embedding-lr", type=float, default=0.3)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--unembedding-lr", type=float, default=0.008)
     g.add_argument("--scalar-lr", type=float, default=0.5)
-    g.add_argument("--weight-decay", type=float, default=-1, help="Muon weight decay (-1: derived)")
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=-1,
+                   help="Muon weight decay at step 0, cosine-decayed to 0 (-1: derived)")
+    g.add_argument("--warmup-steps", type=int, default=40)
     g.add_argument("--warmdown-ratio", type=float, default=0.65)
     g.add_argument("--final-lr-frac", type=float, default=0.05)
     g = p.add_argument_group("logging, evaluation and checkpoints")
@@ -257,7 +259,8 @@ def _build_model(args, *, init, tokenizer, device):
         config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
                                       aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                       n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
-                                      value_embeds=args.value_embeds, smear=args.smear, backout=args.backout)
+                                      value_embeds=args.value_embeds, smear=args.smear, backout=args.backout,
+                                      qk_scale=args.qk_scale)
     config.window_sizes()  # validates the pattern before any work
     with torch.device("meta"):
         model = GPT(config)
@@ -364,7 +367,8 @@ def _train(args, st, *, ddp, rank, world, device):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * mult
             if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
+                group["momentum"] = muon_momentum(step, num_steps, warmdown_ratio=args.warmdown_ratio)
+                group["weight_decay"] = group["initial_weight_decay"] * cosine_decay(step, num_steps)
         loss_sum = torch.zeros((), device=device)
         for k in range(grad_accum):
             if k:

@@ -146,7 +146,7 @@ def predicted_memory(preset):
         return None
     config = GPTConfig.from_depth(a.depth, vocab_size=cfg["vocab"], sequence_len=a.seq_len, aspect_ratio=a.aspect_ratio,
                                   head_dim=a.head_dim, n_kv_head=a.n_kv_head, window_pattern=a.window_pattern,
-                                  value_embeds=a.value_embeds, smear=a.smear, backout=a.backout)
+                                  value_embeds=a.value_embeds, smear=a.smear, backout=a.backout, qk_scale=a.qk_scale)
     return estimate_training_memory(config, a.device_batch_size, a.seq_len, world=cfg["gpus"],
                                     checkpointing=a.activation_checkpointing)["total"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from picochat.model import GPT, GPTConfig
-from picochat.optim import (MuonAdamW, orthogonalize, build_optimizer, muon_momentum, warmup_linear_decay,
+from picochat.optim import (MuonAdamW, orthogonalize, build_optimizer, cosine_decay, muon_momentum, warmup_linear_decay,
                             warmup_stable_decay)
 
 
@@ -112,7 +112,11 @@ def test_schedules():
     assert abs(warmup_stable_decay(100, 100) - 0.05) < 1e-9
     assert warmup_stable_decay(0, 100, warmup_steps=10) == 0.1
     assert 0.05 < warmup_stable_decay(70, 100) < 1.0
-    assert muon_momentum(0) == 0.85 and abs(muon_momentum(300) - 0.97) < 1e-9 and abs(muon_momentum(1000) - 0.97) < 1e-9
+    assert muon_momentum(0, 2000) == 0.85 and abs(muon_momentum(400, 2000) - 0.97) < 1e-9
+    assert abs(muon_momentum(700, 2000) - 0.97) < 1e-9 and abs(muon_momentum(2000, 2000) - 0.90) < 1e-9
+    assert 0.90 < muon_momentum(1500, 2000) < 0.97  # warm-down starts at step 700 of 2000 (65%)
+    assert muon_momentum(119, 120) < 0.90  # a run shorter than the warm-up only warms up
+    assert cosine_decay(0, 100) == 1.0 and abs(cosine_decay(50, 100) - 0.5) < 1e-9 and cosine_decay(100, 100) < 1e-12
 
 
 def test_fine_tuning_schedule_is_warm_up_then_one_line():
