@@ -8,7 +8,7 @@ tools built on them (lm-evaluation-harness `--model hf`, vLLM, ...).
 Two targets:
   nanochat  transformers' own `nanochat` model type (no custom code), used whenever the checkpoint is within
             what it computes: no value embeddings, no sliding windows, residual scalars off (or exactly 1/0),
-            rotary tables in fp32.
+            rotary tables in fp32, no smear, no backout, qk_scale 1.
   picochat  our own modeling file (modeling_picochat.py, a copy of picochat/hf_modeling.py) named in
             config.json's auto_map: load with trust_remote_code=True. Used for everything else, unless
             --no-remote-code, which refuses instead.
@@ -24,7 +24,7 @@ import torch
 
 from picochat.common import UserError, atomic_write_bytes, atomic_write_json, pick_run, replacing_dir
 from picochat.checkpoint import load_model, resolve_checkpoint
-from picochat.model import describe
+from picochat.model import GPTConfig, describe
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 REMOTE_FILE = "modeling_picochat.py"
@@ -73,7 +73,9 @@ def nanochat_gaps(config, weights):
     it can be exported there exactly). Residual scalars that are exactly 1 and 0 are the identity."""
     gaps = []
     if config.value_embeds:
-        gaps.append("value embeddings")
+        gate = (config.ve_gate_channels, config.ve_gate_scale)
+        gaps.append("value embeddings" if gate == (GPTConfig.ve_gate_channels, GPTConfig.ve_gate_scale) else
+                    f"value embeddings (gate ve_gate_channels={gate[0]}, ve_gate_scale={gate[1]})")
     windows = config.window_sizes()
     if any(w is not None for w in windows):
         gaps.append(f"sliding windows (window_pattern {config.window_pattern})")
@@ -82,17 +84,13 @@ def nanochat_gaps(config, weights):
         gaps.append("residual scalars (resid_lambdas/x0_lambdas)")
     if config.rope_bf16:  # an import of the reference's Oct 2025 model: transformers' nanochat keeps them fp32
         gaps.append("rotary tables rounded to bf16")
+    if config.smear:
+        gaps.append("smear (the previous token's embedding mixed in)")
+    if config.backout:
+        gaps.append("backout (the middle layer's output subtracted)")
+    if config.qk_scale != 1.0:
+        gaps.append(f"qk_scale={config.qk_scale}")
     return gaps
-
-
-def unexportable(config):
-    """The optional features of this checkpoint (see GPTConfig) that neither target computes yet: export refuses
-    these rather than write a model that gives other logits."""
-    from dataclasses import fields
-    from picochat.model import GPTConfig
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
-    names = ("smear", "backout", "ve_gate_channels", "ve_gate_scale", "qk_scale", "short_window")
-    return [f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n) != defaults[n]]
 
 
 def nanochat_weights(weights, config):
@@ -140,8 +138,10 @@ def picochat_config(config, tok):
         "max_position_embeddings": config.sequence_len, "rope_base": config.rope_base, "softcap": config.softcap,
         "window_sizes": config.window_sizes(),
         "value_embed_layers": [i for i in range(config.n_layer) if config.has_value_embed(i)],
-        "ve_gate_channels": min(32, config.n_embd), "resid_scalars": config.resid_scalars,
-        "rope_bf16": config.rope_bf16, "tie_word_embeddings": False,
+        "ve_gate_channels": min(config.ve_gate_channels, config.n_embd), "ve_gate_scale": config.ve_gate_scale,
+        "resid_scalars": config.resid_scalars, "rope_bf16": config.rope_bf16, "smear": config.smear,
+        "backout_layer": config.backout_layer if config.backout else None, "qk_scale": config.qk_scale,
+        "tie_word_embeddings": False,
         **special_ids(tok),
     }
 
@@ -188,9 +188,6 @@ def export_hf(folder, out, *, step=None, dtype="float32", force=False, remote_co
                         f"trained with (copy that tokenizer folder to {folder / 'tokenizer'})")
     model, tok, meta = load_model(folder, step)
     config = model.config
-    if missing := unexportable(config):
-        raise UserError(f"export cannot express this checkpoint's {', '.join(missing)} yet (an imported model's "
-                        f"features): nothing was written")
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     gaps = nanochat_gaps(config, weights)
     if gaps and not remote_code:

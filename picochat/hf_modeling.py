@@ -1,5 +1,6 @@
 """picochat's GPT as a Hugging Face `transformers` model, for exports that the built-in `nanochat` model type
-cannot express (per-layer residual scalars, value embeddings, sliding windows, rotary tables rounded to bf16).
+cannot express (per-layer residual scalars, value embeddings and their gate, sliding windows, rotary tables rounded
+to bf16, the smear, the backout, a QK scale).
 
 `picochat export --hf` copies this file into the export folder as modeling_picochat.py and points config.json's
 auto_map at it, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` runs it. It must
@@ -25,8 +26,8 @@ class PicochatConfig(PreTrainedConfig):
 
     def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, *, num_attention_heads=6,
                  num_key_value_heads=6, max_position_embeddings=2048, rope_base=100_000.0, softcap=15.0,
-                 window_sizes=None, value_embed_layers=(), ve_gate_channels=32, resid_scalars=True, rope_bf16=False,
-                 **kwargs):
+                 window_sizes=None, value_embed_layers=(), ve_gate_channels=32, ve_gate_scale=2.0, resid_scalars=True,
+                 rope_bf16=False, smear=False, backout_layer=None, qk_scale=1.0, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -39,14 +40,21 @@ class PicochatConfig(PreTrainedConfig):
         self.window_sizes = list(window_sizes) if window_sizes is not None else [None] * num_hidden_layers
         self.value_embed_layers = list(value_embed_layers)
         self.ve_gate_channels = ve_gate_channels
+        self.ve_gate_scale = ve_gate_scale
         self.resid_scalars = resid_scalars
         self.rope_bf16 = rope_bf16  # the rotary tables rounded to bf16, as a model imported from the reference
+        self.smear = smear  # each token's embedding gains a gated share of the previous token's
+        self.backout_layer = backout_layer  # None, or the layer whose output is partly subtracted before the final norm
+        self.qk_scale = qk_scale  # q and k multiplied by this after QK-norm
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
+
+
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the embedding, as in picochat
 
 
 def norm(x):
@@ -72,7 +80,8 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
-        self.ve_gate_channels = config.ve_gate_channels
+        self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
+        self.qk_scale = config.qk_scale
         has_ve = layer in config.value_embed_layers
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
@@ -82,9 +91,11 @@ class Attention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
@@ -147,11 +158,16 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout_layer is not None:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.post_init()
 
     def _init_weights(self, module):
         # only for a fresh model or tensors missing from a checkpoint (an export has none); the residual
-        # scalars start as the identity (ones and zeros) from __init__
+        # scalars start as the identity (ones and zeros), the smear and backout off (zeros), from __init__
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -168,7 +184,9 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, cache=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, prev_ids=None, **kwargs):
+        """prev_ids (batch,): each row's token before input_ids, which a model that smears needs after the first
+        cached forward (the cache holds keys and values, not tokens); generate() passes it."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("picochat needs input_ids (value embeddings are looked up by token id)")
         cache = cache if cache is not None else past_key_values
@@ -190,6 +208,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         inv_freq = 1.0 / (self.config.rope_base ** exponents)
         freqs = position_ids.float()[..., None] * inv_freq
         x = norm(self.wte(input_ids))
+        if self.config.smear:
+            x = self.smear(x, prev_ids, past, pad_mask)
         cos, sin = freqs.cos(), freqs.sin()
         if self.config.rope_bf16:
             cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
@@ -200,6 +220,10 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, ve=ve, cache=cache, past=past, pad_mask=pad_mask)
+            if i == self.config.backout_layer:
+                mid = x
+        if self.config.backout_layer is not None:
+            x = x - self.backout_lambda.to(x.dtype) * mid
         x = norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -212,3 +236,33 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{cache_field: cache})
+
+    def smear(self, x, prev_ids, past, pad_mask):
+        """picochat's smear: x (B, T, C) the normed embeddings of the tokens at past..past+T-1; each gains
+        smear_lambda * sigmoid(smear_gate . x[:24]) times its predecessor's normed embedding. The first token of a
+        sequence, and the first after left padding, gains nothing (its predecessor counts as zeros, as in picochat's
+        decoding)."""
+        T = x.shape[1]
+        if past == 0:
+            prev = x[:, :-1]
+        elif prev_ids is None:
+            raise ValueError("picochat's smear needs prev_ids (each row's token before input_ids) to continue from "
+                             "a cache: generate() passes them, or run the whole sequence without a cache")
+        else:
+            prev = torch.cat([norm(self.wte(prev_ids))[:, None], x[:, :-1]], dim=1)
+        n = prev.shape[1]  # T, or T - 1 at the start of the sequence
+        if pad_mask is not None:
+            prev = prev * pad_mask[:, past + T - n - 1:past + T - 1, None].to(x.dtype)
+        tail = x[:, T - n:]
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(tail[..., :SMEAR_CHANNELS]))
+        return torch.cat([x[:, :T - n], tail + gate * prev], dim=1)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # generate() keeps every token and feeds the model those its cache lacks: the one before them is the
+        # smear's predecessor of the first (input_ids is reordered with the cache under beam search, and cropped
+        # with it in assisted decoding, so it is always the right one)
+        start = input_ids.shape[1] - inputs["input_ids"].shape[1]
+        if self.config.smear and start > 0:
+            inputs["prev_ids"] = input_ids[:, start - 1]
+        return inputs

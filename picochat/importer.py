@@ -260,7 +260,8 @@ NANOCHAT_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "rms_norm_eps", "rope_parameters", "rope_theta", "final_logit_softcapping", "head_dim"}
 PICOCHAT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "max_position_embeddings", "rope_base", "softcap", "window_sizes", "value_embed_layers",
-                 "ve_gate_channels", "resid_scalars", "rope_bf16"}
+                 "ve_gate_channels", "ve_gate_scale", "resid_scalars", "rope_bf16", "smear", "backout_layer",
+                 "qk_scale"}
 NANOCHAT_NAMES = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
                   "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
@@ -306,9 +307,15 @@ def _hf_config_picochat(cfg, where):
                        short_window=shorts.pop() if shorts else 0, value_embeds=bool(cfg.get("value_embed_layers")),
                        ve_gate_channels=cfg.get("ve_gate_channels", 32), resid_scalars=cfg.get("resid_scalars", True),
                        rope_base=float(cfg["rope_base"]), softcap=float(cfg["softcap"]),
-                       rope_bf16=bool(cfg.get("rope_bf16", False)))
+                       rope_bf16=bool(cfg.get("rope_bf16", False)),
+                       # absent from exports written before picochat's modeling file computed them
+                       ve_gate_scale=float(cfg.get("ve_gate_scale", 2.0)), smear=bool(cfg.get("smear", False)),
+                       backout=cfg.get("backout_layer") is not None, qk_scale=float(cfg.get("qk_scale", 1.0)))
     if [i for i in range(n) if config.has_value_embed(i)] != list(cfg.get("value_embed_layers") or []):
         raise UserError(f"{where}: value_embed_layers {cfg['value_embed_layers']} are not picochat's layout")
+    if config.backout and cfg["backout_layer"] != config.backout_layer:
+        raise UserError(f"{where}: backout_layer {cfg['backout_layer']} is not picochat's (the middle layer, "
+                        f"{config.backout_layer})")
     return config
 
 

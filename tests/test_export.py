@@ -8,7 +8,7 @@ import torch
 
 from picochat.checkpoint import save_checkpoint, load_model
 from picochat.common import UserError
-from picochat.export import export_hf, nanochat_weights
+from picochat.export import export_hf, nanochat_weights, picochat_config
 from picochat.model import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
@@ -18,10 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 NATIVE = dict(resid_scalars=False, window_pattern="L", value_embeds=False)
 # everything transformers' nanochat lacks, plus grouped-query attention
 REMOTE = dict(resid_scalars=True, window_pattern="SL", value_embeds=True, n_kv_head=2)
+# and the features of the reference's Jul 2026 architecture, with a non-default value-embedding gate
+FEATURES = dict(REMOTE, smear=True, backout=True, qk_scale=1.2, ve_gate_channels=12, ve_gate_scale=3.0)
 
 
-def make_checkpoint(folder, tok, step=7, seed=1, **kw):
-    cfg = GPTConfig.from_depth(2, vocab_size=tok.vocab_size, sequence_len=128, head_dim=32, **kw)
+def make_checkpoint(folder, tok, step=7, seed=1, depth=2, **kw):
+    cfg = GPTConfig.from_depth(depth, vocab_size=tok.vocab_size, sequence_len=128, head_dim=32, **kw)
     model = GPT(cfg).init_weights(seed=0)
     with torch.no_grad():  # zero-initialized projections and unit scalars would hide mapping bugs
         g = torch.Generator().manual_seed(seed)
@@ -47,10 +49,11 @@ def texts(data_root):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tok):
-    """name -> (checkpoint folder, export folder) for a nanochat-compatible and a remote-code model."""
+    """name -> (checkpoint folder, export folder) for a nanochat-compatible model and two remote-code ones."""
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for name, kw in (("native", NATIVE), ("remote", REMOTE)):
+    # three layers for the features: a backout from the middle of two is from the last, which the final norm undoes
+    for name, kw in (("native", NATIVE), ("remote", REMOTE), ("features", dict(FEATURES, depth=3))):
         ckpt = make_checkpoint(root / name / "base", tok, **kw)
         export_hf(ckpt, root / f"hf_{name}")
         out[name] = (ckpt, root / f"hf_{name}")
@@ -60,11 +63,11 @@ def exported(tmp_path_factory, tok):
 def load_both(exported, name):
     ckpt, hf_dir = exported[name]
     model, tok, _ = load_model(ckpt)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=name == "remote")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=name != "native")
     return model, tok, hf.eval(), hf_dir
 
 
-@pytest.mark.parametrize("name", ["native", "remote"])
+@pytest.mark.parametrize("name", ["native", "remote", "features"])
 def test_logits_match_picochat(exported, texts, name):
     model, tok, hf, hf_dir = load_both(exported, name)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -99,7 +102,7 @@ def greedy(model, ids, n):
     return ids[-n:]
 
 
-@pytest.mark.parametrize("name", ["native", "remote"])
+@pytest.mark.parametrize("name", ["native", "remote", "features"])
 def test_greedy_generation_matches(exported, texts, name):
     model, tok, hf, _ = load_both(exported, name)
     prompts = [tok.encode(texts[3][:200], prepend_bos=True)[:40], tok.encode("The river", prepend_bos=True)]
@@ -178,11 +181,68 @@ def test_features_nanochat_lacks_need_remote_code_or_are_refused(tmp_path, tok):
     assert s["target"] == "nanochat" and s["max_rel_err"] < 1e-4
 
 
-def test_features_neither_target_computes_are_refused(tmp_path, tok):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tok, **NATIVE, smear=True, qk_scale=1.2)
-    with pytest.raises(UserError, match=r"smear=True, qk_scale=1\.2 yet"):
-        export_hf(ckpt, tmp_path / "out")
+def test_features_picochat_computes_and_nanochat_lacks(exported, texts):
+    """The smear, the backout, a QK scale and a non-default value-embedding gate reach the export's config and
+    each changes its logits (so test_logits_match_picochat's "features" case would see one left out)."""
+    model, tok, hf, hf_dir = load_both(exported, "features")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert {k: config[k] for k in ("smear", "backout_layer", "qk_scale", "ve_gate_channels", "ve_gate_scale")} == \
+        dict(smear=True, backout_layer=1, qk_scale=1.2, ve_gate_channels=12, ve_gate_scale=3.0)
+    x = torch.tensor([tok.encode(" ".join(texts[:3]), prepend_bos=True)[:60]])
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert rel_err(ref, model(x)) < 1e-4
+        for name in ("smear_lambda", "backout_lambda"):
+            saved = getattr(hf, name).clone()
+            getattr(hf, name).zero_()
+            assert rel_err(hf(x).logits, ref) > 1e-3, name
+            getattr(hf, name).copy_(saved)
+        for name, off in (("qk_scale", 1.0), ("ve_gate_scale", 2.0)):
+            for block in hf.blocks:
+                setattr(block.attn, name, off)
+            assert rel_err(hf(x).logits, ref) > 1e-3, name
+            for block in hf.blocks:
+                setattr(block.attn, name, config[name])
+
+
+def test_cached_forward_takes_the_smears_previous_token(exported, texts):
+    """Outside generate(), a cached forward of a model that smears needs the token before its input: given it,
+    it continues exactly as the whole sequence; without it, it fails rather than guess."""
+    model, tok, hf, _ = load_both(exported, "features")
+    x = torch.tensor([tok.encode(texts[1], prepend_bos=True)[:30]])
+    with torch.no_grad():
+        out = hf(x[:, :20], use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        step = hf(x[:, 20:], cache=cache, prev_ids=x[:, 19], use_cache=True).logits
+        assert rel_err(step, model(x)[:, 20:]) < 1e-4
+        with pytest.raises(ValueError, match="prev_ids"):
+            hf(x[:, 29:], cache=cache, use_cache=True)
+
+
+def test_left_padding_is_invisible_to_the_smear(exported, texts):
+    """A row's first token after left padding has no predecessor to smear in, as at the start of a sequence."""
+    model, tok, hf, _ = load_both(exported, "features")
+    ids = tok.encode(texts[2], prepend_bos=True)[:30]
+    x = torch.tensor([[tok.bos_id] * 10 + ids[:20], ids])
+    mask = torch.tensor([[0] * 10 + [1] * 20, [1] * 30])
+    with torch.no_grad():
+        got = hf(x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        assert rel_err(got[0, 10:], model(torch.tensor([ids[:20]]))[0]) < 1e-4
+        assert rel_err(got[1], model(torch.tensor([ids]))[0]) < 1e-4
+
+
+def test_smear_backout_qk_scale_and_ve_gate_need_remote_code(tmp_path, tok):
+    """transformers' nanochat computes none of them: --no-remote-code refuses, naming each, and writes nothing;
+    the picochat target carries them."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", tok, **NATIVE, smear=True, backout=True, qk_scale=1.2)
+    with pytest.raises(UserError, match=r"cannot express this checkpoint's smear .*, backout .*, qk_scale=1\.2:"):
+        export_hf(ckpt, tmp_path / "out", remote_code=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    s = export_hf(ckpt, tmp_path / "out")
+    assert s["target"] == "picochat" and s["max_rel_err"] < 1e-4
+    ckpt = make_checkpoint(tmp_path / "gate", tok, **REMOTE, ve_gate_channels=12, ve_gate_scale=3.0)
+    with pytest.raises(UserError, match=r"value embeddings \(gate ve_gate_channels=12, ve_gate_scale=3\.0\)"):
+        export_hf(ckpt, tmp_path / "gate_out", remote_code=False)
 
 
 def test_bf16_rotary_tables_go_to_the_picochat_target(tmp_path, tok, texts):
@@ -214,6 +274,12 @@ def test_every_tensor_is_mapped(tok):
     assert len(mapped) == len(weights)
     with pytest.raises(UserError, match="cannot map 1 tensors"):
         nanochat_weights(dict(weights, extra=torch.zeros(3)), cfg)
+    # picochat's modeling file has a tensor of the same name and shape for every one of the checkpoint's
+    from picochat.hf_modeling import PicochatConfig, PicochatForCausalLM
+    cfg = GPTConfig.from_depth(3, vocab_size=tok.vocab_size, sequence_len=32, head_dim=32, **FEATURES)
+    ours = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    hf = PicochatForCausalLM(PicochatConfig.from_dict(picochat_config(cfg, tok)))
+    assert {k: v.shape for k, v in hf.state_dict().items()} == ours
 
 
 def test_bf16_export_loads(tmp_path, tok, texts):

@@ -245,8 +245,12 @@ def test_picochat_export_round_trips(home, tmp_path, fixture_tok):
     for name, kw in (("native", dict(resid_scalars=False)),
                      ("remote", dict(value_embeds=True, window_pattern="SL", n_kv_head=1)),
                      # an Oct 2025 import, exported (window_pattern as the import spells full attention)
-                     ("bf16_rope", dict(resid_scalars=False, rope_bf16=True, window_pattern="LL"))):
-        cfg = GPTConfig.from_depth(2, vocab_size=512, sequence_len=64, head_dim=32, **kw)
+                     ("bf16_rope", dict(resid_scalars=False, rope_bf16=True, window_pattern="LL")),
+                     # the Jul 2026 features (three layers: the backout's middle one is not the last)
+                     ("features", dict(depth=3, value_embeds=True, window_pattern="SLL", short_window=9, smear=True,
+                                       backout=True, qk_scale=1.2, ve_gate_channels=12, ve_gate_scale=3.0))):
+        kw = dict(kw)
+        cfg = GPTConfig.from_depth(kw.pop("depth", 2), vocab_size=512, sequence_len=64, head_dim=32, **kw)
         model = GPT(cfg).init_weights(seed=0)
         with torch.no_grad():
             g = torch.Generator().manual_seed(1)

@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 N_ITEMS = 30
 NATIVE = dict(resid_scalars=False, window_pattern="L", value_embeds=False)
 REMOTE = dict(resid_scalars=True, window_pattern="SL", value_embeds=True, n_kv_head=2)
+FEATURES = dict(REMOTE, smear=True, backout=True, qk_scale=1.2, ve_gate_scale=3.0)  # the Jul 2026 architecture's
 TASK_YAML = """\
 task: picochat_arc_easy
 dataset_path: json
@@ -153,11 +154,12 @@ def test_lm_eval_local_completions_matches_picochat(served, arc_task, offline):
         check_same_scores(results, model, tok, items)
 
 
-@pytest.mark.parametrize("kind", ["native", "remote"])
+@pytest.mark.parametrize("kind", ["native", "remote", "features"])
 def test_lm_eval_hf_export_matches_picochat(tmp_path, webtext_tokenizer, arc_task, offline, kind):
     """lm-eval's own `hf` model on the export (transformers' nanochat, or our modeling file as remote code)."""
     items, task_dir = arc_task
-    model, tok, hf_dir = make_model(tmp_path, webtext_tokenizer, **(NATIVE if kind == "native" else REMOTE))
+    kw = {"native": NATIVE, "remote": REMOTE, "features": FEATURES}[kind]
+    model, tok, hf_dir = make_model(tmp_path, webtext_tokenizer, **kw)
     results = run_lm_eval("hf", {"pretrained": str(hf_dir), "add_bos_token": True, "device": "cpu",
-                                 "batch_size": 8, "trust_remote_code": kind == "remote"}, task_dir)
+                                 "batch_size": 8, "trust_remote_code": kind != "native"}, task_dir)
     check_same_scores(results, model, tok, items)
