@@ -593,7 +593,8 @@ def picochat_setup(cfg, fake):
     from picochat.optim import build_optimizer, wire_dtype_for
     config = pm.GPTConfig.from_depth(cfg["depth"], vocab_size=cfg["vocab_size"], sequence_len=cfg["seq_len"],
                                      aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
-                                     window_pattern=cfg["window_pattern"], value_embeds=cfg["value_embeds"])
+                                     window_pattern=cfg["window_pattern"], value_embeds=cfg["value_embeds"],
+                                     smear=cfg["smear"], backout=cfg["backout"], qk_scale=cfg["qk_scale"])
     with torch.device("meta"):
         model = pm.GPT(config)
     with fake:
@@ -1042,19 +1043,15 @@ def top_ops(rec_by_name, hw, n, fused, file=sys.stderr):
 
 
 def preset_config(name):
-    from picochat.speedrun import PRESETS
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--device-batch-size", type=int)
-    p.add_argument("--window-pattern")
-    p.add_argument("--value-embeds", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--head-dim", type=int)
-    known, _ = p.parse_known_args(PRESETS[name]["pretrain"])
-    return dict(depth=known.depth, device_batch_size=known.device_batch_size, window_pattern=known.window_pattern,
-                value_embeds=known.value_embeds, compile=known.compile, seq_len=known.seq_len,
-                head_dim=known.head_dim, vocab_size=PRESETS[name]["vocab"], gpus=max(1, PRESETS[name]["gpus"]))
+    """The preset's pretraining shape, or pretrain's defaults at d12 on one GPU without one; parsed with
+    pretrain's own shape flags, so the defaults (value embeddings, smear, backout, qk scale) are the stage's."""
+    from picochat.speedrun import PRESETS, pretrain_flags
+    argv = PRESETS[name]["pretrain"] if name else ["--depth", "12"]
+    a = pretrain_flags(argv)
+    return dict(depth=a.depth, device_batch_size=a.device_batch_size if isinstance(a.device_batch_size, int) else 32,
+                window_pattern=a.window_pattern, value_embeds=a.value_embeds, smear=a.smear, backout=a.backout,
+                qk_scale=a.qk_scale, compile="--compile" in argv or not name, seq_len=a.seq_len, head_dim=a.head_dim,
+                vocab_size=PRESETS[name]["vocab"] if name else 32768, gpus=max(1, PRESETS[name]["gpus"]) if name else 1)
 
 
 def main(argv=None):
@@ -1097,15 +1094,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # nothing here computes; keep the machine free
-    preset = preset_config(args.preset) if args.preset else dict(
-        depth=12, device_batch_size=32, window_pattern="L", value_embeds=False, compile=True, seq_len=2048,
-        head_dim=128, vocab_size=32768, gpus=1)
+    preset = preset_config(args.preset)
     cfg = dict(
         depth=args.depth or preset["depth"], seq_len=args.seq_len or preset["seq_len"] or 2048,
         device_batch_size=args.device_batch_size or preset["device_batch_size"] or 32,
         vocab_size=args.vocab_size or preset["vocab_size"],
         window_pattern=args.window_pattern or preset["window_pattern"] or "L",
         value_embeds=preset["value_embeds"] if args.value_embeds is None else args.value_embeds,
+        smear=preset["smear"], backout=preset["backout"], qk_scale=preset["qk_scale"],
         head_dim=args.head_dim or preset["head_dim"] or 128, aspect_ratio=args.aspect_ratio,
         compile=not args.no_compile, attention=args.attention, loss_chunk=args.loss_chunk,
         reference_attention=args.reference_attention,
