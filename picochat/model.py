@@ -462,7 +462,8 @@ def scaling_params(depth, vocab_size, aspect_ratio=64, head_dim=128):
 
 def derive_hparams(depth, vocab_size, ratio=10.5, aspect_ratio=64, head_dim=128):
     """The scaling rules of the single dial: tokens = ratio x params; batch grows as D^0.383 around 2^19 at
-    d12; LRs scale with sqrt(batch / 2^19); weight decay with sqrt(B / 2^19) * D_d12 / D."""
+    d12; AdamW's LRs scale with sqrt(batch / 2^19) (pretrain scales Muon's by (batch / 2^19)^0.383); weight decay
+    with sqrt(B / 2^19) * D_d12 / D."""
     n = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
     tokens = int(ratio * n)
     tokens_d12 = ratio * scaling_params(D12_DEPTH, vocab_size, aspect_ratio, head_dim)

@@ -59,7 +59,7 @@ def add_parser(sub):
     g.add_argument("--total-batch-size", type=int, default=-1,
                    help="tokens per optimizer step (-1: derived from depth)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by sqrt(batch/2^19))")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (scaled by (batch/2^19)^0.383)")
     g.add_argument("--embedding-lr", type=float, default=0.3)
     g.add_argument("--unembedding-lr", type=float, default=0.008)
     g.add_argument("--scalar-lr", type=float, default=0.5)
@@ -202,9 +202,12 @@ def _setup(args, out, *, ddp, rank, world, device) -> Setup:
         raise UserError(f"--total-batch-size {total_batch} is not a multiple of seq len x ranks = {args.seq_len} x "
                         f"{world} = {args.seq_len * world}: change one of them")
     lr_scale = math.sqrt(total_batch / 2 ** 19)
+    # Muon's LR shrinks more slowly than sqrt below d12's batch: 1.5x the sqrt rule's at 16K tokens trained
+    # better at d4 and d6 on the ladder (dev/LOG.md, session 12); the same LR at 2^19, where the GPU presets train
+    muon_scale = (total_batch / 2 ** 19) ** 0.383
     # the rule's weight decay with the batch actually used
     wd = args.weight_decay if args.weight_decay >= 0 else hp["weight_decay"] * lr_scale / hp["lr_scale"]
-    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr * muon_scale, embedding_lr=args.embedding_lr * lr_scale,
                                 unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
                                 weight_decay=wd, wire_dtype=wire_dtype_for(args.grad_wire, device, world))
     if args.compile:
@@ -228,7 +231,7 @@ def _setup(args, out, *, ddp, rank, world, device) -> Setup:
     print0(f"budget: {num_steps} steps x {total_batch:,} tokens = {num_steps * total_batch:,} tokens "
            f"({num_steps * total_batch / model.num_scaling_params():.1f} per scaling param; rule: {hp['tokens']:,}) | "
            f"micro-batch {B}x{args.seq_len} ({how}) x {world} ranks x {grad_accum} accumulation steps")
-    print0(f"optimizer: Muon lr {args.matrix_lr * lr_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
+    print0(f"optimizer: Muon lr {args.matrix_lr * muon_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
            f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
            f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
            f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing "

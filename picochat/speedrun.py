@@ -35,14 +35,16 @@ from picochat.launch import torchrun_command
 CHARS_PER_TOKEN = 4.8  # web text with a 32K vocab; sizes the download
 SHARD_CHARS = 250e6
 
-# The demo's model, and learning rates raised for its short runs (a tiny model on an easy curriculum)
-DEMO_MODEL = ["--head-dim", "64", "--seq-len", "256", "--matrix-lr", "0.06", "--embedding-lr", "0.6",
+# The demo's model, and learning rates raised for its short runs (a tiny model on an easy curriculum); each preset
+# sets its Muon LR so that pretrain's batch rule gives it the same step size (0.0075 at 8K tokens, 0.0053 at 4K)
+DEMO_MODEL = ["--head-dim", "64", "--seq-len", "256", "--embedding-lr", "0.6",
               "--unembedding-lr", "0.02", "--scalar-lr", "0.5", "--weight-decay", "0", "--log-every", "20"]
 # Per preset: flags for each stage. Pretraining budgets for the GPU presets come from the depth rules.
 PRESETS = {
     "demo": dict(
         gpus=0, vocab=4096, tokenizer_chars=50_000_000,
-        pretrain=[*DEMO_MODEL, "--depth", "4", "--device-batch-size", "32", "--total-batch-size", "8192",
+        pretrain=[*DEMO_MODEL, "--matrix-lr", "0.0369", "--depth", "4", "--device-batch-size", "32",
+                  "--total-batch-size", "8192",
                   "--num-iterations", "500", "--warmup-steps", "20", "--eval-every", "200", "--eval-tokens", "131072",
                   "--save-every", "100"],
         eval_base=["--max-per-task", "20"],
@@ -56,7 +58,8 @@ PRESETS = {
     # dev/LOG.md); the demo's base model is needed, so the RL gain is checked on the demo (CI runs it too)
     "smoke": dict(
         gpus=0, vocab=4096, tokenizer_chars=10_000_000, check_rl_gain=False,
-        pretrain=[*DEMO_MODEL, "--depth", "3", "--device-batch-size", "16", "--total-batch-size", "4096",
+        pretrain=[*DEMO_MODEL, "--matrix-lr", "0.0339", "--depth", "3", "--device-batch-size", "16",
+                  "--total-batch-size", "4096",
                   "--num-iterations", "240", "--warmup-steps", "10", "--eval-every", "80", "--eval-tokens", "32768",
                   "--save-every", "40"],
         eval_base=["--max-per-task", "5", "--eval-tokens", "32768"],
