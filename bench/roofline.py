@@ -1050,7 +1050,7 @@ def preset_config(name):
     a = pretrain_flags(argv)
     return dict(depth=a.depth, device_batch_size=a.device_batch_size if isinstance(a.device_batch_size, int) else 32,
                 window_pattern=a.window_pattern, value_embeds=a.value_embeds, smear=a.smear, backout=a.backout,
-                qk_scale=a.qk_scale, compile="--compile" in argv or not name, seq_len=a.seq_len, head_dim=a.head_dim,
+                qk_scale=a.qk_scale, seq_len=a.seq_len, head_dim=a.head_dim,
                 vocab_size=PRESETS[name]["vocab"] if name else 32768, gpus=max(1, PRESETS[name]["gpus"]) if name else 1)
 
 

@@ -231,7 +231,7 @@ def _setup(args, out, *, ddp, rank, world, device) -> Setup:
     print0(f"budget: {num_steps} steps x {total_batch:,} tokens = {num_steps * total_batch:,} tokens "
            f"({num_steps * total_batch / model.num_scaling_params():.1f} per scaling param; rule: {hp['tokens']:,}) | "
            f"micro-batch {B}x{args.seq_len} ({how}) x {world} ranks x {grad_accum} accumulation steps")
-    print0(f"optimizer: Muon lr {args.matrix_lr * muon_scale:.4g} wd {wd:.4g} | AdamW lr embedding "
+    print0(f"optimizer: Muon lr {optimizer.param_groups[0]['lr']:.4g} wd {wd:.4g} | AdamW lr embedding "
            f"{optimizer.param_groups[1]['lr']:.4g}, lm_head {optimizer.param_groups[2]['lr']:.4g}, scalars "
            f"{args.scalar_lr * lr_scale:.4g} | device {device}, compute {str(dtype).split('.')[-1]}, compile "
            f"{args.compile}, attention {attention}, fp8 {args.fp8}, activation checkpointing "
