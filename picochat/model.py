@@ -200,6 +200,9 @@ def softcap_ce_chunk(zt, targets, weights, softcap: float):
     return loss, (g * (1.0 - t * t)).to(dtype)  # through the soft-cap
 
 
+LOSS_STAGE_ELEMENTS = 1 << 25  # bf16 loss gradients gathered per grad_W product (64 MB)
+
+
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
     """sum_t w_t * CE(softcap(h_t @ W^T), y_t), computed in row chunks so the (N, V) logits never exist at
     once. The gradients are produced during the forward pass (the loss is the last node of the graph, so
@@ -215,20 +218,32 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         # the out= and in-place products below (h is already in that dtype: the residual stream is)
         dtype = GPT.compute_dtype(h.device)
         Wc = W.to(dtype)
-        for s in range(0, h.shape[0], chunk):
+        N = h.shape[0]
+        # bf16 products reach the fp32 grad_W by a (V, C) cast-and-add (no mixed-dtype addmm): gather the chunks'
+        # gradients to LOSS_STAGE_ELEMENTS per add (one chunk on a GPU, 8 at V = 32K on a CPU), or those adds
+        # cost as much as the matmuls
+        stage = max(chunk, LOSS_STAGE_ELEMENTS // W.shape[0])
+        pending, start = [], 0
+        for s in range(0, N, chunk):
             hc = h[s:s + chunk].to(dtype)
             # vocab-major (V, n) logits: on CPU, W @ h^T runs ~1.4x faster than h @ W^T for these shapes
             loss, g = kernel(Wc @ hc.t(), targets[s:s + chunk].clamp(min=0), weights[s:s + chunk], softcap)
             total += loss
-            if need_grad:
-                if dtype == h.dtype:
-                    torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
-                else:
-                    grad_h[s:s + chunk] = g.t() @ Wc
-                if g.dtype == torch.float32:
-                    grad_W.addmm_(g, hc)
-                else:  # fp32 accumulation across chunks: one (V, C) add per chunk, few chunks on a GPU
-                    grad_W.add_(g @ hc)
+            if not need_grad:
+                continue
+            if dtype == h.dtype:
+                torch.mm(g.t(), Wc, out=grad_h[s:s + chunk])
+            else:
+                grad_h[s:s + chunk] = g.t() @ Wc
+            if g.dtype == torch.float32:
+                grad_W.addmm_(g, hc)
+                continue
+            pending.append(g)
+            end = min(s + chunk, N)
+            if end - start >= stage or end == N:
+                G = pending[0] if len(pending) == 1 else torch.cat(pending, dim=1)
+                grad_W.add_(G @ h[start:end].to(dtype))
+                pending, start = [], end
         if need_grad:
             ctx.save_for_backward(grad_h, grad_W)
         return total

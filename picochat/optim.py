@@ -44,6 +44,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from picochat.common import compute_dtype
+
 # Polar Express (Amsel et al. 2025, arXiv 2505.16932): a different quintic per iteration, chosen so that 5
 # iterations bring every singular value in [1e-3, 1] close to 1 (fixed coefficients overshoot to ~[0.7, 1.2])
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -208,10 +210,9 @@ class MuonAdamW(torch.optim.Optimizer):
         return self
 
     def _ns_dtype(self, device):
-        # bf16 Newton-Schulz on GPUs; on CPUs without bf16 units that would be ~100x slower than fp32
-        if self.ns_dtype is not None:
-            return self.ns_dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # Newton-Schulz in the model's compute dtype: bf16 on GPUs and CPUs with bf16 units (on a CPU without
+        # them bf16 would be ~100x slower than fp32)
+        return self.ns_dtype if self.ns_dtype is not None else compute_dtype(device.type)
 
     @torch.no_grad()
     def init_state(self):

@@ -173,6 +173,35 @@ def test_loss_matmuls_run_in_the_autocast_dtype():
         assert seen == want, (autocast, seen)
 
 
+def test_bf16_loss_gathers_chunks_per_grad_W_product(monkeypatch):
+    """Under bf16 autocast the chunks' gradients reach grad_W a few at a time (the last group partial): the
+    result is the per-chunk one up to bf16 rounding, and both match fp32."""
+    from picochat import model as model_module
+    from picochat.model import fused_loss, softcap_ce_chunk
+    gen = torch.Generator().manual_seed(0)
+    h, W = torch.randn(80, 64, generator=gen), torch.randn(300, 64, generator=gen) * 0.1
+    t, w = torch.randint(0, 300, (80,), generator=gen), torch.rand(80, generator=gen)
+
+    def grads(stage_elements, autocast=True):
+        monkeypatch.setattr(model_module, "LOSS_STAGE_ELEMENTS", stage_elements)
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_loss(hh.to(torch.bfloat16) if autocast else hh, WW, t, w, softcap=15.0, chunk=16,
+                              kernel=softcap_ce_chunk)
+        loss.backward()
+        return loss.item(), hh.grad.float(), WW.grad
+
+    ref_loss, ref_h, ref_W = grads(0, autocast=False)
+    per_chunk = grads(0)                  # stage = chunk: one product per chunk of 16 rows
+    gathered = grads(300 * 32)            # 32 rows per product: rows 0-31, 32-63, 64-79
+    assert gathered[0] == per_chunk[0] and torch.equal(gathered[1], per_chunk[1])
+    assert (gathered[2] - per_chunk[2]).norm() <= 1e-2 * per_chunk[2].norm()
+    assert gathered[2].dtype == torch.float32 and not torch.equal(gathered[2], per_chunk[2])
+    for got in (per_chunk, gathered):
+        assert abs(got[0] - ref_loss) / ref_loss < 2e-2
+        assert (got[1] - ref_h).norm() <= 5e-2 * ref_h.norm() and (got[2] - ref_W).norm() <= 5e-2 * ref_W.norm()
+
+
 def test_compile_matches_eager():
     model = tiny(depth=1, vocab_size=128, head_dim=16)
     x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))

@@ -107,6 +107,17 @@ def test_build_optimizer_covers_every_parameter_once():
             assert all(p.ndim == 2 for p in g["params"])
 
 
+def test_newton_schulz_runs_in_the_compute_dtype(monkeypatch):
+    """bf16 where the model computes in bf16 (GPUs, CPUs with bf16 units), fp32 elsewhere; ns_dtype overrides."""
+    config = GPTConfig.from_depth(1, vocab_size=64, sequence_len=16, head_dim=16)
+    opt = build_optimizer(GPT(config).init_weights(0))
+    for name, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        monkeypatch.setenv("PICOCHAT_DTYPE", name)
+        assert opt._ns_dtype(torch.device("cpu")) == want
+    opt.ns_dtype = torch.bfloat16
+    assert opt._ns_dtype(torch.device("cpu")) == torch.bfloat16
+
+
 def test_schedules():
     assert warmup_stable_decay(0, 100) == 1.0 and warmup_stable_decay(34, 100) == 1.0
     assert abs(warmup_stable_decay(100, 100) - 0.05) < 1e-9
