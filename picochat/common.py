@@ -8,6 +8,7 @@ import time
 import errno
 import hashlib
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,19 +63,21 @@ def cpu_has_bf16_units(cpuinfo="/proc/cpuinfo") -> bool:
 
 
 def compute_dtype(device_type: str) -> torch.dtype:
-    """The dtype the model's matmuls run in (autocast; weights and optimizer state stay fp32): bf16 where the
-    hardware multiplies it natively, a GPU with bf16 or a CPU with bf16 units (there its matmuls run 2-4x faster
-    than fp32); fp32 elsewhere, where bf16 would be emulated (~100x slower on an AVX2 CPU). PICOCHAT_DTYPE
-    (float32 or bfloat16) overrides the choice, e.g. fp32 to compare with an fp32 run bit for bit."""
+    """The dtype the model's matmuls run in (autocast; weights and optimizer state stay fp32): bf16 on GPUs that
+    have it, fp32 on CPUs. PICOCHAT_DTYPE (float32 or bfloat16) overrides: bfloat16 on a CPU with bf16 units
+    pretrains ~1.6x faster at the same bits per byte (dev/LOG.md, session 13), but the demo's fine-tuned model
+    came out weaker on its word problems, so fp32 stays the CPU default. Elsewhere bf16 is emulated, ~100x
+    slower than fp32: a warning says so."""
     choice = os.environ.get("PICOCHAT_DTYPE", "")
     if choice:
         if choice not in DTYPES:
             raise UserError(f"PICOCHAT_DTYPE={choice!r}: use one of {', '.join(DTYPES)} (or unset it: the "
-                            "hardware's choice)")
+                            "device's choice)")
+        if choice == "bfloat16" and device_type == "cpu" and not cpu_has_bf16_units():
+            warnings.warn("PICOCHAT_DTYPE=bfloat16 on a CPU without bf16 units (AVX512-BF16 or AMX): its bf16 "
+                          "matmuls are emulated, far slower than fp32", stacklevel=2)
         return DTYPES[choice]
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device_type == "cpu" and cpu_has_bf16_units():
         return torch.bfloat16
     return torch.float32
 

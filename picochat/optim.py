@@ -210,8 +210,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return self
 
     def _ns_dtype(self, device):
-        # Newton-Schulz in the model's compute dtype: bf16 on GPUs and CPUs with bf16 units (on a CPU without
-        # them bf16 would be ~100x slower than fp32)
+        # Newton-Schulz in the model's compute dtype: bf16 on GPUs, fp32 on CPUs unless PICOCHAT_DTYPE says bf16
+        # (on a CPU without bf16 units, bf16 is ~100x slower than fp32)
         return self.ns_dtype if self.ns_dtype is not None else compute_dtype(device.type)
 
     @torch.no_grad()

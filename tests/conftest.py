@@ -1,13 +1,8 @@
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-
-# the suite's bounds hold on every machine: fp32, not the bf16 that CPUs with bf16 units would pick
-# (tests of bf16 ask for it themselves); PICOCHAT_DTYPE=bfloat16 runs the suite in bf16 on purpose
-os.environ.setdefault("PICOCHAT_DTYPE", "float32")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"

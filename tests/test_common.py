@@ -2,6 +2,7 @@
 import hashlib
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_atomic_writes_give_the_usual_permissions(tmp_path):
 
 def test_autocast_for_runs_fp32_devices_in_fp32_even_inside_an_outer_autocast():
     """One factory for every stage and eval: bf16 autocast where compute_dtype says bf16; elsewhere autocast off."""
-    autocast = common.autocast_for(torch.device("cpu"))  # fp32: the suite pins PICOCHAT_DTYPE (conftest.py)
+    autocast = common.autocast_for(torch.device("cpu"))  # compute_dtype("cpu") is fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with autocast():
             assert not torch.is_autocast_enabled("cpu")
@@ -91,24 +92,29 @@ def test_autocast_for_runs_fp32_devices_in_fp32_even_inside_an_outer_autocast():
             assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
 
 
-def test_compute_dtype_is_bf16_where_the_hardware_has_it(monkeypatch, tmp_path):
-    """bf16 on CPUs with bf16 units (read from /proc/cpuinfo's flags), fp32 on other CPUs; PICOCHAT_DTYPE
-    overrides, and a wrong value names itself."""
+def test_compute_dtype_fp32_on_cpus_unless_asked_and_bf16_units_read_from_cpuinfo(monkeypatch, tmp_path):
+    """fp32 on CPUs by default; PICOCHAT_DTYPE overrides, with a warning where the CPU has no bf16 units (read from
+    /proc/cpuinfo's flags line), and a wrong value names itself."""
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n\nprocessor\t: 1\n")
     assert common.cpu_has_bf16_units(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\nbugs\t\t: amx_bf16\n")
     assert not common.cpu_has_bf16_units(info)  # the flag must be in the flags line
     assert not common.cpu_has_bf16_units(tmp_path / "absent")
-    monkeypatch.delenv("PICOCHAT_DTYPE")
-    for units, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(common, "cpu_has_bf16_units", lambda units=units: units)
-        assert common.compute_dtype("cpu") == want
-        assert common.compute_dtype("mps") == torch.float32
+    monkeypatch.delenv("PICOCHAT_DTYPE", raising=False)
+    assert common.compute_dtype("cpu") == common.compute_dtype("mps") == torch.float32
     monkeypatch.setenv("PICOCHAT_DTYPE", "bfloat16")
-    assert common.compute_dtype("cpu") == torch.bfloat16
-    with common.autocast_for(torch.device("cpu"))():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(common, "cpu_has_bf16_units", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert common.compute_dtype("cpu") == torch.bfloat16
+        with common.autocast_for(torch.device("cpu"))():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(common, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert common.compute_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("PICOCHAT_DTYPE", "float32")
+    assert common.compute_dtype("cpu") == torch.float32
     monkeypatch.setenv("PICOCHAT_DTYPE", "fp16")
     with pytest.raises(common.UserError, match="PICOCHAT_DTYPE='fp16'"):
         common.compute_dtype("cpu")

@@ -108,7 +108,9 @@ def test_build_optimizer_covers_every_parameter_once():
 
 
 def test_newton_schulz_runs_in_the_compute_dtype(monkeypatch):
-    """bf16 where the model computes in bf16 (GPUs, CPUs with bf16 units), fp32 elsewhere; ns_dtype overrides."""
+    """bf16 where the model computes in bf16 (GPUs; CPUs when PICOCHAT_DTYPE asks), fp32 elsewhere; ns_dtype
+    overrides."""
+    monkeypatch.setattr("picochat.common.cpu_has_bf16_units", lambda: True)  # no emulation warning here
     config = GPTConfig.from_depth(1, vocab_size=64, sequence_len=16, head_dim=16)
     opt = build_optimizer(GPT(config).init_weights(0))
     for name, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
