@@ -6,6 +6,7 @@ import sys
 import json
 import time
 import errno
+import functools
 import hashlib
 import tempfile
 import warnings
@@ -51,6 +52,7 @@ def autodetect_device() -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@functools.cache
 def cpu_has_bf16_units(cpuinfo="/proc/cpuinfo") -> bool:
     """True on x86 CPUs that multiply bf16 in hardware (AVX512-BF16: AMD Zen 4 and newer, Intel Cooper Lake and
     newer; AMX: Intel Sapphire Rapids and newer), read from Linux's /proc/cpuinfo; False anywhere else."""

@@ -95,11 +95,11 @@ def test_autocast_for_runs_fp32_devices_in_fp32_even_inside_an_outer_autocast():
 def test_compute_dtype_fp32_on_cpus_unless_asked_and_bf16_units_read_from_cpuinfo(monkeypatch, tmp_path):
     """fp32 on CPUs by default; PICOCHAT_DTYPE overrides, with a warning where the CPU has no bf16 units (read from
     /proc/cpuinfo's flags line), and a wrong value names itself."""
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n\nprocessor\t: 1\n")
-    assert common.cpu_has_bf16_units(info)
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\nbugs\t\t: amx_bf16\n")
-    assert not common.cpu_has_bf16_units(info)  # the flag must be in the flags line
+    zen4, older = tmp_path / "zen4", tmp_path / "older"  # two files: the answer is cached per file
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n\nprocessor\t: 1\n")
+    assert common.cpu_has_bf16_units(zen4)
+    older.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\nbugs\t\t: amx_bf16\n")
+    assert not common.cpu_has_bf16_units(older)  # the flag must be in the flags line
     assert not common.cpu_has_bf16_units(tmp_path / "absent")
     monkeypatch.delenv("PICOCHAT_DTYPE", raising=False)
     assert common.compute_dtype("cpu") == common.compute_dtype("mps") == torch.float32
