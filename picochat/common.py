@@ -67,8 +67,8 @@ def cpu_has_bf16_units(cpuinfo="/proc/cpuinfo") -> bool:
 def compute_dtype(device_type: str) -> torch.dtype:
     """The dtype the model's matmuls run in (autocast; weights and optimizer state stay fp32): bf16 on GPUs that
     have it, fp32 on CPUs. PICOCHAT_DTYPE (float32 or bfloat16) overrides: bfloat16 on a CPU with bf16 units
-    pretrains ~1.6x faster at the same bits per byte (dev/LOG.md, session 13), but the demo's fine-tuned model
-    came out weaker on its word problems, so fp32 stays the CPU default. Elsewhere bf16 is emulated, ~100x
+    pretrains faster at the same bits per byte, but the demo's fine-tuned model came out weaker from a bf16 base
+    (dev/LOG.md, session 13), so fp32 stays the CPU default. On a CPU without those units bf16 is emulated, far
     slower than fp32: a warning says so."""
     choice = os.environ.get("PICOCHAT_DTYPE", "")
     if choice:
