@@ -236,8 +236,13 @@ class Scheduler:
                 gen = self.pending.popleft()
             s = self.slots.index(None)
             self.net.refresh()
-            with torch.inference_mode():
-                logits = self.engine.prefill(gen.prompt, self.cache, s)
+            try:
+                with torch.inference_mode():
+                    logits = self.engine.prefill(gen.prompt, self.cache, s)
+            except Exception as e:  # this prompt's own failure (it holds no slot yet): the others go on
+                self.stats["errors"] += 1
+                self._finish(gen, f"error: {e.__class__.__name__}: {e}")
+                continue
             self.cache.lens[s] = len(gen.prompt)
             self.slots[s] = gen
             gen.slot = s

@@ -145,8 +145,9 @@ async def choice_events(queue, work, stream, texts):
     with the text the token added to choice i ("" while a stop string may be starting) and its logprobs (None
     once the choice stopped); ("done", i, tail, finish_reason); ("sse", text) to pass to a stream as it is (a
     keep-alive, an error). A choice that reaches a stop string is cancelled at once; a failed generation raises
-    a 500 when not streaming (the detail goes to the log, not to the client); ConnectionError once the client
-    has left (see Work.watch). Ends once every choice is done."""
+    a 500 when not streaming, and when streaming sends the error event right before its ("done", i, "", reason)
+    (the detail goes to the log, not to the client); ConnectionError once the client has left (see Work.watch).
+    Ends once every choice is done."""
     reqs, remaining = work.reqs, len(work.reqs)
     if not remaining:
         return
@@ -172,6 +173,9 @@ async def choice_events(queue, work, stream, texts):
             message = "the model failed while generating (the server's log has the details)"
             if not stream:
                 raise APIError(500, message, "server_error")
+            # the held tail (half a character, or the start of a stop string) is dropped, so that the error event
+            # comes right before the choice's finish
+            tail = ""
             yield ("sse", sse(error_body(message, "server_error")))
         yield ("done", i, tail, finish_reason(reason, texts[i]))
         if remaining == 0:

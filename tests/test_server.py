@@ -214,8 +214,8 @@ GENERIC = "the model failed while generating (the server's log has the details)"
 
 
 def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch, caplog):
-    """A decode step that raises fails its requests: a 500 when not streaming, an error event then the choice's
-    finish and [DONE] when streaming; the client gets a generic message, the log the exception; the server goes
+    """A decode step or a prefill that raises fails its requests: a 500 when not streaming, an error event then the
+    choice's finish and [DONE] when streaming; the client gets a generic message, the log the exception; the server goes
     on serving."""
     app = create_app(model, tok, slots=2)
     with ServerThread(app) as url:
@@ -233,7 +233,19 @@ def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch, caplog):
             assert lines[-1] == "data: [DONE]" and events[-2]["error"]["message"] == GENERIC, lines
             assert "boom" not in "".join(lines) and "RuntimeError" not in "".join(lines)
             assert events[-1]["choices"][0]["finish_reason"] is not None
+        # the first token is half a character, held back when decoding fails: it is dropped, not sent after the error
+        half = tok.mergeable_ranks[b"\xe2"]
+        monkeypatch.setattr(app.state.scheduler, "_sample", lambda gen, logits, greedy: half)
+        body = {"messages": HELLO, "max_tokens": 5, "stream": True}
+        lines = [x for x in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).text.split("\n") if x]
+        events = [json.loads(x[6:]) for x in lines[1:-1]]
+        assert [("error" in e, e.get("choices", [{}])[0].get("delta")) for e in events] == [(True, None), (False, {})]
+        assert "\ufffd" not in "".join(lines) and "\\ufffd" not in "".join(lines)
         assert "RuntimeError: boom" in caplog.text  # the detail is in the server's log
+        # a failed prefill fails its request too (it held no slot yet, and once hung its client)
+        monkeypatch.setattr(net, "hidden", lambda ids, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["message"] == GENERIC
         monkeypatch.setattr(net, "hidden", real)
         assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
 
