@@ -14,7 +14,9 @@ when it failed, "error"; a failure is caught and the next section runs):
                  FlexAttention backward on CPUs)
  3 micro         the chunked loss at the old CPU chunk (2^22/V rows) and at model.loss_chunk_rows (the GPU size)
                  against a compiled full-logits cross-entropy; attention forward+backward at d20 shapes: SDPA full
-                 causal, SDPA with the dense window mask, FlexAttention windows, FlashAttention-3 windows
+                 causal, SDPA with the dense window mask, FlexAttention windows, FlashAttention-3 windows; and
+                 "roofline": bf16 matmul TFLOP/s at the d20 step's GEMM shapes, copy GB/s, a tiny kernel's cost,
+                 attention TFLOP/s (what `bench/roofline.py --measured gpu_check.jsonl` prices with)
  4 d20_step      the speedrun preset d20 (flags read from picochat/speedrun.py PRESETS): micro-batch 32 or the
                  largest power of two that fits, compiled; compile seconds (the warm-up steps beyond their steady
                  time), forward+backward ms, optimizer ms, tokens/s, MFU against 989.4 TFLOP/s, peak memory
@@ -71,7 +73,7 @@ H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM: the MFU denominat
 
 # seconds per section: on an H100, and for --smoke on a 2-core CPU (d12's GPU figure is replaced by 0.7 x the d20
 # section's measured time once that has run)
-ESTIMATES = {"environment": (10, 2), "agreement": (90, 8), "micro": (60, 4), "d20_step": (180, 6),
+ESTIMATES = {"environment": (10, 2), "agreement": (90, 8), "micro": (75, 5), "d20_step": (180, 6),
              "decode": (90, 3), "validation": (20, 2), "d12_step": (120, 6), "sharded_opt": (40, 10)}
 SECTIONS = list(ESTIMATES)
 
@@ -386,6 +388,8 @@ def micro(ctx):
     out = micro_loss(ctx)
     free()
     out.update(micro_attention(ctx))
+    free()
+    out["roofline"] = micro_roofline(ctx, out)
     return out
 
 
@@ -468,6 +472,48 @@ def micro_attention(ctx):
         ms, first = timed(ctx, run, warmup=2, iters=3 if ctx.smoke else 10)
         out[name] = {"ms": ms, "first_s": first}
     return out
+
+
+def step_gemm_shapes(C, tokens, V, chunk):
+    """(M, N, K) of the matmuls in a training step, out (M x N) = A (M x K) @ B (K x N): each block linear's forward,
+    input gradient and weight gradient; picochat's lm_head chunk (W @ h^T, its grad_h and grad_W); the reference's
+    full-logits lm_head."""
+    shapes = []
+    for n_out, n_in in ((C, C), (4 * C, C), (C, 4 * C)):
+        shapes += [(tokens, n_out, n_in), (tokens, n_in, n_out), (n_out, n_in, tokens)]
+    shapes += [(V, chunk, C), (chunk, C, V), (V, C, chunk)]
+    shapes += [(tokens, V, C), (tokens, C, V), (V, C, tokens)]
+    return list(dict.fromkeys(shapes))
+
+
+def micro_roofline(ctx, micro_out):
+    """What bench/roofline.py --measured reads in place of its published constants: TFLOP/s of bf16 matmuls at the
+    d20 step's shapes, a device copy's GB/s, the cost of a tiny kernel in a long queue, and the attention
+    micro-benchmarks above as TFLOP/s (FLOPs counted as the roofline counts them)."""
+    dev, dt = ctx.device, ctx.dtype
+    C, tokens, V = (64, 256, 512) if ctx.smoke else (1280, 32 * 2048, 32768)
+    iters = 2 if ctx.smoke else 5
+    gemm = []
+    for M, N, K in step_gemm_shapes(C, tokens, V, model_module.loss_chunk_rows(dev, V)):
+        a, b = torch.randn(M, K, device=dev, dtype=dt), torch.randn(K, N, device=dev, dtype=dt)
+        ms, _ = timed(ctx, lambda a=a, b=b: a @ b, warmup=2, iters=iters)
+        gemm.append({"mnk": [M, N, K], "tflops": 2 * M * N * K / (ms / 1e3) / 1e12})
+        a = b = None  # the next shape's operands need the memory
+    x = torch.empty((16 if ctx.smoke else 1024) << 20, device=dev, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    ms, _ = timed(ctx, lambda: y.copy_(x), warmup=2, iters=iters)
+    copy_gbps = 2 * x.numel() / (ms / 1e3) / 1e9
+    x = y = None
+    tiny, n = torch.zeros(1, device=dev), 2000
+    ms, _ = timed(ctx, lambda: [tiny.add_(1) for _ in range(n)], warmup=2, iters=3)
+    attention = {}
+    B, T, H, D, window = micro_out["attn_shape"]
+    for name, keys in (("sdpa_full", T), ("flex_window", window), ("fa3_window", window)):
+        if isinstance(micro_out.get(name), dict):  # fwd 4 x B x H x D x pairs, bwd 2.5x that (roofline's count)
+            pairs = min(keys, T) * (min(keys, T) + 1) // 2 + (T - min(keys, T)) * min(keys, T)
+            attention[name] = 3.5 * 4 * B * H * D * pairs / (micro_out[name]["ms"] / 1e3) / 1e12
+    return {"gemm": gemm, "copy_gbps": copy_gbps, "kernel_us": ms * 1e3 / n, "attention_tflops": attention,
+            "device": torch.cuda.get_device_name(dev) if ctx.cuda else "cpu"}
 
 
 # ---- 4 / 7. a training step of a speedrun preset ------------------------------------------------------------------
@@ -816,7 +862,8 @@ HIGHLIGHTS = {
                   "compiled_bf16.grad_rel", "after_3_steps.loss_rel", "flex.out_rel", "flex.grad_rel", "flex.skipped",
                   "failed"],
     "micro": ["loss_chunk_old.ms", "loss_chunk_new.ms", "loss_full_compiled.ms", "loss_full_compiled.peak_gib",
-              "sdpa_full.ms", "sdpa_dense_window.ms", "flex_window.ms", "fa3_window.ms", "fa3_window"],
+              "sdpa_full.ms", "sdpa_dense_window.ms", "flex_window.ms", "fa3_window.ms", "fa3_window",
+              "roofline.copy_gbps", "roofline.kernel_us"],
     "d20_step": ["B", "oom_at", "attention", "compile_s", "fwd_bwd_ms", "opt_ms", "tok_s", "mfu", "peak_gib",
                  "est_gib"],
     "decode": ["eager_b1.tok_s", "eager_b16.tok_s", "eager_b1.step_ms", "eager_b1.prefill_ms", "kernels_per_step",

@@ -5,6 +5,7 @@ model and optimizer (and, with --reference, for karpathy/nanochat's at the same 
     python bench/roofline.py --preset d20 --reference /tmp/nanochat     # also the reference, side by side
     python bench/roofline.py --depth 8 --seq-len 1024 --device-batch-size 16 --world-size 1,2 --fused
     python bench/roofline.py --preset d20 --world-size 8 --attention fa3 --loss-chunk 8192 --top 15
+    python bench/roofline.py --preset d20 --measured gpu_check.jsonl   # priced with a GPU's measured figures
 
 Prints one JSON line per traced (model, world size) on stdout and a side-by-side table on stderr.
 No real compute: a run takes seconds (everything is a fake tensor) and one CPU core.
@@ -86,6 +87,12 @@ Constants (H100 SXM5, 80 GB)
     --comm-eff 0.8: achievable NCCL bus bandwidth over NVLink as a fraction of 450 GB/s: a guess.
   --launch-us 4: fixed cost per kernel (launch + tail); a guess, typical of eager PyTorch on a fast host.
   --coll-latency-us 10: fixed cost per collective; a guess for NCCL on one NVLink node.
+  --measured gpu_check.jsonl: what bench/gpu_check.py's micro section measured on a GPU replaces the efficiencies
+    above: each bf16 matmul at a measured (M, N, K) (the d20 step's block linears, forward and both gradients,
+    and both projects' lm_head products) is priced at its own TFLOP/s, the bandwidth at a device copy's, the
+    per-kernel cost at that of a tiny kernel in a long queue, the attention kernels at their d20 micro-benchmark.
+    Measured on the hardware, not fitted to any step time; the peaks stay the datasheet's. Other shapes (Muon,
+    other depths) keep --mm-eff; the JSON says what share of the matmul FLOPs had a measured shape.
 
 Blind spots
   - No kernel fusion by torch.compile unless --fused (default off; both projects compile in their presets).
@@ -98,8 +105,9 @@ Blind spots
   - No overlap of compute with communication (both projects overlap their reduce-scatters/all-gathers
     with their updates): collectives are added in full.
   - No cache effects (K/V re-reads in attention, the broadcast mask bias, small tensors that stay in L2),
-    no dependence of GEMM efficiency on shape (the Muon, ve_gate and smear GEMMs are small), no wave
-    quantization, no CPU-side overhead (Python, the optimizer's per-parameter loop) beyond the launch cost.
+    no dependence of GEMM efficiency on shape (the Muon, ve_gate and smear GEMMs are small) or wave quantization
+    except through --measured, no CPU-side overhead (Python, the optimizer's per-parameter loop) beyond the
+    launch cost.
   - Launch cost is a guess; CUDA graphs are not modelled.
   - Activation memory = bytes of the unique tensors that eager autograd saves for backward (parameters
     excluded) in one micro-step; torch.compile's partitioner saves fewer (it recomputes pointwise ops),
@@ -255,17 +263,20 @@ class Recorder(TorchDispatchMode):
         rbytes = [touched_bytes(t) for t in reads]
         if packet in GATHERS and reads and outs:
             rbytes[0] = outs[0].numel() * reads[0].element_size()  # only the rows gathered are read
-        flops, kind, mm_dtype = 0, "ew", None
+        flops, kind, mm_dtype, mnk = 0, "ew", None, None
         if packet in MATMULS:
             kind = "mm"
             fl = flop_registry[FLOP_ALIAS.get(packet, packet)]
             flops = int(fl(*args, **kwargs, out_val=out))
             mats = [t for t in reads if t.dim() >= 2]
             mm_dtype = mats[-1].dtype if mats else reads[0].dtype
+            if len(mats) >= 2:  # out (M x N) = A (M x K) @ B (K x N), per matrix of a batch
+                mnk = (mats[-2].shape[-2], mats[-1].shape[-1], mats[-2].shape[-1])
         elif packet in (aten.embedding, aten.embedding_dense_backward):
             kind = "embed"
         self.add(func.__name__, reads, writes, flops=flops, kind=kind, mm_dtype=mm_dtype, rbytes=rbytes,
                  mutated=mutated)
+        self.ops[-1]["mnk"] = mnk
 
     def add(self, name, reads, writes, flops=0, kind="ew", mm_dtype=None, rbytes=None, nbytes=None,
             kernels=1, eff=None, coll=None, mutated=()):
@@ -834,6 +845,37 @@ def fused_view(ops):
     return out
 
 
+def mm_eff(op, hw):
+    """The fraction of peak a matmul reaches: measured at its shape (--measured; bf16 only), else --mm-eff."""
+    table = hw.get("mm_table") or {}
+    if op["mm_dtype"] in LOW and op["mnk"] is not None:
+        M, N, K = op["mnk"]
+        eff = table.get((M, N, K)) or table.get((N, M, K))  # out^T = B^T A^T: the same GEMM to cuBLAS
+        if eff:
+            return eff
+    return hw["mm_eff"]
+
+
+def op_seconds(op, nbytes, kernels, hw):
+    """Roofline time of one recorded op (collectives excepted): the slower of compute and memory, plus launches."""
+    if op["kind"] == "mm":
+        compute = op["flops"] / ((PEAK_BF16 if op["mm_dtype"] in LOW else PEAK_TF32) * mm_eff(op, hw))
+    elif op["kind"] == "attn":
+        compute = op["flops"] / (PEAK_BF16 * op["eff"])
+    else:
+        compute = op["flops"] / PEAK_FP32
+    return max(compute, nbytes / (HBM_BW * hw["bw_eff"])) + kernels * hw["launch"]
+
+
+def measured_share(rec, hw):
+    """The share of the trace's bf16 matmul FLOPs priced at a measured shape (None without --measured)."""
+    if not hw.get("mm_table"):
+        return None
+    mms = [op for op in rec.ops if op["kind"] == "mm" and op["mm_dtype"] in LOW]
+    total = sum(op["flops"] for op in mms) or 1
+    return sum(op["flops"] for op in mms if mm_eff(op, hw) != hw["mm_eff"]) / total
+
+
 def price(rec, hw, world, fused):
     """{group: {ms, flops, bytes, kernels, dtype bytes, matmul flops by dtype}} for one trace."""
     groups = {g: dict(ms=0.0, flops=0, bytes=0, kernels=0, dtype_bytes=defaultdict(float),
@@ -854,15 +896,8 @@ def price(rec, hw, world, fused):
         if kernels == 0:
             continue
         if op["kind"] == "mm":
-            peak = PEAK_BF16 if op["mm_dtype"] in LOW else PEAK_TF32
-            compute = op["flops"] / (peak * hw["mm_eff"])
             g["mm_flops"][str(op["mm_dtype"]).replace("torch.", "").replace("float32", "tf32")] += op["flops"]
-        elif op["kind"] == "attn":
-            compute = op["flops"] / (PEAK_BF16 * op["eff"])
-        else:
-            compute = op["flops"] / PEAK_FP32
-        memory = nbytes / (HBM_BW * hw["bw_eff"])
-        g["ms"] += 1e3 * (max(compute, memory) + kernels * hw["launch"])
+        g["ms"] += 1e3 * op_seconds(op, nbytes, kernels, hw)
         g["flops"] += op["flops"]
         g["bytes"] += nbytes
         g["kernels"] += kernels
@@ -1024,10 +1059,7 @@ def top_ops(rec_by_name, hw, n, fused, file=sys.stderr):
         for op, (nbytes, kernels) in zip(rec.ops, views):
             if kernels == 0 or op["kind"] == "coll":
                 continue
-            peak = PEAK_BF16 if op["mm_dtype"] in LOW else PEAK_TF32
-            c = (op["flops"] / (peak * hw["mm_eff"]) if op["kind"] == "mm" else
-                 op["flops"] / (PEAK_BF16 * op["eff"]) if op["kind"] == "attn" else 0)
-            t = max(c, nbytes / (HBM_BW * hw["bw_eff"])) + kernels * hw["launch"]
+            t = op_seconds(op, nbytes, kernels, hw)
             a = agg[(group_of(op), op["name"])]
             a[0] += t * 1e3
             a[1] += kernels
@@ -1040,6 +1072,28 @@ def top_ops(rec_by_name, hw, n, fused, file=sys.stderr):
 
 # ---------------------------------------------------------------------------------------------------------
 # command line
+
+
+def apply_measured(hw, path):
+    """Replace hw's published constants with what bench/gpu_check.py measured (its "micro" line's "roofline"):
+    matmul efficiency per (M, N, K), bandwidth efficiency from a device copy, the per-kernel cost, and the attention
+    kernels' efficiencies, each as a fraction of the H100 peaks above. Returns what was taken, for the JSON."""
+    try:
+        lines = [json.loads(x) for x in open(path) if x.strip()]
+    except (OSError, ValueError) as e:
+        sys.exit(f"--measured {path}: cannot read it as gpu_check.jsonl ({e})")
+    m = next((x.get("roofline") for x in lines if x.get("section") == "micro" and x.get("roofline")), None)
+    if not m:
+        sys.exit(f"--measured {path}: no micro section with roofline figures (run bench/gpu_check.py, section micro)")
+    hw["mm_table"] = {tuple(g["mnk"]): g["tflops"] * 1e12 / PEAK_BF16 for g in m["gemm"]}
+    hw["bw_eff"] = m["copy_gbps"] * 1e9 / HBM_BW
+    hw["launch"] = m["kernel_us"] * 1e-6
+    for kind, name in (("flash2", "sdpa_full"), ("flex", "flex_window"), ("fa3", "fa3_window")):
+        if name in m.get("attention_tflops", {}):
+            hw[kind] = m["attention_tflops"][name] * 1e12 / PEAK_BF16
+    return dict(path=str(path), device=m.get("device"), gemm_shapes=len(hw["mm_table"]), bw_eff=round(hw["bw_eff"], 4),
+                launch_us=round(hw["launch"] * 1e6, 3),
+                attention_eff={k: round(hw[k], 4) for k in ("flash2", "flex", "fa3")})
 
 
 def preset_config(name):
@@ -1091,6 +1145,8 @@ def main(argv=None):
                    help="picochat's rows per loss chunk (GPT.loss_chunk; 0: what it picks on a GPU, 2^27 / vocab)")
     p.add_argument("--no-compile", action="store_true", help="label nothing as compiled (only matters with --fused)")
     p.add_argument("--top", type=int, default=0, help="also list the N most expensive ops per model (stderr)")
+    p.add_argument("--measured", default="", help="a gpu_check.jsonl (bench/gpu_check.py on the GPU): price with its "
+                                                  "measured matmul, copy, kernel and attention figures instead")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # nothing here computes; keep the machine free
@@ -1109,6 +1165,8 @@ def main(argv=None):
                 fa3=args.fa3_eff, flex=args.flex_eff, mem_efficient=args.mem_eff_attn_eff,
                 nvlink_bw=args.nvlink_gbps * 1e9, comm_eff=args.comm_eff, coll_latency=args.coll_latency_us * 1e-6))
     worlds = sorted({int(w) for w in args.world_size.split(",") if w} or {1, preset["gpus"]})
+    if args.measured:
+        cfg["measured"] = apply_measured(cfg["hw"], args.measured)
 
     t0 = time.time()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -1127,11 +1185,17 @@ def main(argv=None):
             alt = step_result(proj, cfg, micro, opts[world], world, total_batch, not args.fused)
             out = to_json(proj, cfg, res, alt, check, memory(proj, micro, opts[world]), world, total_batch,
                           args.fused)
+            if args.measured:
+                out["assumptions"]["measured"] = dict(cfg["measured"], matmul_flops_at_measured_shapes=round(
+                    measured_share(micro[1], cfg["hw"]), 4))
             print(json.dumps(out), flush=True)
             results.append(out)
     table(results)
     if args.top:
         top_ops(recs, cfg["hw"], args.top, args.fused)
+    if args.measured:
+        print(f"(priced with the figures measured in {args.measured}; matmuls at other shapes, and those in fp32, at "
+              f"--mm-eff {args.mm_eff})", file=sys.stderr)
     print(f"(traced in {time.time() - t0:.1f} s; {'fused' if args.fused else 'eager'} pricing; "
           f"picochat attention: {args.attention}" + (f", reference attention: {args.reference_attention}"
                                                       if args.reference else "") + ")", file=sys.stderr)
