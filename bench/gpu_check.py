@@ -15,8 +15,8 @@ when it failed, "error"; a failure is caught and the next section runs):
  3 micro         the chunked loss at the old CPU chunk (2^22/V rows) and at model.loss_chunk_rows (the GPU size)
                  against a compiled full-logits cross-entropy; attention forward+backward at d20 shapes: SDPA full
                  causal, SDPA with the dense window mask, FlexAttention windows, FlashAttention-3 windows; and
-                 "roofline": bf16 matmul TFLOP/s at the d20 step's GEMM shapes, copy GB/s, a tiny kernel's cost,
-                 attention TFLOP/s (what `bench/roofline.py --measured gpu_check.jsonl` prices with)
+                 "roofline": bf16 matmul TFLOP/s at the d20 step's GEMM shapes, copy GB/s, a tiny kernel's cost
+                 (with the attention timings, what `bench/roofline.py --measured gpu_check.jsonl` prices with)
  4 d20_step      the speedrun preset d20 (flags read from picochat/speedrun.py PRESETS): micro-batch 32 or the
                  largest power of two that fits, compiled; compile seconds (the warm-up steps beyond their steady
                  time), forward+backward ms, optimizer ms, tokens/s, MFU against 989.4 TFLOP/s, peak memory
@@ -389,7 +389,7 @@ def micro(ctx):
     free()
     out.update(micro_attention(ctx))
     free()
-    out["roofline"] = micro_roofline(ctx, out)
+    out["roofline"] = micro_roofline(ctx)
     return out
 
 
@@ -486,10 +486,10 @@ def step_gemm_shapes(C, tokens, V, chunk):
     return list(dict.fromkeys(shapes))
 
 
-def micro_roofline(ctx, micro_out):
-    """What bench/roofline.py --measured reads in place of its published constants: TFLOP/s of bf16 matmuls at the
-    d20 step's shapes, a device copy's GB/s, the cost of a tiny kernel in a long queue, and the attention
-    micro-benchmarks above as TFLOP/s (FLOPs counted as the roofline counts them)."""
+def micro_roofline(ctx):
+    """What bench/roofline.py --measured reads in place of its published constants (with the attention timings
+    above): TFLOP/s of bf16 matmuls at the d20 step's shapes, a device copy's GB/s, the cost of a tiny kernel in a
+    long queue."""
     dev, dt = ctx.device, ctx.dtype
     C, tokens, V = (64, 256, 512) if ctx.smoke else (1280, 32 * 2048, 32768)
     iters = 2 if ctx.smoke else 5
@@ -506,13 +506,7 @@ def micro_roofline(ctx, micro_out):
     x = y = None
     tiny, n = torch.zeros(1, device=dev), 2000
     ms, _ = timed(ctx, lambda: [tiny.add_(1) for _ in range(n)], warmup=2, iters=3)
-    attention = {}
-    B, T, H, D, window = micro_out["attn_shape"]
-    for name, keys in (("sdpa_full", T), ("flex_window", window), ("fa3_window", window)):
-        if isinstance(micro_out.get(name), dict):  # fwd 4 x B x H x D x pairs, bwd 2.5x that (roofline's count)
-            pairs = min(keys, T) * (min(keys, T) + 1) // 2 + (T - min(keys, T)) * min(keys, T)
-            attention[name] = 3.5 * 4 * B * H * D * pairs / (micro_out[name]["ms"] / 1e3) / 1e12
-    return {"gemm": gemm, "copy_gbps": copy_gbps, "kernel_us": ms * 1e3 / n, "attention_tflops": attention,
+    return {"gemm": gemm, "copy_gbps": copy_gbps, "kernel_us": ms * 1e3 / n,
             "device": torch.cuda.get_device_name(dev) if ctx.cuda else "cpu"}
 
 

@@ -1082,15 +1082,18 @@ def apply_measured(hw, path):
         lines = [json.loads(x) for x in open(path) if x.strip()]
     except (OSError, ValueError) as e:
         sys.exit(f"--measured {path}: cannot read it as gpu_check.jsonl ({e})")
-    m = next((x.get("roofline") for x in lines if x.get("section") == "micro" and x.get("roofline")), None)
-    if not m:
+    micro = next((x for x in lines if x.get("section") == "micro" and x.get("roofline")), None)
+    if not micro:
         sys.exit(f"--measured {path}: no micro section with roofline figures (run bench/gpu_check.py, section micro)")
+    m = micro["roofline"]
     hw["mm_table"] = {tuple(g["mnk"]): g["tflops"] * 1e12 / PEAK_BF16 for g in m["gemm"]}
     hw["bw_eff"] = m["copy_gbps"] * 1e9 / HBM_BW
     hw["launch"] = m["kernel_us"] * 1e-6
-    for kind, name in (("flash2", "sdpa_full"), ("flex", "flex_window"), ("fa3", "fa3_window")):
-        if name in m.get("attention_tflops", {}):
-            hw[kind] = m["attention_tflops"][name] * 1e12 / PEAK_BF16
+    B, T, H, D, window = micro["attn_shape"]
+    for kind, name, keys in (("flash2", "sdpa_full", T), ("flex", "flex_window", window),
+                             ("fa3", "fa3_window", window)):
+        if isinstance(micro.get(name), dict):  # forward + backward: 3.5 x the forward's 4 x B x H x D x pairs
+            hw[kind] = 3.5 * 4 * B * H * D * causal_pairs(T, keys) / (micro[name]["ms"] / 1e3) / PEAK_BF16
     return dict(path=str(path), device=m.get("device"), gemm_shapes=len(hw["mm_table"]), bw_eff=round(hw["bw_eff"], 4),
                 launch_us=round(hw["launch"] * 1e6, 3),
                 attention_eff={k: round(hw[k], 4) for k in ("flash2", "flex", "fa3")})
