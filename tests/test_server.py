@@ -224,7 +224,7 @@ def test_a_failed_generation_is_a_server_error(model, tok, monkeypatch, caplog):
         monkeypatch.setattr(net, "hidden", lambda ids, *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
                             if ids.shape[1] == 1 else real(ids, *a, **k))  # prefill works, decoding fails
         for path, body in [("/v1/chat/completions", {"messages": HELLO}), ("/v1/completions", {"prompt": "Hi"})]:
-            body = dict(body, max_tokens=5)
+            body = dict(body, max_tokens=5, temperature=0)  # greedy: a stop token never comes first (fixture)
             r = httpx.post(url + path, json=body, timeout=30)
             assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
             assert r.json()["error"]["message"] == GENERIC
