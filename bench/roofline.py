@@ -405,6 +405,11 @@ def causal_pairs(T, keys):
     return w * (w + 1) // 2 + (T - w) * w
 
 
+def attention_flops(B, H, D, pairs):
+    """(forward, backward) FLOPs of one attention kernel: 2 matmuls forward, 5 backward (FlashAttention's count)."""
+    return 4 * B * H * D * pairs, 10 * B * H * D * pairs
+
+
 class ModelledAttention(torch.autograd.Function):
     """One attention kernel forward, one backward; costs from the shapes and the kernel assumption."""
 
@@ -416,7 +421,7 @@ class ModelledAttention(torch.autograd.Function):
         pairs = T * T if spec["kind"] == "mem_efficient" else causal_pairs(T, spec["keys"])
         esz = q.element_size()
         io = (q.numel() + k.numel() + v.numel() + o.numel()) * esz + lse.numel() * 4
-        ACTIVE.add(f"attention[{spec['kind']}].fwd", [q, k, v], [o, lse], flops=4 * B * H * D * pairs,
+        ACTIVE.add(f"attention[{spec['kind']}].fwd", [q, k, v], [o, lse], flops=attention_flops(B, H, D, pairs)[0],
                    kind="attn", nbytes=io + spec.get("bias_bytes", 0), eff=spec["eff"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.spec, ctx.pairs = spec, pairs
@@ -432,7 +437,7 @@ class ModelledAttention(torch.autograd.Function):
         io = (4 * q.numel() + 2 * k.numel() + 2 * v.numel() + do.numel()) * esz + 3 * lse.numel() * 4
         io += 2 * q.numel() * 4
         ACTIVE.add(f"attention[{ctx.spec['kind']}].bwd", [q, k, v, o, do, lse], [dq, dk, dv],
-                   flops=10 * B * H * D * ctx.pairs, kind="attn", nbytes=io + ctx.spec.get("bias_bytes", 0),
+                   flops=attention_flops(B, H, D, ctx.pairs)[1], kind="attn", nbytes=io + ctx.spec.get("bias_bytes", 0),
                    eff=ctx.spec["eff"])
         return dq, dk, dv, None
 
@@ -845,15 +850,18 @@ def fused_view(ops):
     return out
 
 
-def mm_eff(op, hw):
-    """The fraction of peak a matmul reaches: measured at its shape (--measured; bf16 only), else --mm-eff."""
+def measured_eff(op, hw):
+    """The fraction of peak gpu_check measured for this bf16 matmul's shape (--measured), or None."""
     table = hw.get("mm_table") or {}
-    if op["mm_dtype"] in LOW and op["mnk"] is not None:
-        M, N, K = op["mnk"]
-        eff = table.get((M, N, K)) or table.get((N, M, K))  # out^T = B^T A^T: the same GEMM to cuBLAS
-        if eff:
-            return eff
-    return hw["mm_eff"]
+    if op["mm_dtype"] not in LOW or op["mnk"] is None:
+        return None
+    M, N, K = op["mnk"]
+    return table.get((M, N, K)) or table.get((N, M, K))  # out^T = B^T A^T: the same GEMM to cuBLAS
+
+
+def mm_eff(op, hw):
+    """The fraction of peak a matmul reaches: measured at its shape, else --mm-eff."""
+    return measured_eff(op, hw) or hw["mm_eff"]
 
 
 def op_seconds(op, nbytes, kernels, hw):
@@ -873,7 +881,7 @@ def measured_share(rec, hw):
         return None
     mms = [op for op in rec.ops if op["kind"] == "mm" and op["mm_dtype"] in LOW]
     total = sum(op["flops"] for op in mms) or 1
-    return sum(op["flops"] for op in mms if mm_eff(op, hw) != hw["mm_eff"]) / total
+    return sum(op["flops"] for op in mms if measured_eff(op, hw)) / total
 
 
 def price(rec, hw, world, fused):
@@ -1092,8 +1100,9 @@ def apply_measured(hw, path):
     B, T, H, D, window = micro["attn_shape"]
     for kind, name, keys in (("flash2", "sdpa_full", T), ("flex", "flex_window", window),
                              ("fa3", "fa3_window", window)):
-        if isinstance(micro.get(name), dict):  # forward + backward: 3.5 x the forward's 4 x B x H x D x pairs
-            hw[kind] = 3.5 * 4 * B * H * D * causal_pairs(T, keys) / (micro[name]["ms"] / 1e3) / PEAK_BF16
+        if isinstance(micro.get(name), dict):  # timed forward + backward
+            flops = sum(attention_flops(B, H, D, causal_pairs(T, keys)))
+            hw[kind] = flops / (micro[name]["ms"] / 1e3) / PEAK_BF16
     return dict(path=str(path), device=m.get("device"), gemm_shapes=len(hw["mm_table"]), bw_eff=round(hw["bw_eff"], 4),
                 launch_us=round(hw["launch"] * 1e6, 3),
                 attention_eff={k: round(hw[k], 4) for k in ("flash2", "flex", "fa3")})
