@@ -24,7 +24,8 @@ each token given those before it, summed over all documents, divided by ln 2 and
 stand for. Tools with different tokenizers are compared per byte of the same text. A tool plugs in with three
 functions: encode(text) -> ids (no bos), bos id, token_bytes (bytes per id), and logits(ids [B, T]) -> [B, T, V].
 
-Runs take minutes each on a CPU (2 cores: a d4 run of 2M tokens ~5-10 min); `train` says its progress on stderr.
+Runs take tens of minutes each on a CPU (a d4 run of 2M tokens on 2 cores of an AVX2-only Zen 1: 28 min of
+training, 35 with the scoring); `train` says its progress on stderr.
 """
 import argparse
 import hashlib
